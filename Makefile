@@ -1,0 +1,54 @@
+# wsss: `make demo` runs the whole pipeline on the embedded dataset; `make test` runs the tests.
+# Variables: DATA (dataset root, VOC layout), RUN (outputs/RUN), METHOD (psl|stc), DEVICE (auto|cpu|cuda),
+# ARGS (extra flags for the stage scripts), e.g. `make stage1 DATA=data/VOC2012 RUN=voc ARGS="--backbone resnet50"`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DATA   ?= data/synthetic
+RUN    ?= demo
+METHOD ?= psl
+DEVICE ?= auto
+ARGS   ?=
+STAGE_FLAGS = --data $(DATA) --run $(RUN) --device $(DEVICE) $(ARGS)
+
+.PHONY: setup data demo stage1 stage2 stage3 eval report check-report test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+data/synthetic/dataset.json: | setup
+	$(PY) -m wsss.data.synthetic --out data/synthetic
+
+data: data/synthetic/dataset.json
+
+stage1: setup $(if $(filter data/synthetic,$(DATA)),data)
+	$(PY) stages/stage1.py $(STAGE_FLAGS)
+
+stage2: setup
+	$(PY) stages/stage2.py $(STAGE_FLAGS)
+
+stage3: setup
+	$(PY) stages/stage3.py $(STAGE_FLAGS) --method $(METHOD)
+
+eval: setup
+	$(PY) -m wsss.eval --run $(RUN)
+
+demo: setup data stage1 stage2 stage3 eval
+	@echo "outputs: outputs/$(RUN)/ (stage1/ stage2/ stage3/; pseudo-masks in outputs/$(RUN)/stage2/pseudo/)"
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check wsss stages tests bench
+
+bench: setup
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf outputs/* data/synthetic

@@ -1,0 +1,273 @@
+"""Datasets in the PASCAL VOC 2012 (+ SBD) layout.
+
+    ROOT/JPEGImages/ID.jpg
+    ROOT/SegmentationClassAug/ID.png  (or SegmentationClass/) palette PNG, 0 = bg, 1..C-1, 255 = ignore
+    ROOT/ImageSets/Segmentation/{train_aug,train,val}.txt
+    ROOT/cls_labels.npy               dict id -> float[C-1] multi-hot (IRN/SEAM form), optional
+    ROOT/class_names.txt              one name a line, background first, optional (VOC names otherwise)
+
+Class ids are mask ids: 0 is background, 1..C-1 the object classes. Image labels are
+multi-hot vectors over the C-1 object classes (label[i] is class i + 1).
+
+`python -m wsss.data.voc check --root DIR --split train` scans a split for bad input;
+`python -m wsss.data.voc prepare --voc DIR [--sbd DIR]` builds SegmentationClassAug,
+train_aug.txt and cls_labels.npy from the two official downloads.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from wsss.io import PALETTE, read_image, read_mask, write_mask
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+IGNORE = 255
+MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
+__all__ = ["VOC_CLASSES", "IGNORE", "PALETTE", "DatasetError", "VOCDataset", "class_names", "read_ids"]
+
+
+class DatasetError(ValueError):
+    """Bad input in a dataset; the message names the file and the problem."""
+
+
+def class_names(root) -> tuple[str, ...]:
+    path = Path(root) / "class_names.txt"
+    if not path.is_file():
+        return VOC_CLASSES
+    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if len(names) < 2:
+        raise DatasetError(f"{path}: needs background plus at least one class, found {len(names)} names")
+    return names
+
+
+def list_path(root, split: str) -> Path:
+    return Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt"
+
+
+def read_ids(root, split: str) -> list[str]:
+    path = list_path(root, split)
+    if not path.is_file():
+        raise DatasetError(f"{path}: list file for split '{split}' not found")
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DatasetError(f"{path}: the list is empty")
+    return ids
+
+
+def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    present = np.unique(mask)
+    present = present[(present > 0) & (present < num_classes)]
+    label = np.zeros(num_classes - 1, dtype=np.float32)
+    label[present - 1] = 1
+    return label
+
+
+def labels_from_xml(path, names: tuple[str, ...]) -> np.ndarray:
+    try:
+        tree = ET.parse(path)
+    except ET.ParseError as e:
+        raise DatasetError(f"{path}: cannot parse annotation ({e})") from e
+    label = np.zeros(len(names) - 1, dtype=np.float32)
+    for obj in tree.iter("object"):
+        name = obj.findtext("name", "").strip()
+        if name not in names[1:]:
+            raise DatasetError(f"{path}: unknown class name '{name}'")
+        label[names.index(name) - 1] = 1
+    return label
+
+
+class VOCDataset:
+    """Images, masks and image-level labels of one split; plain numpy, no torch.
+
+    Labels come from ROOT/cls_labels.npy when it exists, else from the masks, else from
+    ROOT/Annotations/ID.xml. `mask_dir` overrides where masks are read (e.g. pseudo-masks).
+    """
+
+    def __init__(self, root, split: str = "train", mask_dir=None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(f"{self.root}: dataset folder not found")
+        self.split = split
+        self.ids = read_ids(root, split)
+        self.class_names = class_names(root)
+        self.num_classes = len(self.class_names)
+        self.mask_dir = Path(mask_dir) if mask_dir else next(
+            (self.root / d for d in MASK_DIRS if (self.root / d).is_dir()), None)
+        self._labels = self._load_label_file()
+
+    def _load_label_file(self):
+        path = self.root / "cls_labels.npy"
+        if not path.is_file():
+            return None
+        try:
+            labels = np.load(path, allow_pickle=True).item()
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is the same bad input
+            raise DatasetError(f"{path}: cannot read image labels ({e})") from e
+        return labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, id_: str) -> Path:
+        return self.root / "JPEGImages" / f"{id_}.jpg"
+
+    def mask_path(self, id_: str) -> Path | None:
+        return None if self.mask_dir is None else self.mask_dir / f"{id_}.png"
+
+    def image(self, id_: str) -> np.ndarray:
+        path = self.image_path(id_)
+        if not path.is_file():
+            raise DatasetError(f"{path}: image not found")
+        try:
+            return read_image(path)
+        except ValueError as e:
+            raise DatasetError(str(e)) from e
+
+    def has_mask(self, id_: str) -> bool:
+        path = self.mask_path(id_)
+        return path is not None and path.is_file()
+
+    def mask(self, id_: str) -> np.ndarray:
+        path = self.mask_path(id_)
+        if path is None or not path.is_file():
+            raise DatasetError(f"{path or self.root / MASK_DIRS[0] / (id_ + '.png')}: mask not found")
+        try:
+            mask = read_mask(path)
+        except ValueError as e:
+            raise DatasetError(str(e)) from e
+        bad = np.unique(mask[(mask >= self.num_classes) & (mask != IGNORE)])
+        if bad.size:
+            raise DatasetError(f"{path}: label ids {bad.tolist()} outside 0..{self.num_classes - 1} and 255")
+        return mask
+
+    def labels(self, id_: str) -> np.ndarray:
+        """Multi-hot float32[C-1] over the object classes."""
+        if self._labels is not None:
+            if id_ not in self._labels:
+                raise DatasetError(f"{self.root / 'cls_labels.npy'}: no labels for image '{id_}'")
+            label = np.asarray(self._labels[id_], dtype=np.float32).reshape(-1)
+            if label.size != self.num_classes - 1:
+                raise DatasetError(f"{self.root / 'cls_labels.npy'}: labels of '{id_}' have {label.size} "
+                                   f"entries, expected {self.num_classes - 1}")
+            return label
+        if self.has_mask(id_):
+            return labels_from_mask(self.mask(id_), self.num_classes)
+        xml = self.root / "Annotations" / f"{id_}.xml"
+        if xml.is_file():
+            return labels_from_xml(xml, self.class_names)
+        raise DatasetError(f"{self.root}: no image labels for '{id_}' (no cls_labels.npy, mask or annotation)")
+
+    def label_ids(self, id_: str) -> np.ndarray:
+        """Mask ids (1..C-1) of the classes the image is labelled with."""
+        return np.flatnonzero(self.labels(id_)) + 1
+
+    def __getitem__(self, index: int) -> dict:
+        id_ = self.ids[index]
+        item = {"id": id_, "image": self.image(id_), "label": self.labels(id_)}
+        if self.has_mask(id_):
+            item["mask"] = self.mask(id_)
+        return item
+
+    def check_one(self, id_: str, need_mask: bool = False) -> None:
+        """Raise DatasetError if the image, its mask or its labels are unusable."""
+        image = self.image(id_)
+        if self.has_mask(id_):
+            mask = self.mask(id_)
+            if mask.shape != image.shape[:2]:
+                raise DatasetError(f"{self.mask_path(id_)}: mask size {mask.shape[1]}x{mask.shape[0]} differs "
+                                   f"from image size {image.shape[1]}x{image.shape[0]}")
+        elif need_mask:
+            self.mask(id_)  # raises "mask not found"
+        self.labels(id_)
+
+    def check(self, need_mask: bool = False, workers: int = 8) -> None:
+        """Scan the whole split; raise the first problem found (in list order)."""
+        with ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(self.check_one, i, need_mask) for i in self.ids]
+            for f in tqdm(futures, desc=f"check {self.split}", leave=False):
+                f.result()
+
+
+# ---------------------------------------------------------------- prepare from VOC + SBD
+
+def _sbd_mask(path: Path) -> np.ndarray:
+    from scipy.io import loadmat
+
+    try:
+        return loadmat(path)["GTcls"][0]["Segmentation"][0].astype(np.uint8)
+    except Exception as e:  # noqa: BLE001
+        raise DatasetError(f"{path}: cannot read SBD annotation ({e})") from e
+
+
+def prepare(voc: Path, sbd: Path | None = None) -> None:
+    """Build SegmentationClassAug, train_aug.txt and cls_labels.npy inside the VOC folder."""
+    voc = Path(voc)
+    seg = voc / "ImageSets" / "Segmentation"
+    val = read_ids(voc, "val")
+    train = read_ids(voc, "train")
+    out = voc / "SegmentationClassAug"
+    out.mkdir(exist_ok=True)
+    sources: dict[str, Path] = {}
+    if sbd is not None:
+        sbd = Path(sbd)
+        for name in ("train.txt", "val.txt"):
+            path = sbd / name
+            if not path.is_file():
+                raise DatasetError(f"{path}: SBD list not found (expected the benchmark_RELEASE/dataset folder)")
+            for id_ in path.read_text().split():
+                sources[id_] = sbd / "cls" / f"{id_}.mat"
+    for id_ in train + val:  # VOC's own masks win over SBD's (they carry the 255 borders)
+        sources[id_] = voc / "SegmentationClass" / f"{id_}.png"
+    val_set = set(val)
+    train_aug = sorted(i for i in sources if i not in val_set)
+
+    labels = {}
+    for id_, src in tqdm(sorted(sources.items()), desc="SegmentationClassAug"):
+        if not src.is_file():
+            raise DatasetError(f"{src}: annotation not found")
+        mask = _sbd_mask(src) if src.suffix == ".mat" else read_mask(src)
+        write_mask(out / f"{id_}.png", mask)
+        labels[id_] = labels_from_mask(mask, len(VOC_CLASSES))
+    (seg / "train_aug.txt").write_text("\n".join(train_aug) + "\n")
+    np.save(voc / "cls_labels.npy", labels)
+    print(f"wrote {len(sources)} masks to {out}, {len(train_aug)} ids to {seg / 'train_aug.txt'}, "
+          f"labels to {voc / 'cls_labels.npy'}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wsss.data.voc", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="build SegmentationClassAug, train_aug and cls_labels.npy")
+    p.add_argument("--voc", required=True, type=Path, help="VOCdevkit/VOC2012")
+    p.add_argument("--sbd", type=Path, help="benchmark_RELEASE/dataset (SBD)")
+    c = sub.add_parser("check", help="scan a split for missing or corrupt files")
+    c.add_argument("--root", required=True, type=Path)
+    c.add_argument("--split", default="train")
+    c.add_argument("--need-mask", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "prepare":
+            prepare(args.voc, args.sbd)
+        else:
+            ds = VOCDataset(args.root, args.split)
+            ds.check(need_mask=args.need_mask)
+            print(f"{args.root} {args.split}: {len(ds)} images OK ({ds.num_classes} classes)")
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

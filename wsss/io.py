@@ -1,0 +1,214 @@
+"""Artifacts on disk: atomic writes, palette PNGs, stage manifests.
+
+Every artifact is written to a temporary file in the same folder and renamed into
+place, so a killed process never leaves a half-written file under the final name;
+a stage's manifest is written last, so a stage without one is unfinished.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io as _io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MANIFEST = "manifest.json"
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map (bit-interleaved), shape (n, 3) uint8."""
+    palette = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+PALETTE = voc_palette()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes(path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json(path, obj) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_npy(path, array: np.ndarray) -> None:
+    buf = _io.BytesIO()
+    np.save(buf, array)
+    write_bytes(path, buf.getvalue())
+
+
+def write_npz(path, **arrays) -> None:
+    buf = _io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes(path, buf.getvalue())
+
+
+def write_png(path, image: np.ndarray | Image.Image) -> None:
+    """Write an RGB/grey uint8 array (or a PIL image) as PNG."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    buf = _io.BytesIO()
+    img.save(buf, format="PNG")
+    write_bytes(path, buf.getvalue())
+
+
+def write_mask(path, mask: np.ndarray) -> None:
+    """Write a label mask (uint8, 0 = background, 255 = ignore) as a VOC palette PNG."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"{path}: a mask must be 2-D, got shape {mask.shape}")
+    if mask.dtype != np.uint8:
+        if mask.size and (mask.min() < 0 or mask.max() > 255):
+            raise ValueError(f"{path}: mask values must lie in 0..255")
+        mask = mask.astype(np.uint8)
+    img = Image.fromarray(mask, mode="P")
+    img.putpalette(PALETTE.reshape(-1).tolist())
+    write_png(path, img)
+
+
+def read_mask(path) -> np.ndarray:
+    """Read a label PNG, palette or plain grey, as uint8 label ids (HxW)."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read mask ({e})") from e
+    if img.mode not in ("P", "L", "I", "I;16"):
+        raise ValueError(f"{path}: a mask must be a palette or greyscale PNG, got mode {img.mode}")
+    return np.asarray(img).astype(np.uint8, copy=False)
+
+
+def read_image(path) -> np.ndarray:
+    """Read an image as RGB uint8 (HxWx3); a clear error names a corrupt or missing file."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image not found") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot decode image ({e})") from e
+    return np.asarray(img.convert("RGB"))
+
+
+def save_checkpoint(path, state: dict) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    import torch
+
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+# ---------------------------------------------------------------- manifests
+
+def fingerprint(path) -> str:
+    """A short hash that changes when an input changes: file contents, or for a folder its
+    manifest if it has one, else the sorted names, sizes and mtimes of its files."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    elif (path / MANIFEST).is_file():
+        h.update((path / MANIFEST).read_bytes())
+    elif path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    else:
+        h.update(b"missing")
+    return h.hexdigest()[:16]
+
+
+def _versions() -> dict:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("numpy", "torch", "torchvision"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = getattr(mod, "__version__", "?")
+    return out
+
+
+def write_manifest(stage_dir, config: dict, inputs: dict | None = None, outputs: dict | None = None,
+                   started: float | None = None) -> dict:
+    """Mark a stage complete: its config, input fingerprints, summary figures and versions."""
+    now = time.time()
+    manifest = {
+        "config": config,
+        "inputs": {k: fingerprint(v) for k, v in (inputs or {}).items()},
+        "outputs": outputs or {},
+        "versions": _versions(),
+        "started": started,
+        "finished": now,
+        "seconds": None if started is None else round(now - started, 1),
+        "complete": True,
+    }
+    write_json(Path(stage_dir) / MANIFEST, manifest)
+    return manifest
+
+
+def is_complete(stage_dir, config: dict, inputs: dict | None = None) -> bool:
+    """True when the stage has a finished manifest with this config and these inputs."""
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        manifest = read_json(path)
+    except (OSError, ValueError):
+        return False
+    same_config = json.loads(json.dumps(config, default=str)) == manifest.get("config")
+    same_inputs = {k: fingerprint(v) for k, v in (inputs or {}).items()} == manifest.get("inputs", {})
+    return bool(manifest.get("complete")) and same_config and same_inputs
+
+
+def invalidate(stage_dir) -> None:
+    """Remove a stage's manifest so that it counts as unfinished while it is being redone."""
+    path = Path(stage_dir) / MANIFEST
+    if path.exists():
+        path.unlink()

@@ -1,0 +1,100 @@
+"""A run: `outputs/<run>/`, the flags every stage shares, seeding, logging and the skip-if-done rule."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wsss import io
+
+log = logging.getLogger("wsss")
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """Flags shared by every stage script; each stage adds its own."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="data/synthetic", help="dataset root in the VOC layout")
+    p.add_argument("--run", default="demo", help="run name: artifacts go to <outputs>/<run>/")
+    p.add_argument("--outputs", default="outputs", help="folder holding all runs")
+    p.add_argument("--train-split", default="train", help="list of training images (train_aug on VOC)")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading / CRF worker processes")
+    p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+    return p
+
+
+def run_dir(args) -> Path:
+    return Path(args.outputs) / args.run
+
+
+def stage_dir(args, stage: str) -> Path:
+    return run_dir(args) / stage
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def setup_logging(stage_dir: Path, name: str) -> None:
+    """Log to stderr and to <stage_dir>/<name>.log (rank 0 only writes the file)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if is_main_process():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(stage_dir / f"{name}.log"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def config_of(args, drop=("force", "workers", "outputs")) -> dict:
+    """The flags that decide a stage's artifacts (not those that only decide how fast it runs)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in drop}
+
+
+def begin_stage(args, stage: str, inputs: dict | None = None) -> tuple[Path, dict, float] | None:
+    """Set up a stage; return None when it is already complete with this config and these inputs."""
+    out = stage_dir(args, stage)
+    setup_logging(out, stage)
+    config = config_of(args)
+    log.info("%s config: %s", stage, config)
+    if not args.force and io.is_complete(out, config, inputs):
+        log.info("%s is complete in %s with this config; skipping (--force redoes it)", stage, out)
+        return None
+    if is_main_process():
+        io.invalidate(out)
+        io.write_json(out / "config.json", config)
+    seed_everything(args.seed)
+    return out, config, time.time()

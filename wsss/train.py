@@ -1,0 +1,181 @@
+"""The training loop shared by stage 1 (classifier) and stage 3 (segmentation nets).
+
+One loop, so every network gets the same guarantees: SGD with poly learning rate (DeepLab,
+IRN), bf16 autocast on CUDA, DistributedDataParallel when launched by torchrun, a checkpoint
+after every epoch written atomically, and resume from it after a kill (an interrupted epoch is
+redone from the last finished one, with the same data order as an uninterrupted run).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from wsss import io
+from wsss.run import is_main_process
+
+log = logging.getLogger("wsss")
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device: str) -> None:
+    """Join the torchrun process group once (gloo on CPU, nccl on CUDA)."""
+    if distributed() and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def torch_device(device: str) -> torch.device:
+    if device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(device)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
+    return base_lr * (1 - step / max(total, 1)) ** power
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+
+
+class EpochSeeded(Dataset):
+    """Gives each item a seed from (seed, epoch, index) so augmentation does not depend on
+    worker count, resume point or process rank: the wrapped dataset takes `item(i, rng)`."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        return self.dataset.item(index, rng)
+
+
+def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: float, device: str,
+        seed: int, workers: int = 0, param_groups=None, evaluate=None, desc: str = "train",
+        weight_decay: float = 5e-4, momentum: float = 0.9):
+    """Train `model` on `dataset` (items from `dataset.item(index, rng)`); see the module docstring.
+
+    `step_fn(model, batch, epoch) -> (loss, {name: float})`; `evaluate(model) -> {name: float}`
+    runs on rank 0 after each epoch. Returns the bare trained module.
+    """
+    out_dir = Path(out_dir)
+    init_distributed(device)
+    dev = torch_device(device)
+    model = model.to(dev)
+    groups = param_groups(lr) if param_groups else [{"params": model.parameters(), "lr": lr}]
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    start_epoch = 0
+    ckpt_path = out_dir / CHECKPOINT
+    if ckpt_path.is_file():
+        state = io.load_checkpoint(ckpt_path, map_location=dev)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"]
+        if start_epoch >= epochs:
+            return model
+        log.info("%s: resuming from %s after epoch %d", desc, ckpt_path, start_epoch)
+
+    seeded = EpochSeeded(dataset, seed)
+    sampler = DistributedSampler(seeded, shuffle=True, seed=seed, drop_last=True) if distributed() else None
+    iters_per_epoch = (len(sampler) if sampler is not None else len(seeded)) // batch_size
+    if iters_per_epoch == 0:
+        raise ValueError(f"{desc}: {len(dataset)} training images is fewer than one batch of {batch_size}")
+    total = iters_per_epoch * epochs
+    net = model
+    if distributed():
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+
+    for epoch in range(start_epoch, epochs):
+        seeded.epoch = epoch
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            order = sampler
+        else:  # the order depends on (seed, epoch) alone, so a resumed run sees the same batches
+            order = torch.randperm(len(seeded), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        loader = DataLoader(seeded, batch_size=batch_size, sampler=order, num_workers=workers, drop_last=True,
+                            pin_memory=dev.type == "cuda", worker_init_fn=_seed_worker)
+        net.train()
+        sums: dict[str, float] = {}
+        t0 = time.time()
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not is_main_process(), leave=False)
+        for it, batch in enumerate(bar):
+            step = epoch * iters_per_epoch + it
+            for g in optimizer.param_groups:
+                g["lr"] = poly_lr(g["initial_lr"], step, total)
+            batch = to_device(batch, dev)
+            with autocast:
+                loss, logs = step_fn(net, batch, epoch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, iteration {it}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            logs = {"loss": loss.item(), **logs}
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            bar.set_postfix(loss=f"{sums['loss'] / (it + 1):.4f}")
+        record = {"epoch": epoch + 1, **{k: v / iters_per_epoch for k, v in sums.items()},
+                  "seconds": round(time.time() - t0, 1)}
+        if is_main_process():
+            if evaluate is not None:
+                net.eval()
+                record.update(evaluate(model))
+            io.save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "epoch": epoch + 1})
+            _append_metrics(out_dir / METRICS, record)
+            log.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs,
+                     ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if distributed():
+            dist.barrier()
+    return model
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    """Append an epoch's line; lines of epochs a resumed run redoes are replaced, not repeated."""
+    lines = []
+    if path.is_file():
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [r for r in lines if r.get("epoch", math.inf) < record["epoch"]] + [record]
+    io.write_bytes(path, "".join(json.dumps(r) + "\n" for r in lines).encode())
+
+
+def read_metrics(out_dir) -> list[dict]:
+    path = Path(out_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
