@@ -115,7 +115,10 @@ def read_mask(path) -> np.ndarray:
         raise ValueError(f"{path}: cannot read mask ({e})") from e
     if img.mode not in ("P", "L", "I", "I;16"):
         raise ValueError(f"{path}: a mask must be a palette or greyscale PNG, got mode {img.mode}")
-    return np.asarray(img).astype(np.uint8, copy=False)
+    mask = np.asarray(img)
+    if mask.dtype != np.uint8 and mask.size and (mask.min() < 0 or mask.max() > 255):
+        raise ValueError(f"{path}: mask values must lie in 0..255, found {mask.min()}..{mask.max()}")
+    return mask.astype(np.uint8, copy=False)
 
 
 def read_image(path) -> np.ndarray:
