@@ -47,8 +47,15 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check wsss stages tests bench
 
-bench: setup
-	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+# OpenCV's spectral-residual saliency (the saliency baseline) lives in opencv-contrib, which would clash
+# with opencv-python-headless inside the venv: it goes into its own folder, used by the bench only.
+.opencv-contrib/cv2: | setup
+	$(PY) -m pip install -q --no-deps --target .opencv-contrib \
+	  opencv-contrib-python-headless==$$($(PY) -c "import cv2; print(cv2.__version__)")
+
+bench: setup .opencv-contrib/cv2
+	@export WSSS_OPENCV_CONTRIB=.opencv-contrib; \
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) -m bench.$$(basename $$b .py) || exit 1; done
 
 clean:
 	rm -rf outputs/* data/synthetic
