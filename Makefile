@@ -51,7 +51,7 @@ lint: setup
 # with opencv-python-headless inside the venv: it goes into its own folder, used by the bench only.
 .opencv-contrib/cv2: | setup
 	$(PY) -m pip install -q --no-deps --target .opencv-contrib \
-	  opencv-contrib-python-headless==$$($(PY) -c "import cv2; print(cv2.__version__)")
+	  opencv-contrib-python-headless==$$($(PY) -m pip show opencv-python-headless | sed -n 's/^Version: //p')
 
 bench: setup .opencv-contrib/cv2
 	@export WSSS_OPENCV_CONTRIB=.opencv-contrib; \
