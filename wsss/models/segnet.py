@@ -1,0 +1,113 @@
+"""Segmentation nets: a dilated backbone, a DeepLab head, logits upsampled to the input size.
+
+Heads:
+- `largefov` (DeepLab v1 LargeFOV, the AE-PSL / STC setting on VGG16): fc6 = 3x3 conv, dilation 12,
+  `width` channels; fc7 = 1x1 conv, `width`; ReLU and dropout 0.5 after each; fc8 = 1x1 conv to C.
+- `aspp` (DeepLab v2 ASPP-L, its ResNet form): four parallel 3x3 convs to C with dilation
+  6/12/18/24, summed. With `width`, a 1x1 conv + ReLU first reduces the features to `width` channels.
+
+`width` defaults (`head_width`): the papers' on VGG16 and the ResNets (LargeFOV 1024; ASPP straight
+from the 2048 ResNet features); 256 on EfficientNet-Lite, the CPU default, whose 1280 features at
+output stride 8 would otherwise make the head cost as much as the backbone (a 1280 -> 1024 dilated
+3x3 conv alone is ~12 MMAC per output pixel, the ASPP branches ~1 MMAC).
+
+The PSL variant adds an image classification branch: global average pooling of the backbone
+features and a linear layer to the C-1 object classes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss.models.backbones import Backbone, build_backbone
+
+HEADS = ("largefov", "aspp")
+ASPP_RATES = (6, 12, 18, 24)
+
+
+def _init_classifier(conv: nn.Conv2d) -> None:
+    """DeepLab's init of the last layer: small gaussian weights, zero bias."""
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+
+
+class LargeFOV(nn.Sequential):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 1024, dropout: float = 0.5):
+        fc8 = nn.Conv2d(width, num_classes, 1)
+        _init_classifier(fc8)
+        super().__init__(
+            nn.Conv2d(in_channels, width, 3, padding=12, dilation=12), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Conv2d(width, width, 1), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            fc8)
+
+
+class ASPP(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, width: int | None = None,
+                 rates: tuple[int, ...] = ASPP_RATES):
+        super().__init__()
+        self.reduce = None
+        if width is not None:
+            self.reduce = nn.Sequential(nn.Conv2d(in_channels, width, 1), nn.ReLU(inplace=True))
+            in_channels = width
+        self.branches = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r) for r in rates)
+        for branch in self.branches:
+            _init_classifier(branch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reduce is not None:
+            x = self.reduce(x)
+        return sum(branch(x) for branch in self.branches)
+
+
+class SegNet(nn.Module):
+    def __init__(self, backbone: Backbone, head: nn.Module, num_classes: int, cls_branch: bool = False):
+        """num_classes: C, background included; the classification branch predicts the C-1 objects."""
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.cls = nn.Linear(backbone.out_channels, num_classes - 1) if cls_branch else None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(N, 3, H, W) -> {"seg": (N, C, H, W) logits, "cls": (N, C-1) logits (PSL branch only)}."""
+        features = self.backbone(x)
+        seg = F.interpolate(self.head(features), size=x.shape[2:], mode="bilinear", align_corners=False)
+        out = {"seg": seg}
+        if self.cls is not None:
+            out["cls"] = self.cls(features.mean((2, 3)))
+        return out
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Pretrained backbone at lr, the new head (and classification branch) at 10x lr."""
+        new = list(self.head.parameters()) + (list(self.cls.parameters()) if self.cls is not None else [])
+        return [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
+                {"params": new, "lr": 10 * lr}]
+
+
+def head_width(backbone_name: str, head: str) -> int | None:
+    """Default head width (module docstring says why)."""
+    if backbone_name.startswith("efficientnet"):
+        return 256
+    return 1024 if head == "largefov" else None
+
+
+def build_segnet(backbone_name: str = "efficientnet-lite0", num_classes: int = 21, head: str = "auto",
+                 output_stride: int = 8, cls_branch: bool = False, weights: str | Path | None = "imagenet",
+                 width: int | None = None) -> SegNet:
+    """head "auto": LargeFOV on vgg16, ASPP otherwise. width None: `head_width`'s default."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts background and at least one object class, got {num_classes}")
+    if head == "auto":
+        head = "largefov" if backbone_name == "vgg16" else "aspp"
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose auto or one of {', '.join(HEADS)}")
+    backbone = build_backbone(backbone_name, output_stride, weights)
+    width = head_width(backbone_name, head) if width is None else width
+    if width is not None and width < 1:
+        raise ValueError(f"head width must be a positive number of channels, got {width}")
+    if head == "largefov":
+        module: nn.Module = LargeFOV(backbone.out_channels, num_classes, width)
+    else:
+        module = ASPP(backbone.out_channels, num_classes, width)
+    return SegNet(backbone, module, num_classes, cls_branch)
