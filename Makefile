@@ -41,6 +41,12 @@ eval: setup
 demo: setup data stage1 stage2 stage3 eval
 	@echo "outputs: outputs/$(RUN)/ (stage1/ stage2/ stage3/; pseudo-masks in outputs/$(RUN)/stage2/pseudo/)"
 
+report: setup
+	$(PY) -m wsss.report --run $(RUN)
+
+check-report: report
+	$(PY) -m bench.check_report --run $(RUN)
+
 test: setup
 	$(PY) -m pytest
 

@@ -1,0 +1,171 @@
+"""The run report: built from a fake run's artifacts, every picture it references exists."""
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+
+from wsss import io
+from wsss.data.voc import VOCDataset
+from wsss.report import build, main, read_metrics
+
+
+class Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(unquote(dict(attrs)["src"]))
+
+
+def img_srcs(page: Path) -> list[str]:
+    parser = Images()
+    parser.feed(page.read_text())
+    return parser.srcs
+
+
+def write_metrics(folder: Path, records: list[dict]) -> None:
+    io.write_bytes(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def fake_run(run: Path, data: Path, stages=("stage1", "stage2", "stage3")) -> Path:
+    """The artifacts of a run over `data` (tiny_voc), for the stages named, as the stages lay them out."""
+    train, val = VOCDataset(data, "train"), VOCDataset(data, "val")
+    config = {"data": str(data), "train_split": "train", "val_split": "val", "seed": 0}
+    rng = np.random.default_rng(0)
+    if "stage1" in stages:
+        s1 = run / "stage1"
+        for k in (1, 2):
+            write_metrics(s1 / f"step{k}", [{"epoch": e, "loss": 0.5 / e, "val_mAP": 0.5 + 0.1 * e, "seconds": 1.0}
+                                            for e in (1, 2, 3)])
+        for id_ in train.ids:
+            h, w = train.image(id_).shape[:2]
+            keys = train.label_ids(id_)
+            masks = []
+            for k in (1, 2):
+                cam = rng.random((len(keys), h, w)).astype(np.float16)
+                io.write_npz(s1 / f"step{k}" / "cam" / f"{id_}.npz", cam=cam, keys=keys)
+                region = np.where(cam[0] > 0.8, keys[0], 0).astype(np.uint8)
+                io.write_mask(s1 / f"step{k}" / "regions" / f"{id_}.png", region)
+                masks.append(cam > 0.8)
+            union = np.any(masks, axis=0)
+            io.write_npz(s1 / "regions" / f"{id_}.npz", keys=keys, masks=union, score=cam)
+            io.write_mask(s1 / "regions" / f"{id_}.png", np.where(union[0], keys[0], 0).astype(np.uint8))
+        io.write_json(s1 / "config.json", config)
+        io.write_manifest(s1, config, outputs={"steps_done": 2, "union_coverage": 0.3})
+    if "stage2" in stages:
+        s2 = run / "stage2"
+        for id_ in train.ids:
+            gt = train.mask(id_)
+            io.write_png(s2 / "saliency" / f"{id_}.png", ((gt > 0) * 200).astype(np.uint8))
+            io.write_mask(s2 / "fused" / f"{id_}.png", gt)
+            io.write_mask(s2 / "pseudo" / f"{id_}.png", gt)
+        io.write_json(s2 / "config.json", config)
+        io.write_manifest(s2, config, outputs={"pseudo": {"miou_labelled": 80.0}})
+    if "stage3" in stages:
+        s3 = run / "stage3"
+        records = [{"epoch": e, "loss": 1.0 / e, "seg_loss": 0.8 / e, "val_miou": 30.0 + e, "seconds": 2.0}
+                   for e in (1, 2)]
+        write_metrics(s3 / "psl", records)
+        write_metrics(s3, [{"net": "psl", **r} for r in records])
+        for id_ in val.ids:
+            io.write_mask(s3 / "pred" / f"{id_}.png", val.mask(id_))
+        io.write_json(s3 / "eval.json", {"miou": 55.0, "pixel_acc": 90.0, "iou": [90.0, 60.0, None, 15.0],
+                                         "class_names": list(train.class_names), "num_images": 2})
+        io.write_json(s3 / "config.json", {**config, "method": "psl"})
+        io.write_manifest(s3, {**config, "method": "psl"}, outputs={"val_miou": 55.0})
+    return run
+
+
+def test_report_of_a_full_run_references_only_existing_pictures(tmp_path, tiny_voc):
+    run = fake_run(tmp_path / "outputs" / "demo", tiny_voc)
+    page = build(run, sample=3)
+    assert page == run / "report.html"
+    srcs = img_srcs(page)
+    assert srcs, "the report shows no picture"
+    for src in srcs:
+        assert not Path(src).is_absolute() and (page.parent / src).is_file(), src
+    assert {"report/iou-stage3.png", "report/curves-stage1.png", "report/curves-stage3.png"} <= set(srcs)
+    text = page.read_text()
+    assert "not run" not in text
+    for column in ("CAM step 1", "CAM step 2", "mined union", "saliency", "fused", "pseudo-mask (CRF)",
+                   "ground truth", "prediction (stage3)"):
+        assert f"<th>{column}</th>" in text
+    assert sum(s.startswith("report/train/") for s in srcs) == 3 * 8  # 3 images x 8 panels
+    assert sum(s.startswith("report/val/") for s in srcs) == 2 * 3  # the 2 val images x 3 panels
+
+
+def test_partial_run_shows_missing_stages_as_not_run(tmp_path, tiny_voc):
+    run = fake_run(tmp_path / "outputs" / "demo", tiny_voc, stages=("stage1",))
+    page = build(run, sample=2)
+    text = page.read_text()
+    assert text.count("not run") >= 5  # saliency, fused, pseudo, prediction, scores, stage sections
+    assert '<span class="status-not-run">not run</span></h3>' in text  # stage2 and stage3 sections
+    srcs = img_srcs(page)
+    assert "report/curves-stage1.png" in srcs and not any("iou" in s for s in srcs)
+    for src in srcs:
+        assert (page.parent / src).is_file(), src
+
+
+def test_rebuild_removes_pictures_no_longer_referenced(tmp_path, tiny_voc):
+    run = fake_run(tmp_path / "outputs" / "demo", tiny_voc)
+    build(run, sample=4)
+    page = build(run, sample=1)
+    on_disk = {p.relative_to(run).as_posix() for p in (run / "report").rglob("*") if p.is_file()}
+    assert on_disk == set(img_srcs(page))
+
+
+def test_stage3_gathered_metrics_are_not_drawn_twice(tmp_path, tiny_voc):
+    run = fake_run(tmp_path / "outputs" / "demo", tiny_voc)
+    metrics = read_metrics(run)
+    assert list(metrics) == ["stage1", "stage3"]
+    assert list(metrics["stage1"]) == ["stage1/step1", "stage1/step2"]
+    assert list(metrics["stage3"]) == ["stage3/psl"]
+
+
+def test_command_line(tmp_path, tiny_voc, capsys):
+    fake_run(tmp_path / "outputs" / "demo", tiny_voc, stages=("stage1", "stage2"))
+    assert main(["--run", "demo", "--outputs", str(tmp_path / "outputs"), "--sample", "1"]) == 0
+    assert "report.html" in capsys.readouterr().out
+    assert main(["--run", "nothing", "--outputs", str(tmp_path / "outputs")]) == 1
+
+
+def test_report_without_the_dataset_still_renders(tmp_path, tiny_voc):
+    run = fake_run(tmp_path / "outputs" / "demo", tiny_voc)
+    for path in (run / "stage1" / "config.json", run / "stage1" / io.MANIFEST):
+        content = io.read_json(path)
+        (content.get("config", content))["data"] = str(tmp_path / "gone")
+        io.write_json(path, content)
+    for stage in ("stage2", "stage3"):
+        (run / stage / "config.json").unlink()
+        (run / stage / io.MANIFEST).unlink()
+    page = build(run, sample=2)
+    text = page.read_text()
+    assert "dataset not readable" in text
+    for src in img_srcs(page):
+        assert (page.parent / src).is_file(), src
+
+
+def test_check_report_probe_page_resolves_pictures_against_the_run(tmp_path, tiny_voc):
+    from bench.check_report import instrumented, parse
+
+    run = fake_run(tmp_path / "outputs" / "demo", tiny_voc, stages=("stage1",))
+    page = build(run, sample=1)
+    probe = instrumented(page.read_text(), run)
+    assert f'<base href="{run.resolve().as_uri()}/">' in probe and 'id = "img-status"' in probe
+    assert parse(probe).srcs == img_srcs(page)
+    status = parse('<div id="img-status" data-total="2" data-loaded="1" data-broken="[&quot;a b.png&quot;]">').status
+    assert json.loads(status["data-broken"]) == ["a b.png"]
+
+
+def test_unreadable_artifact_is_named_in_the_report(tmp_path, tiny_voc):
+    run = fake_run(tmp_path / "outputs" / "demo", tiny_voc, stages=("stage1",))
+    bad = run / "stage1" / "step2" / "cam" / "tiny_000.npz"
+    bad.write_bytes(b"not a zip file")
+    text = build(run, sample=4).read_text()
+    assert "unreadable" in text and f"{bad}: cannot read CAM file" in text
