@@ -1,0 +1,15 @@
+"""Stage 2: mined regions + saliency -> fused pseudo-masks -> dense CRF -> outputs/RUN/stage2/ (see wsss/pseudo.py)."""
+from wsss import pseudo
+from wsss.run import common_parser
+
+
+def build_parser():
+    return pseudo.add_args(common_parser(__doc__))
+
+
+def main(argv=None):
+    pseudo.run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Stage 2 end to end on a tiny dataset with hand-made stage-1 regions and saliency maps (seconds)."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage as ndi
+
+from wsss import io
+from wsss.data.voc import VOCDataset
+
+pytest.importorskip("pydensecrf.densecrf")
+pytestmark = pytest.mark.slow
+SCRIPT = Path(__file__).resolve().parents[1] / "stages" / "stage2.py"
+
+
+def stage2_main():
+    spec = importlib.util.spec_from_file_location("stage2_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def make_stage1(data: Path, run_dir: Path) -> Path:
+    """stage1/regions/ID.npz as stage 1 writes them: per labelled class the object shrunk by 2 px
+    (the mined region), a score peaking inside it, plus a manifest. Unlabelled images get none."""
+    ds = VOCDataset(data, "train")
+    stage1 = run_dir / "stage1"
+    for id_ in ds.ids:
+        gt = ds.mask(id_)
+        keys = ds.label_ids(id_)
+        if not len(keys):
+            continue
+        masks = np.stack([ndi.binary_erosion(gt == k, iterations=2) for k in keys])
+        score = np.stack([ndi.gaussian_filter((gt == k).astype(np.float32), 2) for k in keys])
+        io.write_npz(stage1 / "regions" / f"{id_}.npz", keys=keys.astype(np.int64), masks=masks,
+                     score=(score / score.max(axis=(1, 2), keepdims=True)).astype(np.float16))
+    io.write_manifest(stage1, {"hand-made": True})
+    return stage1
+
+
+def make_saliency(data: Path, folder: Path) -> Path:
+    """Grey maps at half size (bright objects, dark ground), as precomputed maps come."""
+    ds = VOCDataset(data, "train")
+    for id_ in ds.ids:
+        fg = ds.mask(id_) > 0
+        io.write_png(folder / f"{id_}.png", np.where(fg, 230, 5).astype(np.uint8)[::2, ::2])
+    return folder
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_voc_factory):
+    data = tiny_voc_factory("data", n_train=4, n_val=1, unlabelled=1)
+    outputs = tmp_path / "outputs"
+    make_stage1(data, outputs / "r")
+    saliency = make_saliency(data, tmp_path / "saliency")
+
+    def run(*extra):
+        return stage2_main()(["--data", str(data), "--outputs", str(outputs), "--run", "r", "--workers", "1",
+                              "--saliency", str(saliency), "--sample", "2", *extra])
+
+    return data, outputs / "r" / "stage2", run
+
+
+def test_end_to_end_outputs_skip_force_and_resume(setup):
+    data, stage, run = setup
+    ds = VOCDataset(data, "train")
+    run()
+    manifest = io.read_json(stage / "manifest.json")
+    assert manifest["complete"]
+    out = manifest["outputs"]
+    assert out["images"] == 4 and out["unlabelled_all_background"] == 1 and out["skipped_no_regions"] == 0
+    assert out["crf_failed"] == []
+    assert 0 < out["fused"]["ignored_fraction"] < 1 and out["pseudo"]["miou_labelled"] > 50
+    for id_ in ds.ids:
+        keys = set(ds.label_ids(id_).tolist())
+        for name in ("fused", "pseudo"):
+            path = stage / name / f"{id_}.png"
+            assert Image.open(path).mode == "P"
+            values = set(np.unique(io.read_mask(path)).tolist())
+            assert values <= {0, 255} | keys, (path, values)
+            if not keys:
+                assert values == {0}
+        if keys:
+            assert (stage / "saliency" / f"{id_}.png").is_file()
+            assert io.read_mask(stage / "saliency" / f"{id_}.png").shape == ds.mask(id_).shape
+            assert (stage / "overlay" / f"{id_}.png").is_file()
+    assert (stage / "contact_sheet.png").is_file()
+
+    labelled = [i for i in ds.ids if len(ds.label_ids(i))]
+    first = {i: (stage / "pseudo" / f"{i}.png").stat().st_mtime_ns for i in labelled}
+    assert stage2_module_run_is_skipped(run, stage)
+
+    # an interrupted run (no manifest, one image missing) redoes only what is missing
+    (stage / "manifest.json").unlink()
+    (stage / "overlay" / f"{labelled[0]}.png").unlink()
+    run()
+    again = {i: (stage / "pseudo" / f"{i}.png").stat().st_mtime_ns for i in labelled}
+    assert again[labelled[0]] != first[labelled[0]]
+    assert all(again[i] == first[i] for i in labelled[1:])
+
+    run("--force")
+    forced = {i: (stage / "pseudo" / f"{i}.png").stat().st_mtime_ns for i in labelled}
+    assert all(forced[i] != again[i] for i in labelled)
+
+
+def stage2_module_run_is_skipped(run, stage: Path) -> bool:
+    before = (stage / "manifest.json").stat().st_mtime_ns
+    run()
+    return (stage / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_same_seed_same_masks_and_a_new_config_starts_afresh(setup):
+    data, stage, run = setup
+    run()
+    ids = VOCDataset(data, "train").ids
+    first = {i: io.read_mask(stage / "pseudo" / f"{i}.png") for i in ids}
+    run("--no-crf")
+    assert io.read_json(stage / "manifest.json")["config"]["crf"] is False
+    for i in ids:  # without the CRF the pseudo-mask is the fused mask, rewritten for the new config
+        np.testing.assert_array_equal(io.read_mask(stage / "pseudo" / f"{i}.png"),
+                                      io.read_mask(stage / "fused" / f"{i}.png"))
+    run()
+    for i in ids:
+        np.testing.assert_array_equal(io.read_mask(stage / "pseudo" / f"{i}.png"), first[i])
+
+
+def test_crf_pool_and_builtin_saliency(setup, tmp_path):
+    data, stage, run = setup
+    stage2_main()(["--data", str(data), "--outputs", str(tmp_path / "outputs"), "--run", "r",
+                   "--workers", "2", "--sample", "1"])
+    manifest = io.read_json(stage / "manifest.json")
+    assert manifest["config"]["saliency"] == "builtin" and manifest["outputs"]["crf_failed"] == []
+    assert (stage / "pseudo").is_dir() and len(list((stage / "pseudo").glob("*.png"))) == 4
+
+
+def test_missing_stage1_is_a_clear_error(tmp_path, tiny_voc):
+    with pytest.raises(SystemExit, match="stage 1 is not complete"):
+        stage2_main()(["--data", str(tiny_voc), "--outputs", str(tmp_path / "o"), "--run", "r"])
+
+
+def test_regions_of_a_class_the_image_lacks_is_a_clear_error(setup):
+    data, stage, run = setup
+    ds = VOCDataset(data, "train")
+    id_ = next(i for i in ds.ids if len(ds.label_ids(i)) == 1)
+    path = stage.parent / "stage1" / "regions" / f"{id_}.npz"
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["keys"] = np.array([ds.label_ids(id_)[0] % 3 + 1])  # another class
+    io.write_npz(path, **arrays)
+    with pytest.raises(SystemExit, match="failed on 1 of 4 images"):
+        run()

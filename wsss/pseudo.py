@@ -1,0 +1,403 @@
+"""Stage 2: mined object regions + saliency -> fused pseudo-masks -> dense CRF -> pseudo-masks.
+
+The fusion rule (AE-PSL, Wei et al. 2017), per pixel, in this order:
+  1. in the mined region of exactly one of the image's classes: that class;
+  2. in the regions of two or more classes: the class with the highest normalised CAM score
+     (`conflict="score"`, the same rule stage 1 uses for regions/ID.png), or 255 (`"ignore"`);
+  3. in no region and saliency below `bg_threshold`: background (0);
+  4. anything else (salient but not mined, or neither clearly): 255, ignored by stage 3.
+Object regions come first: a mined pixel keeps its class even where saliency is low, because
+the classifier's evidence is about the labelled classes while saliency is class-agnostic and
+often misses parts of objects (AE-PSL takes the object regions first and saliency only for the
+background).
+
+The CRF step (`wsss.crf.crf_labels`, over background + the image's classes) then checks the fused
+labels against the image: by default ("agree") a fused label is kept where the CRF gives the same
+label and becomes 255 where it does not; ignore pixels stay ignored (wsss.crf says why).
+
+The STC form (`stc_soft_target`): for a simple (single-class) image the saliency map is the soft
+foreground probability of the image's class, 1 - saliency that of background.
+
+Outputs under outputs/RUN/stage2/: saliency/ID.png (grey, cached), fused/ID.png (before CRF),
+pseudo/ID.png (after CRF, what stage 3 trains on), overlay/ID.png (image | saliency | fused | CRF),
+contact_sheet.png (a sample of overlays), manifest.json (ignored and background fractions; with
+ground-truth masks also the mIoU over labelled pixels of the stage-1 seeds, the fused masks and the
+pseudo-masks, as `python -m wsss.eval --run RUN --stage stage2` computes it). Images already written are not redone
+on a rerun with the same config and inputs; a different config or --force starts afresh.
+Images without any label get an all-background pseudo-mask (that is what the label says);
+labelled images without a stage-1 regions file are skipped with a warning.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from wsss import io
+from wsss.crf import IGNORE, LABEL_CRF_DEFAULTS, crf_labels, parallel_map
+from wsss.data.voc import DatasetError, VOCDataset
+from wsss.run import begin_stage, log, stage_dir
+
+PER_IMAGE = ("fused", "pseudo", "overlay")
+OVERLAY_HEIGHT = 240  # overlay panels are scaled to this height: one PNG per image must stay small
+
+
+# ---------------------------------------------------------------- the fusion rule
+
+def regions_label_map(regions: np.ndarray, keys, score: np.ndarray, conflict: str = "score") -> np.ndarray:
+    """uint8 HxW: the class of the region that holds the pixel, overlaps by score (or 255), else 0."""
+    regions = np.asarray(regions, dtype=bool)
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    if regions.ndim != 3 or len(keys) != regions.shape[0]:
+        raise ValueError(f"regions must be (n, H, W) with n = len(keys) = {len(keys)}, got {regions.shape}")
+    if conflict not in ("score", "ignore"):
+        raise ValueError(f"conflict must be 'score' or 'ignore', got {conflict!r}")
+    if len(keys) == 0:
+        return np.zeros(regions.shape[1:], np.uint8)
+    score = np.asarray(score, dtype=np.float32)
+    if score.shape != regions.shape:
+        raise ValueError(f"score shape {score.shape} differs from regions shape {regions.shape}")
+    claims = regions.sum(axis=0)
+    best = np.argmax(np.where(regions, score, -np.inf), axis=0)
+    out = np.where(claims > 0, keys[best], 0).astype(np.uint8)
+    if conflict == "ignore":
+        out[claims > 1] = IGNORE
+    return out
+
+
+def fuse_with_saliency(regions: np.ndarray, keys, score: np.ndarray, saliency: np.ndarray,
+                       bg_threshold: float = 0.1, conflict: str = "score") -> np.ndarray:
+    """The AE-PSL rule of the module docstring: uint8 HxW, 0 = background, keys, 255 = ignore.
+
+    regions bool (n, H, W) mined region per class, keys (n,) their mask ids, score float (n, H, W)
+    normalised CAM (decides overlaps), saliency float HxW in [0, 1].
+    """
+    saliency = np.asarray(saliency, dtype=np.float32)
+    if saliency.shape != np.asarray(regions).shape[1:]:
+        raise ValueError(f"saliency shape {saliency.shape} differs from the regions' {np.asarray(regions).shape[1:]}")
+    out = regions_label_map(regions, keys, score, conflict)
+    claimed = np.asarray(regions, dtype=bool).any(axis=0)
+    out[~claimed & (saliency >= bg_threshold)] = IGNORE
+    return out
+
+
+def soft_scores(score: np.ndarray, saliency: np.ndarray) -> np.ndarray:
+    """float32 (1 + n, H, W) soft evidence over background + the image's classes for the CRF:
+    background 1 - saliency; the salient mass split over the classes by their CAM scores
+    (evenly where every score is zero)."""
+    score = np.clip(np.asarray(score, dtype=np.float32), 0, None)
+    saliency = np.clip(np.asarray(saliency, dtype=np.float32), 0, 1)
+    total = score.sum(axis=0)
+    share = np.where(total > 0, score / np.maximum(total, 1e-6), 1.0 / max(len(score), 1))
+    return np.concatenate([(1 - saliency)[None], saliency[None] * share]).astype(np.float32)
+
+
+def stc_soft_target(saliency: np.ndarray, class_id: int, num_classes: int) -> np.ndarray:
+    """STC's target for a simple image of one class: float32 (C, H, W), channel `class_id` = saliency,
+    channel 0 = 1 - saliency, every other class 0. Saliency uint8 0..255 or float in [0, 1]."""
+    saliency = np.asarray(saliency)
+    sal = saliency.astype(np.float32) / 255 if saliency.dtype == np.uint8 else saliency.astype(np.float32)
+    if not 0 < class_id < num_classes:
+        raise ValueError(f"class_id must be an object class in 1..{num_classes - 1}, got {class_id}")
+    target = np.zeros((num_classes,) + sal.shape, np.float32)
+    target[0] = 1 - np.clip(sal, 0, 1)
+    target[class_id] = np.clip(sal, 0, 1)
+    return target
+
+
+# ---------------------------------------------------------------- flags
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("stage 2: saliency fusion and dense CRF")
+    g.add_argument("--saliency", default="builtin",
+                   help="builtin (unsupervised, wsss.saliency) or a folder of grey ID.png maps (DSS, DRFI...)")
+    g.add_argument("--bg-threshold", type=float, default=0.1,
+                   help="unmined pixels with saliency below this are background. Low, as AE-PSL takes only "
+                        "clearly non-salient pixels; with the built-in maps on the 48 real VOC photos 89%% of "
+                        "the pixels below 0.1 are background and they hold 80%% of it (0.5: 86%% and 89%%)")
+    g.add_argument("--conflict", choices=["score", "ignore"], default="score",
+                   help="a pixel mined for two classes: the higher normalised CAM wins (the rule of stage 1's "
+                        "regions/ID.png), or it is ignored")
+    g.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True,
+                   help="check the fused masks with a dense CRF over the image's own labels")
+    g.add_argument("--crf-mode", choices=["agree", "fill"], default="agree",
+                   help="agree: keep a fused label only where the CRF gives the same, else 255, ignore stays "
+                        "ignore; fill: the CRF's labels everywhere (worse in bench/bench_crf.py; see wsss.crf)")
+    g.add_argument("--crf-gt-prob", type=float, default=0.7,
+                   help="unary probability of a fused label (IRN's value for CRFs on hard labels; 0.7 beat "
+                        "0.9 in bench/bench_crf.py)")
+    g.add_argument("--crf-confidence", type=float, default=0.0,
+                   help="pixels whose largest CRF marginal is below this become 255 (0: off)")
+    g.add_argument("--crf-soft", action=argparse.BooleanOptionalAction, default=False,
+                   help="give ignore pixels soft evidence from saliency and CAM scores instead of a uniform "
+                        "unary (off: no gain in mode agree in bench/bench_crf.py)")
+    g.add_argument("--crf-iterations", type=int, default=LABEL_CRF_DEFAULTS["iterations"])
+    g.add_argument("--crf-gauss-sxy", type=float, default=LABEL_CRF_DEFAULTS["gauss_sxy"],
+                   help="CRF kernels default to DeepLab v2's test-time ones: the PSA ones (3, 3, 80, 13, 10) "
+                        "overpower hard-label unaries (wsss.crf)")
+    g.add_argument("--crf-gauss-compat", type=float, default=LABEL_CRF_DEFAULTS["gauss_compat"])
+    g.add_argument("--crf-bi-sxy", type=float, default=LABEL_CRF_DEFAULTS["bi_sxy"])
+    g.add_argument("--crf-bi-srgb", type=float, default=LABEL_CRF_DEFAULTS["bi_srgb"])
+    g.add_argument("--crf-bi-compat", type=float, default=LABEL_CRF_DEFAULTS["bi_compat"])
+    g.add_argument("--sample", type=int, default=16, help="overlays in the contact sheet")
+    return parser
+
+
+def crf_params_of(args) -> dict:
+    return {"iterations": args.crf_iterations, "gauss_sxy": args.crf_gauss_sxy,
+            "gauss_compat": args.crf_gauss_compat, "bi_sxy": args.crf_bi_sxy,
+            "bi_srgb": args.crf_bi_srgb, "bi_compat": args.crf_bi_compat}
+
+
+# ---------------------------------------------------------------- one image (in a worker process)
+
+@dataclass(frozen=True)
+class Settings:
+    """What a worker needs to process an image (small, picklable)."""
+    out: Path
+    num_classes: int
+    bg_threshold: float
+    conflict: str
+    crf: bool
+    crf_mode: str
+    gt_prob: float
+    confidence: float
+    soft: bool
+    crf_params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    image: Path
+    regions: Path | None  # None: the image has no label, its pseudo-mask is all background
+    gt: Path | None
+    label_ids: tuple[int, ...]
+
+
+def load_regions(path: Path, label_ids, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, masks, score) of a stage-1 regions file, checked against the image's labels and size."""
+    try:
+        with np.load(path) as data:
+            keys, masks, score = data["keys"], data["masks"], data["score"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DatasetError(f"{path}: cannot read stage-1 regions (keys, masks, score): {e}") from e
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    if masks.shape != (len(keys),) + tuple(shape) or score.shape != masks.shape:
+        raise DatasetError(f"{path}: masks {masks.shape} / score {score.shape} do not fit {len(keys)} keys "
+                           f"at image size {tuple(shape)}")
+    stray = sorted(set(keys.tolist()) - set(label_ids))
+    if stray:
+        raise DatasetError(f"{path}: classes {stray} are not among the image's labels {list(label_ids)}")
+    return keys, masks.astype(bool), score.astype(np.float32)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        return io.read_image(path)
+    except (OSError, ValueError) as e:
+        raise DatasetError(str(e)) from e
+
+
+def _overlay(image, saliency, fused, pseudo, id_, crf: bool):
+    from wsss.viz import colorize, side_by_side
+
+    return side_by_side([image, saliency, colorize(fused), colorize(pseudo)],
+                        [id_, "saliency", "fused", "after CRF" if crf else "pseudo (no CRF)"], height=OVERLAY_HEIGHT)
+
+
+def refine(image, fused, keys, score, saliency, s: Settings) -> np.ndarray:
+    """The CRF step of one image: fused labels in, pseudo-mask out (see wsss.crf for the 255 rule)."""
+    soft = soft_scores(score, saliency) if s.soft else None
+    return crf_labels(image, fused, keys, gt_prob=s.gt_prob, confidence=s.confidence, soft=soft,
+                      mode=s.crf_mode, **s.crf_params)
+
+
+def process_image(s: Settings, job: Job) -> dict:
+    """Fuse, CRF and write one image (or read it back if already done); return its figures."""
+    from wsss.eval import confusion_matrix
+    from wsss.saliency import read_saliency
+
+    paths = {k: s.out / k / f"{job.id}.png" for k in PER_IMAGE}
+    gt = io.read_mask(job.gt) if job.gt is not None else None
+    crf_error = None
+    if job.regions is None:
+        shape = gt.shape if gt is not None else _read_image(job.image).shape[:2]
+        seeds = fused = pseudo = np.zeros(shape, np.uint8)
+        if not paths["pseudo"].is_file():
+            io.write_mask(paths["fused"], fused)
+            io.write_mask(paths["pseudo"], pseudo)
+    else:
+        image = _read_image(job.image)
+        keys, masks, score = load_regions(job.regions, job.label_ids, image.shape[:2])
+        seeds = regions_label_map(masks, keys, score)
+        if all(p.is_file() for p in paths.values()):
+            fused, pseudo = io.read_mask(paths["fused"]), io.read_mask(paths["pseudo"])
+        else:
+            saliency = read_saliency(s.out / "saliency", job.id)
+            if saliency.shape != image.shape[:2]:
+                raise DatasetError(f"{s.out / 'saliency' / (job.id + '.png')}: saliency {saliency.shape} "
+                                   f"differs from image size {image.shape[:2]}")
+            fused = fuse_with_saliency(masks, keys, score, saliency, s.bg_threshold, s.conflict)
+            pseudo = fused
+            if s.crf:
+                try:
+                    pseudo = refine(image, fused, keys, score, saliency, s)
+                except Exception as e:  # noqa: BLE001 - a CRF failure keeps the fused mask
+                    crf_error = f"{type(e).__name__}: {e}"
+            io.write_mask(paths["fused"], fused)
+            io.write_mask(paths["pseudo"], pseudo)
+            io.write_png(paths["overlay"], _overlay(image, saliency, fused, pseudo, job.id, s.crf))  # last: marks done
+    figures = {"pixels": fused.size, "crf_error": crf_error}
+    for name, mask in (("fused", fused), ("pseudo", pseudo)):
+        figures[f"{name}_ignored"] = int((mask == IGNORE).sum())
+        figures[f"{name}_background"] = int((mask == 0).sum())
+    if gt is not None:
+        if gt.shape != fused.shape:
+            raise DatasetError(f"{job.gt}: mask size {gt.shape} differs from image size {fused.shape}")
+        for name, mask in (("seeds", seeds), ("fused", fused), ("pseudo", pseudo)):
+            figures[f"{name}_confusion"] = confusion_matrix(gt, mask, s.num_classes, ignore_pred=True)
+    return figures
+
+
+# ---------------------------------------------------------------- the stage
+
+def _json_normal(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _start_afresh_if_changed(out: Path, config: dict, inputs: dict, force: bool) -> None:
+    """Per-image outputs are reused only if made with this config and these inputs; the saliency
+    cache only if made from the same source and dataset (or removed too by --force)."""
+    state = _json_normal({"config": config, "inputs": {k: io.fingerprint(v) for k, v in inputs.items()}})
+    path = out / "state.json"
+    previous = io.read_json(path) if path.is_file() else None
+    if force or previous != state:
+        for name in PER_IMAGE:
+            shutil.rmtree(out / name, ignore_errors=True)
+        same_source = previous is not None and all(
+            previous["config"].get(k) == state["config"].get(k) for k in ("saliency", "data"))
+        if force or not same_source:
+            shutil.rmtree(out / "saliency", ignore_errors=True)
+        io.write_json(path, state)
+
+
+def _jobs(dataset: VOCDataset, regions_dir: Path) -> tuple[list[Job], list[str], list[str]]:
+    jobs, unlabelled, no_regions = [], [], []
+    for id_ in dataset.ids:
+        label_ids = tuple(int(k) for k in dataset.label_ids(id_))
+        gt = dataset.mask_path(id_) if dataset.has_mask(id_) else None
+        if not label_ids:
+            unlabelled.append(id_)
+            jobs.append(Job(id_, dataset.image_path(id_), None, gt, label_ids))
+            continue
+        path = regions_dir / f"{id_}.npz"
+        if not path.is_file():
+            no_regions.append(id_)
+            continue
+        jobs.append(Job(id_, dataset.image_path(id_), path, gt, label_ids))
+    return jobs, unlabelled, no_regions
+
+
+def _summary(figures: list[dict], num_classes: int) -> dict:
+    from wsss.eval import scores
+
+    pixels = sum(f["pixels"] for f in figures)
+    out = {}
+    for name in ("seeds", "fused", "pseudo"):
+        entry = {}
+        if name != "seeds":
+            entry["ignored_fraction"] = round(sum(f[f"{name}_ignored"] for f in figures) / pixels, 4)
+            entry["background_fraction"] = round(sum(f[f"{name}_background"] for f in figures) / pixels, 4)
+        confusions = [f[f"{name}_confusion"] for f in figures if f"{name}_confusion" in f]
+        if confusions:
+            result = scores(sum(confusions))
+            entry["miou_labelled"] = None if result["miou"] is None else round(result["miou"], 2)
+            entry["pixel_acc_labelled"] = None if result["pixel_acc"] is None else round(result["pixel_acc"], 2)
+            entry["images_with_gt"] = len(confusions)
+        if entry:
+            out[name] = entry
+    return out
+
+
+def _contact_sheet(out: Path, ids: list[str], count: int, seed: int) -> None:
+    from wsss.viz import contact_sheet
+
+    have = [i for i in ids if (out / "overlay" / f"{i}.png").is_file()]
+    if count <= 0 or not have:
+        return
+    rng = np.random.default_rng(seed)
+    sample = sorted(rng.choice(have, size=min(count, len(have)), replace=False).tolist())
+    sheet = contact_sheet([out / "overlay" / f"{i}.png" for i in sample], cols=2)
+    io.write_png(out / "contact_sheet.png", sheet)
+
+
+def run(args) -> dict | None:
+    """Stage 2 (see the module docstring); returns the manifest, or None when skipped."""
+    from wsss.saliency import ensure_saliency
+
+    stage1 = stage_dir(args, "stage1")
+    if not (stage1 / io.MANIFEST).is_file():
+        raise SystemExit(f"error: {stage1}: stage 1 is not complete (no {io.MANIFEST}); run stage 1 first")
+    inputs = {"stage1": stage1}
+    if args.saliency != "builtin":
+        if not Path(args.saliency).is_dir():
+            raise SystemExit(f"error: --saliency {args.saliency}: not 'builtin' and not a folder")
+        inputs["saliency"] = Path(args.saliency)
+    started = begin_stage(args, "stage2", inputs)
+    if started is None:
+        return None
+    out, config, t0 = started
+    _start_afresh_if_changed(out, config, inputs, args.force)
+
+    dataset = VOCDataset(args.data, args.train_split)
+    jobs, unlabelled, no_regions = _jobs(dataset, stage1 / "regions")
+    if no_regions:
+        log.warning("%d labelled images have no stage-1 regions file (e.g. %s): skipped",
+                    len(no_regions), ", ".join(no_regions[:3]))
+    if unlabelled:
+        log.info("%d images have no label: their pseudo-masks are all background", len(unlabelled))
+    labelled = [j.id for j in jobs if j.regions is not None]
+    if not labelled:
+        raise SystemExit(f"error: {stage1 / 'regions'}: no regions file for any labelled image of "
+                         f"split '{args.train_split}'")
+    ensure_saliency(dataset, labelled, out / "saliency", args.saliency, args.workers)
+
+    settings = Settings(out=out, num_classes=dataset.num_classes, bg_threshold=args.bg_threshold,
+                        conflict=args.conflict, crf=args.crf, crf_mode=args.crf_mode,
+                        gt_prob=args.crf_gt_prob, confidence=args.crf_confidence, soft=args.crf_soft,
+                        crf_params=crf_params_of(args))
+    figures, failed, crf_failed = [], [], []
+    for job, result, error in parallel_map(partial(process_image, settings), jobs, args.workers, "stage 2"):
+        if isinstance(error, BrokenProcessPool):  # the worker died, twice: a crash in the CRF's native code
+            try:
+                result = process_image(replace(settings, crf=False), job)
+                result["crf_error"], error = f"worker process died ({error})", None
+            except Exception as e:  # noqa: BLE001
+                error = e
+        if error is not None:
+            failed.append((job.id, error))
+            log.error("%s: %s: %s", job.id, type(error).__name__, error)
+            continue
+        if result["crf_error"]:
+            crf_failed.append(job.id)
+            log.warning("CRF failed on %s (%s); its pseudo-mask is the fused mask", job.id, result["crf_error"])
+        figures.append(result)
+    if failed:
+        raise SystemExit(f"error: stage 2 failed on {len(failed)} of {len(jobs)} images (first: {failed[0][0]}: {failed[0][1]}); "
+                         "the finished ones are kept, a rerun does the rest")
+    _contact_sheet(out, labelled, args.sample, args.seed)
+
+    outputs = {"images": len(jobs), "unlabelled_all_background": len(unlabelled),
+               "skipped_no_regions": len(no_regions), "crf_failed": sorted(crf_failed),
+               **_summary(figures, dataset.num_classes)}
+    for name in ("seeds", "fused", "pseudo"):
+        if name in outputs:
+            log.info("%s: %s", name, outputs[name])
+    return io.write_manifest(out, config, inputs, outputs, started=t0)
