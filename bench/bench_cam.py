@@ -1,0 +1,137 @@
+"""CAM extraction speed: wsss.cam against a plain per-scale loop, same model and images, one run.
+
+    python bench/bench_cam.py [--images 20] [--size 256] [--backbone efficientnet-lite0] [--threads 2]
+
+- ours: `wsss.cam.multiscale_cams` (each scale's image and its mirror in one batch,
+  `torch.inference_mode`, `channels_last`), one image at a time as on VOC's mixed sizes; and
+  `multiscale_cams_batch` with all same-size images of a chunk in one forward per scale.
+- baseline: the loop of IRN's make_cam without its dataset machinery: one forward per scale and
+  another for the mirror image, `torch.no_grad`, default (contiguous) memory format.
+
+The two are timed image by image, alternately, so that the load of a shared machine falls on
+both alike; their CAMs must agree. Random weights are fine (speed does not depend on them).
+Writes bench/results/cam.json with the figures and the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss import io
+from wsss.cam import SCALES, multiscale_cams, multiscale_cams_batch, to_input
+from wsss.models.classifier import build_classifier
+
+RESULTS = Path(__file__).resolve().parent / "results" / "cam.json"
+
+
+def plain_loop_cams(model, image: np.ndarray, keys, scales=SCALES) -> np.ndarray:
+    """One forward per scale and per flip (IRN make_cam style); same maths as wsss.cam."""
+    keys = np.asarray(keys) - 1
+    size = image.shape[:2]
+    with torch.no_grad():
+        x = to_input(image[None], torch.device("cpu")).contiguous()
+        total = 0
+        for scale in scales:
+            xs = F.interpolate(x, (round(size[0] * scale), round(size[1] * scale)), mode="bilinear",
+                               align_corners=False)
+            for flip in (False, True):
+                cam = model.cams(xs.flip(-1) if flip else xs)
+                cam = cam.flip(-1) if flip else cam
+                total = total + F.interpolate(cam[:, keys], size, mode="bilinear", align_corners=False)[0]
+        cam = F.relu(total)
+        cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-5)
+    return cam.numpy()
+
+
+def synthetic_images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """Coloured discs and boxes on noisy grounds (content does not change the speed)."""
+    rng = np.random.default_rng(seed)
+    images = []
+    yy, xx = np.mgrid[:size, :size]
+    for _ in range(n):
+        image = rng.integers(60, 200, 3) + rng.normal(0, 12, (size, size, 3))
+        for _ in range(3):
+            cy, cx, r = rng.integers(0, size, 2).tolist() + [int(rng.integers(size // 10, size // 4))]
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+    return images
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
+            "load_average": os.getloadavg()}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=20)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--num-classes", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4, help="same-size images per forward for the batched figure")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    model = build_classifier(args.backbone, args.num_classes, output_stride=16, weights=None).eval()
+    baseline_model = copy.deepcopy(model)
+    images = synthetic_images(args.images, args.size)
+    keys = [np.array([1 + i % args.num_classes, 1 + (i * 7 + 3) % args.num_classes]) for i in range(len(images))]
+    load_before = os.getloadavg()
+
+    for image, k in zip(images[:2], keys[:2], strict=True):  # warm-up (allocator, oneDNN kernels)
+        multiscale_cams(model, image, k)
+        plain_loop_cams(baseline_model, image, k)
+    ours = baseline = 0.0
+    max_diff = 0.0
+    for image, k in zip(images, keys, strict=True):
+        t0 = time.perf_counter()
+        a = multiscale_cams(model, image, k)
+        t1 = time.perf_counter()
+        b = plain_loop_cams(baseline_model, image, k)
+        t2 = time.perf_counter()
+        ours, baseline = ours + t1 - t0, baseline + t2 - t1
+        max_diff = max(max_diff, float(np.abs(a - b).max()))
+    t0 = time.perf_counter()
+    for i in range(0, len(images), args.batch):
+        multiscale_cams_batch(model, images[i:i + args.batch], keys[i:i + args.batch])
+    batched = time.perf_counter() - t0
+
+    n = len(images)
+    result = {
+        "what": "multi-scale + flip CAM extraction, images/s",
+        "scales": list(SCALES), "flip": True, "forwards_per_image": {"ours": len(SCALES), "baseline": 2 * len(SCALES)},
+        "images": n, "size": args.size, "backbone": args.backbone, "output_stride": 16, "device": "cpu",
+        "ours_images_per_s": round(n / ours, 3),
+        f"ours_batched_{args.batch}_images_per_s": round(n / batched, 3),
+        "baseline_images_per_s": round(n / baseline, 3),
+        "speedup": round(baseline / ours, 3),
+        f"speedup_batched_{args.batch}": round(baseline / batched, 3),
+        "max_abs_difference": max_diff,
+        "machine": {**machine(), "load_average_before": load_before},
+    }
+    io.write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

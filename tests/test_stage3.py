@@ -1,0 +1,176 @@
+"""Stage 3 end to end on a tiny dataset with hand-made stage-2 artifacts (seconds on CPU)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsss import io, predict, segment
+from wsss.data.voc import VOCDataset
+from wsss.run import common_parser
+
+torch.set_num_threads(2)
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:efficientnet-lite0. no weights given")]
+
+
+def make_stage2(root, run_dir):
+    """stage2/pseudo (the ground truth with the object borders ignored), stage2/saliency (bright
+    objects on a dark ground) and a manifest, as stage 2 would write them."""
+    ds = VOCDataset(root, "train")
+    stage2 = run_dir / "stage2"
+    for id_ in ds.ids:
+        mask = ds.mask(id_)
+        io.write_mask(stage2 / "pseudo" / f"{id_}.png", mask)
+        io.write_png(stage2 / "saliency" / f"{id_}.png", np.where(mask > 0, 230, 0).astype(np.uint8))
+    io.write_manifest(stage2, {"hand-made": True})
+    return stage2
+
+
+@pytest.fixture
+def run(tiny_voc, tmp_path):
+    """(function to run stage 3 with extra flags, outputs folder) on tiny_voc with stage 2 made."""
+    outputs = tmp_path / "outputs"
+    make_stage2(tiny_voc, outputs / "r")
+
+    def go(*extra):
+        parser = common_parser("test")
+        segment.add_args(parser)
+        args = parser.parse_args(["--data", str(tiny_voc), "--run", "r", "--outputs", str(outputs),
+                                  "--device", "cpu", "--workers", "0", "--epochs", "2", "--batch-size", "2",
+                                  "--crop", "32", "--weights", "none", *extra])
+        return segment.run(args)
+
+    return go, outputs / "r"
+
+
+def check_predictions(folder, dataset):
+    for id_ in dataset.ids:
+        img = Image.open(folder / f"{id_}.png")
+        assert img.mode == "P"
+        assert img.size == Image.open(dataset.image_path(id_)).size
+        assert np.asarray(img).max() < dataset.num_classes
+
+
+def metrics_by_net(stage):
+    lines = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    nets: dict[str, list[int]] = {}
+    for r in lines:
+        nets.setdefault(r["net"], []).append(r["epoch"])
+        assert "val_miou" in r
+    return nets
+
+
+def test_psl_and_psl_plus_end_to_end(run, tiny_voc):
+    go, run_dir = run
+    result = go("--psl-plus")
+    stage = run_dir / "stage3"
+    assert 0 <= result["miou"] <= 100
+    assert io.read_json(stage / "eval.json")["miou"] == result["miou"]
+    manifest = io.read_json(stage / "manifest.json")
+    assert manifest["complete"] and manifest["outputs"]["final_net"] == "psl-plus"
+    assert metrics_by_net(stage) == {"psl": [1, 2], "psl-plus": [1, 2]}
+    val, train = VOCDataset(tiny_voc, "val"), VOCDataset(tiny_voc, "train")
+    check_predictions(stage / "pred", val)
+    for id_ in train.ids:  # PSL+ targets: only the image's own classes (and background)
+        mask = io.read_mask(stage / "psl" / "train-crf" / f"{id_}.png")
+        assert set(np.unique(mask)) <= {0, *train.label_ids(id_).tolist()}
+    assert go("--psl-plus") is None  # complete: skipped
+
+    # python -m wsss.predict on the finished run, other settings: the folder is redone
+    before = {p.name: p.stat().st_mtime_ns for p in (stage / "pred").glob("*.png")}
+    assert predict.main(["--run", "r", "--outputs", str(run_dir.parent), "--device", "cpu", "--workers", "0",
+                         "--scales", "0.75", "1", "--flip", "--crf"]) == 0
+    check_predictions(stage / "pred", val)
+    assert all((stage / "pred" / n).stat().st_mtime_ns != t for n, t in before.items())
+    assert io.read_json(stage / "pred" / "settings.json")["flip"] is True
+
+
+def test_stc_end_to_end_and_gt_upper_bound(run, tiny_voc):
+    go, run_dir = run
+    go("--method", "stc", "--tag", "stc", "--epochs", "1")
+    stage = run_dir / "stage3-stc"
+    train, val = VOCDataset(tiny_voc, "train"), VOCDataset(tiny_voc, "val")
+    simple = (stage / "stc" / "simple.txt").read_text().split()
+    assert simple == [i for i in train.ids if train.labels(i).sum() == 1]
+    assert sorted(p.stem for p in (stage / "stc" / "i" / "pred").glob("*.png")) == sorted(simple)
+    assert sorted(p.stem for p in (stage / "stc" / "e" / "pred").glob("*.png")) == sorted(train.ids)
+    for id_ in train.ids:
+        mask = io.read_mask(stage / "stc" / "e" / "pred" / f"{id_}.png")
+        assert set(np.unique(mask)) <= {0, *train.label_ids(id_).tolist()}
+    assert metrics_by_net(stage) == {"stc/i": [1], "stc/e": [1], "stc/p": [1]}
+    check_predictions(stage / "pred", val)
+    assert not (run_dir / "stage3").exists()  # a tagged variant leaves the default folder alone
+
+    go("--masks", "gt", "--tag", "gt", "--epochs", "1")
+    assert metrics_by_net(run_dir / "stage3-gt") == {"gt": [1]}
+    assert "miou" in io.read_json(run_dir / "stage3-gt" / "eval.json")
+
+
+def test_resume_after_a_kill_redoes_only_what_was_unfinished(run, monkeypatch):
+    go, run_dir = run
+    real_step = segment.ce_step
+
+    def killed_in_second_epoch_of_e(model, batch, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_step(model, batch, epoch)
+
+    monkeypatch.setattr(segment, "ce_step", killed_in_second_epoch_of_e)
+    with pytest.raises(KeyboardInterrupt):
+        go("--method", "stc", "--stc-steps", "2")
+    monkeypatch.setattr(segment, "ce_step", real_step)
+    stage = run_dir / "stage3"
+    done = {p: p.stat().st_mtime_ns for p in [stage / "stc" / "i" / "checkpoint.pt",
+                                              *(stage / "stc" / "i" / "pred").glob("*.png")]}
+    e_epoch1 = (stage / "stc" / "e" / "metrics.jsonl").read_text()
+    assert [json.loads(x)["epoch"] for x in e_epoch1.splitlines()] == [1]
+
+    go("--method", "stc", "--stc-steps", "2")
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # I-DCNN and its predictions kept
+    e_lines = (stage / "stc" / "e" / "metrics.jsonl").read_text().splitlines()
+    assert e_lines[0] == e_epoch1.strip() and len(e_lines) == 2  # E resumed at epoch 2
+    assert io.read_json(stage / "manifest.json")["outputs"]["final_net"] == "stc/e"
+
+
+def test_changed_config_starts_the_folder_over(run):
+    go, run_dir = run
+    go("--epochs", "1")
+    marker = run_dir / "stage3" / "psl" / "stale.txt"
+    marker.write_text("from the old config")
+    go("--epochs", "1", "--lr", "0.02")
+    assert not marker.exists()
+    assert io.read_json(run_dir / "stage3" / "manifest.json")["config"]["lr"] == 0.02
+
+
+def test_predict_split_restricts_skips_and_redoes(tiny_voc, tmp_path):
+    from wsss.models.segnet import build_segnet
+
+    torch.manual_seed(0)
+    model = build_segnet("efficientnet-lite0", 4, cls_branch=True, weights=None).eval()
+    train = VOCDataset(tiny_voc, "train")
+    out = tmp_path / "pred"
+    predict.predict_split(model, train, train.ids, out, device="cpu", restrict=True, gate=True)
+    check_predictions(out, train)
+    for id_ in train.ids:
+        assert set(np.unique(io.read_mask(out / f"{id_}.png"))) <= {0, *train.label_ids(id_).tolist()}
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    predict.predict_split(model, train, train.ids, out, device="cpu", restrict=True, gate=True)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == first  # same settings: skipped
+    predict.predict_split(model, train, train.ids, out, device="cpu", restrict=True, gate=True, flip=True)
+    assert all((out / n).stat().st_mtime_ns != t for n, t in first.items())  # other settings: redone
+    plain = build_segnet("efficientnet-lite0", 4, weights=None).eval()
+    with pytest.raises(ValueError, match="classification branch"):
+        predict.predict_split(plain, train, train.ids[:1], tmp_path / "p2", device="cpu", gate=True)
+
+
+def test_images_without_a_pseudo_mask_are_skipped(run, tiny_voc):
+    go, run_dir = run
+    first = VOCDataset(tiny_voc, "train").ids[0]
+    (run_dir / "stage2" / "pseudo" / f"{first}.png").unlink()
+    go("--epochs", "1")
+    log = (run_dir / "stage3" / "stage3.log").read_text()
+    assert f"1 of 4 training images have no pseudo-mask and are skipped ({first})" in log
+    assert "psl: training on 3 images" in log

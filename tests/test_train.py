@@ -1,0 +1,95 @@
+"""The shared training loop (wsss.train.fit): resume, metrics, determinism."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from wsss.train import CHECKPOINT, METRICS, fit, read_metrics
+
+torch.set_num_threads(2)
+
+
+class NoiseSet:
+    """Eight items whose inputs come from the per-item rng (as augmentation does)."""
+
+    def __len__(self):
+        return 8
+
+    def item(self, index, rng):
+        x = rng.normal(size=4).astype(np.float32)
+        return {"x": x, "y": np.float32(x.sum() + index)}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 1)
+
+
+def train(out_dir, epochs=4, seed=0, stop_at=None, seen=None, evaluate=None):
+    """fit() a linear model; stop_at=(epoch, iteration), both 0-based, raises there as a kill would.
+    `seen` collects the epoch of every iteration."""
+    seen = [] if seen is None else seen
+
+    def step(model, batch, epoch):
+        if stop_at == (epoch, seen.count(epoch)):
+            raise Interrupted
+        seen.append(epoch)
+        loss = ((model(batch["x"]).squeeze(1) - batch["y"]) ** 2).mean()
+        return loss, {"half_loss": loss.item() / 2}
+
+    return fit(make_model(), NoiseSet(), step, out_dir, epochs=epochs, batch_size=2, lr=0.01,
+               device="cpu", seed=seed, evaluate=evaluate)
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path):
+    a = state(train(tmp_path / "a", epochs=2))
+    b = state(train(tmp_path / "b", epochs=2))
+    c = state(train(tmp_path / "c", epochs=2, seed=1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_after_interruption_continues_at_the_right_epoch(tmp_path):
+    reference = state(train(tmp_path / "ref", epochs=4))
+    seen: list[int] = []
+    with pytest.raises(Interrupted):  # killed during the third epoch (0-based 2), after 2 iterations of it
+        train(tmp_path / "run", epochs=4, stop_at=(2, 2), seen=seen)
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)["epoch"] == 2
+    seen = []
+    resumed = state(train(tmp_path / "run", epochs=4, seen=seen))
+    assert seen[0] == 2 and sorted(set(seen)) == [2, 3]  # the interrupted epoch is redone, not the first two
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)  # as if never interrupted
+
+
+def test_metrics_one_line_per_epoch_after_resume(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(out, epochs=4, stop_at=(3, 0))
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
+    # a line of an epoch the checkpoint does not hold (e.g. written by an older, longer run) is replaced
+    state_ = torch.load(out / CHECKPOINT, weights_only=False)
+    state_["epoch"] = 2
+    torch.save(state_, out / CHECKPOINT)
+    train(out, epochs=4, evaluate=lambda model: {"score": 1.0})
+    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert "score" not in records[1] and records[2]["score"] == 1.0 and records[3]["score"] == 1.0
+    assert {"loss", "half_loss", "seconds"} <= set(records[3])
+
+
+def test_finished_training_returns_at_once(tmp_path):
+    train(tmp_path / "run", epochs=2)
+    seen: list[int] = []
+    train(tmp_path / "run", epochs=2, seen=seen)
+    assert seen == []

@@ -1,0 +1,138 @@
+"""Class activation maps (Zhou et al., CVPR 2016) at several scales with horizontal flip.
+
+The CAM of class c is the classifier's 1x1 conv for c applied to the feature map before global
+average pooling. As in PSA and IRN, the maps of the image at scales 0.5..2.0 and of its mirror
+image are added, so small objects get a response from the large scales and large objects a
+complete one from the small scales: each scale's map (flip undone) is upsampled bilinearly to
+the image size, the maps are summed, ReLU keeps the positive evidence, and each class is divided
+by its maximum (+1e-5) so that a threshold means the same for every class and image.
+
+Speed: a scale's image and its mirror go through the network in one batch, and so do all images
+of the same size (`multiscale_cams_batch`); `torch.inference_mode()` and `channels_last`
+tensors. Only the image's labelled classes are upsampled and returned.
+bench/bench_cam.py measures it against a plain loop with one forward per scale and flip.
+
+On disk a CAM is `ID.npz` {"cam": float16 (n, H, W), "keys": int64 (n,) mask ids}.
+"""
+from __future__ import annotations
+
+import zipfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss import io
+from wsss.data.transforms import MEAN, STD
+
+SCALES = (0.5, 1.0, 1.5, 2.0)
+
+
+class CAMFileError(ValueError):
+    """A CAM file that is missing, unreadable or does not fit its image; the message names it."""
+
+
+def to_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """RGB uint8 (B, H, W, 3) -> ImageNet-normalised float (B, 3, H, W), channels_last."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    x = x.permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def multiscale_cams_batch(model, images, keys_list, scales=SCALES, flip: bool = True,
+                          device="cpu") -> list[np.ndarray]:
+    """CAMs of several images of the same size, one forward per scale for all of them.
+
+    `images`: RGB uint8 arrays (H, W, 3), all the same size; `keys_list`: for each image the mask
+    ids (1..C-1) of its labelled classes. Returns for each image float32 (n, H, W) in [0, 1].
+    """
+    if len(images) == 0:
+        return []
+    batch = np.stack([np.asarray(im) for im in images])  # raises if the sizes differ
+    if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
+        raise ValueError(f"images must be RGB uint8 (H, W, 3), got {batch.shape} {batch.dtype}")
+    keys_list = [np.asarray(k, dtype=np.int64).reshape(-1) for k in keys_list]
+    if len(keys_list) != len(batch):
+        raise ValueError(f"{len(batch)} images but {len(keys_list)} key lists")
+    dev = torch.device(device)
+    model = getattr(model, "module", model)  # DDP-wrapped or not
+    model.eval().to(dev, memory_format=torch.channels_last)
+    n, size = len(batch), batch.shape[1:3]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    with torch.inference_mode():
+        x = to_input(batch, dev)
+        sums = [None] * n
+        for scale in scales:
+            xs = x if scale == 1 else F.interpolate(x, scaled_size(size, scale), mode="bilinear",
+                                                    align_corners=False)
+            if flip:
+                xs = torch.cat([xs, xs.flip(-1)])
+            with autocast:
+                raw = model.cams(xs).float()
+            if flip:
+                raw = raw[:n] + raw[n:].flip(-1)
+            num_classes = raw.shape[1]
+            for i, keys in enumerate(keys_list):
+                if keys.size and (keys.min() < 1 or keys.max() > num_classes):
+                    raise ValueError(f"class ids {keys.tolist()} outside 1..{num_classes}")
+                if keys.size == 0:
+                    sums[i] = raw.new_zeros((0, *size))
+                    continue
+                up = F.interpolate(raw[i:i + 1, keys - 1], size, mode="bilinear", align_corners=False)[0]
+                sums[i] = up if sums[i] is None else sums[i] + up
+        out = []
+        for cam in sums:
+            cam = F.relu(cam)
+            cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-5)
+            out.append(cam.cpu().numpy().astype(np.float32, copy=False))
+    return out
+
+
+def multiscale_cams(model, image: np.ndarray, keys, scales=SCALES, flip: bool = True,
+                    device="cpu") -> np.ndarray:
+    """CAMs float32 (n, H, W) in [0, 1] of one RGB uint8 image for its labelled classes `keys`."""
+    return multiscale_cams_batch(model, [image], [keys], scales, flip, device)[0]
+
+
+def cam_path(directory, id_: str) -> Path:
+    return Path(directory) / f"{id_}.npz"
+
+
+def save_cams(directory, id_: str, cam: np.ndarray, keys) -> Path:
+    """Write `directory/ID.npz` {"cam": float16 (n, H, W), "keys": int64 (n,)} atomically."""
+    cam = np.asarray(cam)
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    path = cam_path(directory, id_)
+    if cam.ndim != 3 or cam.shape[0] != keys.size:
+        raise ValueError(f"{path}: CAM shape {cam.shape} does not fit {keys.size} class ids")
+    io.write_npz(path, cam=cam.astype(np.float16), keys=keys)
+    return path
+
+
+def load_cams(directory, id_: str, expected_shape=None) -> tuple[np.ndarray, np.ndarray]:
+    """Read `directory/ID.npz` -> (cam float32 (n, H, W), keys int64 (n,)), checked.
+
+    `expected_shape` is the image size (H, W): a CAM of any other size is an error, never used.
+    """
+    path = cam_path(directory, id_)
+    if not path.is_file():
+        raise CAMFileError(f"{path}: CAM file not found")
+    try:
+        with np.load(path) as f:
+            cam, keys = f["cam"], f["keys"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise CAMFileError(f"{path}: cannot read CAM file ({e})") from e
+    if keys.ndim != 1 or cam.ndim != 3 or cam.shape[0] != keys.shape[0]:
+        raise CAMFileError(f"{path}: CAM of shape {cam.shape} does not fit class ids of shape {keys.shape}")
+    if expected_shape is not None and tuple(cam.shape[1:]) != tuple(expected_shape):
+        raise CAMFileError(f"{path}: CAM size {cam.shape[2]}x{cam.shape[1]} differs from the image size "
+                           f"{expected_shape[1]}x{expected_shape[0]} (stale or foreign file?)")
+    return cam.astype(np.float32), keys.astype(np.int64)

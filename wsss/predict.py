@@ -1,0 +1,257 @@
+"""Predict label maps with a trained segmentation net: `python -m wsss.predict --run RUN --split val`.
+
+One path serves every use: val predictions at the end of stage 3 (`stage3/pred/ID.png`), the
+per-epoch val mIoU, and the training-set predictions that STC and PSL+ retrain on (restricted to
+each image's labels). For one image:
+
+1. the net runs at each scale (and its horizontal flip); the logits are resized to the image size
+   and turned into softmax probabilities, which are averaged (and the PSL classification
+   branch's sigmoid probabilities likewise);
+2. gate (PSL, test time, as in AE-PSL): each object class's map is multiplied by the image-level
+   probability of that class; background is kept as is;
+3. restrict (training images, whose labels are known): classes absent from the image's labels get
+   probability 0 (the same as setting their logits to -inf before the argmax); background stays;
+4. optional dense CRF (`wsss.crf.dense_crf`) over background + the classes still present, unary
+   from those (renormalised) probabilities;
+5. argmax -> uint8 mask ids, written as a VOC palette PNG at the image's size.
+
+Defaults: one scale (1.0), no flip, no CRF: fast, and what the per-epoch val mIoU measures; pass
+`--scales 0.5 1 1.5 --flip --crf` for the slower, usually better, test-time setting.
+
+A prediction folder remembers its settings (`settings.json`: scales, flip, gate, restrict, CRF and
+the checkpoint's fingerprint). Rerun with the same settings, it skips the images already written
+(resume after a kill); with other settings, it starts over.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from wsss import io
+from wsss.crf import LABEL_CRF_DEFAULTS
+from wsss.data.transforms import normalize
+
+log = logging.getLogger("wsss")
+SETTINGS = "settings.json"
+# DeepLab v2's test-time CRF (DESIGN.md): gaussian xy 1 compat 3, bilateral xy 67 rgb 3 compat 4
+TEST_CRF = LABEL_CRF_DEFAULTS
+CRF_CHUNK = 32  # images predicted before their CRFs run in the process pool
+
+
+def _forward(model, x: torch.Tensor):
+    out = model(x)
+    return out["seg"].float(), out["cls"].float() if "cls" in out else None
+
+
+@torch.inference_mode()
+def predict_probs(model, image: np.ndarray, device, scales=(1.0,), flip: bool = False,
+                  gate: bool = False) -> torch.Tensor:
+    """Class probabilities (C, H, W) float32 on `device` of one RGB uint8 image (steps 1-2 above)."""
+    h, w = image.shape[:2]
+    x = torch.from_numpy(normalize(image))[None].to(device)
+    probs, cls_probs = 0.0, 0.0
+    views = 0
+    for scale in scales:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        xs = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if flip:
+            xs = torch.cat([xs, xs.flip(-1)])
+        seg, cls = _forward(model, xs)
+        if flip:
+            seg = torch.cat([seg[:1], seg[1:].flip(-1)])
+        if seg.shape[-2:] != (h, w):
+            seg = F.interpolate(seg, size=(h, w), mode="bilinear", align_corners=False)
+        probs = probs + seg.softmax(1).sum(0)
+        if cls is not None:
+            cls_probs = cls_probs + torch.sigmoid(cls).sum(0)
+        views += seg.shape[0]
+    probs = probs / views
+    if gate:
+        if not torch.is_tensor(cls_probs):
+            raise ValueError("gate: the net has no classification branch (only PSL nets have one)")
+        probs = probs * torch.cat([probs.new_ones(1), cls_probs / views])[:, None, None]
+    return probs
+
+
+def restrict_probs(probs: torch.Tensor, label_ids) -> torch.Tensor:
+    """Zero the probabilities of the object classes not in `label_ids` (mask ids); background stays."""
+    keep = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
+    keep[0] = True
+    keep[torch.as_tensor(np.asarray(label_ids, dtype=np.int64), device=probs.device)] = True
+    return probs * keep[:, None, None]
+
+
+def predict_masks(model, dataset, ids, *, device, scales=(1.0,), flip=False, gate=False, restrict=False,
+                  desc="predict"):
+    """Yield (id, RGB image, probs: (C, H, W) float32 tensor on `device`) for `ids` of a VOCDataset (steps 1-3)."""
+    from wsss.train import unwrap
+
+    model = unwrap(model).eval()
+    for id_ in tqdm(ids, desc=desc, leave=False):
+        image = dataset.image(id_)
+        probs = predict_probs(model, image, device, scales, flip, gate)
+        if restrict:
+            probs = restrict_probs(probs, dataset.label_ids(id_))
+        yield id_, image, probs
+
+
+def label_map(probs) -> np.ndarray:
+    return np.asarray(torch.as_tensor(probs).argmax(0).to(torch.uint8).cpu())
+
+
+def _crf_job(params: dict, job):
+    """Dense CRF of one image over the labels `present` (picklable, for the process pool);
+    `probs` holds those labels' probabilities only."""
+    from wsss.crf import dense_crf
+
+    id_, image, probs, present = job
+    probs = probs / np.maximum(probs.sum(0, keepdims=True), 1e-8)
+    return present[dense_crf(image, probs, **params).argmax(0)].astype(np.uint8)
+
+
+def _present(probs: torch.Tensor, restrict_ids=None) -> np.ndarray:
+    """The labels a CRF runs over: the image's labels when known, else the classes the argmax shows."""
+    if restrict_ids is not None:
+        return np.concatenate([[0], np.asarray(restrict_ids, dtype=np.int64)])
+    shown = torch.unique(probs.argmax(0)).cpu().numpy()
+    return np.union1d([0], shown).astype(np.int64)
+
+
+def _prepare_folder(out_dir: Path, settings: dict) -> None:
+    """Keep the predictions already in `out_dir` only if they were made with these settings."""
+    path = out_dir / SETTINGS
+    if out_dir.is_dir():
+        try:
+            same = io.read_json(path) == settings
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            log.info("%s: predictions with other settings; starting over", out_dir)
+            shutil.rmtree(out_dir)
+    if not path.is_file():
+        io.write_json(path, settings)
+
+
+def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=False, gate=False,
+                  restrict=False, crf=False, crf_params=None, workers=1, checkpoint=None,
+                  desc="predict") -> Path:
+    """Write out_dir/ID.png (palette) for `ids`, skipping those already there (see the docstring).
+
+    `restrict`: keep only each image's labelled classes (training images); `crf`: dense CRF over
+    the classes present, `crf_params` (default DeepLab v2 test-time) in a pool of `workers`
+    processes. Under torchrun each rank predicts its share of the ids. Returns out_dir.
+    """
+    from wsss.run import is_main_process
+    from wsss.train import distributed
+
+    out_dir = Path(out_dir)
+    crf_params = dict(TEST_CRF if crf_params is None else crf_params) if crf else None
+    settings = {"scales": [float(s) for s in scales], "flip": bool(flip), "gate": bool(gate),
+                "restrict": bool(restrict), "crf": crf_params,
+                "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
+    if is_main_process():
+        _prepare_folder(out_dir, settings)
+    if distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+        ids = list(ids)[dist.get_rank()::dist.get_world_size()]
+    todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
+    if len(todo) < len(ids):
+        log.info("%s: %d of %d predictions already written", out_dir, len(ids) - len(todo), len(ids))
+    pending = []
+    for id_, image, probs in predict_masks(model, dataset, todo, device=device, scales=scales, flip=flip,
+                                           gate=gate, restrict=restrict, desc=desc):
+        if crf_params is None:
+            io.write_mask(out_dir / f"{id_}.png", label_map(probs))
+            continue
+        present = _present(probs, dataset.label_ids(id_) if restrict else None)
+        pending.append((id_, image, probs[torch.as_tensor(present, device=probs.device)].cpu().numpy(), present))
+        if len(pending) == CRF_CHUNK:
+            _run_crfs(pending, crf_params, workers, out_dir)
+            pending = []
+    if pending:
+        _run_crfs(pending, crf_params, workers, out_dir)
+    if distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+    return out_dir
+
+
+def _run_crfs(jobs, params, workers, out_dir: Path) -> None:
+    """CRF a chunk of predictions in a process pool; an image whose CRF fails keeps its argmax."""
+    from wsss.crf import parallel_map
+
+    for (id_, _, probs, present), mask, error in parallel_map(partial(_crf_job, params), jobs, workers,
+                                                              desc="crf"):
+        if error is not None:
+            log.warning("CRF failed on %s (%s: %s); keeping the net's argmax", id_, type(error).__name__, error)
+            mask = present[probs.argmax(0)].astype(np.uint8)
+        io.write_mask(out_dir / f"{id_}.png", mask)
+
+
+# ---------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    from wsss.run import common_parser
+
+    p = common_parser("Predict label maps of a split with the final net of a stage-3 run.")
+    p.add_argument("--tag", default="", help="stage-3 variant: reads outputs/RUN/stage3-TAG (default stage3)")
+    p.add_argument("--split", default=None, help="split to predict (default: the run's --val-split)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: STAGE/pred for the val split, STAGE/pred-SPLIT otherwise)")
+    add_predict_args(p)
+    return p
+
+
+def add_predict_args(p: argparse.ArgumentParser) -> None:
+    """Test-time flags, shared with stages/stage3.py."""
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test scales (probabilities averaged)")
+    p.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")
+    p.add_argument("--crf", action="store_true", help="dense CRF on the predictions (DeepLab v2 test-time parameters)")
+    p.add_argument("--gate", choices=["on", "off"], default="on",
+                   help="PSL nets: multiply the class maps by the classification branch's probabilities "
+                        "(as AE-PSL does at test time); nets without the branch ignore it")
+
+
+def main(argv=None) -> int:
+    from wsss import segment
+    from wsss.data.voc import DatasetError
+    from wsss.run import resolve_device, setup_logging
+
+    args = build_parser().parse_args(argv)
+    stage = segment.stage_path(args)
+    try:
+        config = io.read_json(stage / "config.json")
+    except FileNotFoundError:
+        print(f"error: {stage / 'config.json'} not found (run stage 3 first)", file=sys.stderr)
+        return 1
+    split = args.split or config["val_split"]
+    out = args.out or stage / ("pred" if split == config["val_split"] else f"pred-{split}")
+    setup_logging(stage, "predict")
+    device = resolve_device(args.device)
+    try:
+        model, checkpoint, has_cls = segment.load_final_net(stage, config, device)
+        dataset = segment.open_dataset(config["data"], split)
+    except (FileNotFoundError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    predict_split(model, dataset, dataset.ids, out, device=device, scales=args.scales, flip=args.flip,
+                  gate=has_cls and args.gate == "on", crf=args.crf, workers=args.workers,
+                  checkpoint=checkpoint, desc=f"predict {split}")
+    print(f"wrote {len(dataset.ids)} predictions to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

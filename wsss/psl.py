@@ -1,0 +1,100 @@
+"""PSL: prohibitive segmentation learning (Wei et al., "Object Region Mining with Adversarial
+Erasing", CVPR 2017, section 3.3), and PSL+.
+
+The net is a segmentation net with an image-classification branch (`build_segnet(...,
+cls_branch=True)`). Each batch's loss is
+
+    L = CE(seg, pseudo-mask; 255 ignored)
+      + w_online * CE(seg, online mask; padding ignored)   from epoch --psl-online-start on
+      + w_cls    * multilabel soft margin(cls, image labels)
+
+The online mask is the prohibitive part: the net's own segmentation, with each object class's
+softmax map multiplied by a gate, g_0 = 1 (background is always allowed) and
+g_c = sigmoid(cls_c) * label_c, so a class absent from the image's labels gets probability 0 and
+can never be the argmax, and a present class weighs in with the classifier's confidence. The mask
+is the argmax of the gated maps, computed without gradient (detached): it is a target, like the
+pseudo-mask, not a path through which the loss would also train the classification branch (the
+argmax has no useful gradient anyway); the branch learns from the classification loss alone. The
+online term starts in the second half of training by default, once the net has learnt the
+pseudo-masks, so that its own early guesses do not become targets. At test time, when the labels
+are unknown, the gate is sigmoid(cls_c) alone (`wsss.predict`, --gate on).
+
+PSL+ (--psl-plus): the trained PSL net predicts the training images, restricted to their labels,
+refined by the stage-2 dense CRF (`wsss.crf.dense_crf` with stage 2's parameters, over background
+plus the image's labels); a fresh net (ImageNet backbone, same loss and schedule) is then trained
+once on those masks instead of the stage-2 pseudo-masks.
+"""
+from __future__ import annotations
+
+import torch
+
+from wsss.losses import IGNORE, cross_entropy, multilabel_soft_margin
+
+
+def class_gates(cls_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, C) gates: 1 for background, sigmoid(cls) for the objects, times the labels when given."""
+    gates = torch.sigmoid(cls_logits.float())
+    if labels is not None:
+        gates = gates * labels.float()
+    return torch.cat([gates.new_ones(gates.shape[0], 1), gates], dim=1)
+
+
+@torch.no_grad()
+def online_masks(seg_logits: torch.Tensor, cls_logits: torch.Tensor, labels: torch.Tensor,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, H, W) int64 argmax of softmax(seg) * gates; 255 outside `valid` (padding)."""
+    probs = seg_logits.float().softmax(1) * class_gates(cls_logits, labels)[:, :, None, None]
+    masks = probs.argmax(1)
+    if valid is not None:
+        masks[~valid.bool()] = IGNORE
+    return masks
+
+
+def online_start(args) -> int:
+    """First epoch (1-based) with the online term."""
+    if args.psl_online_start is not None:
+        return args.psl_online_start
+    return args.epochs // 2 + 1
+
+
+def make_step(args):
+    """step_fn for wsss.train.fit with the PSL loss and the flags of `args`."""
+    use_online = args.psl_online == "on"
+    start = online_start(args)
+
+    def step(model, batch, epoch):
+        out = model(batch["image"])
+        seg, cls = out["seg"], out["cls"]
+        seg_loss = cross_entropy(seg, batch["target"])
+        cls_loss = multilabel_soft_margin(cls, batch["label"])
+        loss = seg_loss + args.psl_cls_weight * cls_loss
+        logs = {"seg_loss": seg_loss.item(), "cls_loss": cls_loss.item()}
+        if use_online and epoch + 1 >= start:
+            online = online_masks(seg, cls, batch["label"], batch["valid"])
+            online_loss = cross_entropy(seg, online)
+            loss = loss + args.psl_online_weight * online_loss
+            logs["online_loss"] = online_loss.item()
+        return loss, logs
+
+    return step
+
+
+def run(ctx):
+    """Train PSL (and PSL+) in the stage folder; returns (final net, True: it has the cls branch)."""
+    from wsss.crf import CRF_DEFAULTS
+    from wsss.segment import SegmentationTrainSet, with_targets
+
+    args = ctx.args
+    gate = args.gate == "on"
+    step = make_step(args)
+    pseudo = ctx.stage2 / "pseudo"
+    ids = with_targets(ctx.train.ids, pseudo, "pseudo-mask")
+    trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=pseudo)
+    model = ctx.train_net("psl", trainset, step, cls_branch=True, gate=gate)
+    if not args.psl_plus:
+        return model, True
+    masks = ctx.out / "psl" / "train-crf"
+    ctx.predict_train(model, ids, masks, crf_params=CRF_DEFAULTS, checkpoint=ctx.out / "psl" / "checkpoint.pt",
+                      desc="PSL+ masks")
+    trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=masks)
+    return ctx.train_net("psl-plus", trainset, step, cls_branch=True, gate=gate), True
