@@ -2,15 +2,18 @@
 
     python bench/bench_cam.py [--images 20] [--size 256] [--backbone efficientnet-lite0] [--threads 2]
 
-- ours: `wsss.cam.multiscale_cams` (each scale's image and its mirror in one batch,
-  `torch.inference_mode`, `channels_last`), one image at a time as on VOC's mixed sizes; and
-  `multiscale_cams_batch` with all same-size images of a chunk in one forward per scale.
+- ours: `wsss.cam.multiscale_cams` (`torch.inference_mode`, `channels_last`; on a GPU each scale's
+  image and its mirror in one batch, on a CPU one forward each, see wsss/cam.py), one image at a
+  time as on VOC's mixed sizes; and `multiscale_cams_batch` with a chunk of same-size images
+  (one forward per scale for all of them on a GPU).
 - baseline: the loop of IRN's make_cam without its dataset machinery: one forward per scale and
   another for the mirror image, `torch.no_grad`, default (contiguous) memory format.
 
-The two are timed image by image, alternately, so that the load of a shared machine falls on
-both alike; their CAMs must agree. Random weights are fine (speed does not depend on them).
-Writes bench/results/cam.json with the figures and the machine.
+The three are timed alternately, a chunk of `--batch` images at a time, so that the load of a
+shared machine falls on all alike; their CAMs must agree. Random weights are fine (speed does not depend on them).
+Writes bench/results/cam.json with the figures and the machine. On a machine whose cores are busy
+with other work, run it with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads then make every
+torch op many times slower (an efficientnet-lite0 forward went from 48 ms to 0.9 s on 2 shared cores).
 """
 from __future__ import annotations
 
@@ -75,6 +78,7 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
+            "omp_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ},
             "load_average": os.getloadavg()}
 
 
@@ -100,25 +104,26 @@ def main(argv=None) -> dict:
     for image, k in zip(images[:2], keys[:2], strict=True):  # warm-up (allocator, oneDNN kernels)
         multiscale_cams(model, image, k)
         plain_loop_cams(baseline_model, image, k)
-    ours = baseline = 0.0
+    multiscale_cams_batch(model, images[:args.batch], keys[:args.batch])
+    ours = baseline = batched = 0.0
     max_diff = 0.0
-    for image, k in zip(images, keys, strict=True):
+    for i in range(0, len(images), args.batch):  # the three methods alternate chunk by chunk
+        chunk, chunk_keys = images[i:i + args.batch], keys[i:i + args.batch]
         t0 = time.perf_counter()
-        a = multiscale_cams(model, image, k)
+        a = [multiscale_cams(model, image, k) for image, k in zip(chunk, chunk_keys, strict=True)]
         t1 = time.perf_counter()
-        b = plain_loop_cams(baseline_model, image, k)
+        b = [plain_loop_cams(baseline_model, image, k) for image, k in zip(chunk, chunk_keys, strict=True)]
         t2 = time.perf_counter()
-        ours, baseline = ours + t1 - t0, baseline + t2 - t1
-        max_diff = max(max_diff, float(np.abs(a - b).max()))
-    t0 = time.perf_counter()
-    for i in range(0, len(images), args.batch):
-        multiscale_cams_batch(model, images[i:i + args.batch], keys[i:i + args.batch])
-    batched = time.perf_counter() - t0
-
+        c = multiscale_cams_batch(model, chunk, chunk_keys)
+        t3 = time.perf_counter()
+        ours, baseline, batched = ours + t1 - t0, baseline + t2 - t1, batched + t3 - t2
+        max_diff = max(max_diff, *(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True)),
+                       *(float(np.abs(x - y).max()) for x, y in zip(a, c, strict=True)))
     n = len(images)
     result = {
         "what": "multi-scale + flip CAM extraction, images/s",
-        "scales": list(SCALES), "flip": True, "forwards_per_image": {"ours": len(SCALES), "baseline": 2 * len(SCALES)},
+        "scales": list(SCALES), "flip": True, "forwards_per_image": {"ours": 2 * len(SCALES), "baseline": 2 * len(SCALES),
+                               "ours_on_gpu": len(SCALES)},
         "images": n, "size": args.size, "backbone": args.backbone, "output_stride": 16, "device": "cpu",
         "ours_images_per_s": round(n / ours, 3),
         f"ours_batched_{args.batch}_images_per_s": round(n / batched, 3),

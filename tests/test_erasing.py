@@ -15,6 +15,7 @@ from wsss.erasing import (
     erased_region,
     label_map,
     mine,
+    stop_loss_of,
 )
 
 torch.set_num_threads(2)
@@ -88,3 +89,8 @@ def test_average_precision_and_constant_predictor_loss():
     logits = torch.tensor(np.log(p / (1 - p))).repeat(4, 1)
     expected = torch.nn.functional.multilabel_soft_margin_loss(logits, torch.from_numpy(labels)).item()
     assert constant_predictor_loss(labels) == pytest.approx(expected, rel=1e-5)
+
+
+def test_auto_stop_loss_is_halfway_between_step1_and_the_constant_predictor():
+    assert stop_loss_of("auto", 0.2, 0.6) == pytest.approx(0.4)
+    assert stop_loss_of(0.35, 0.2, 0.6) == 0.35

@@ -38,12 +38,14 @@ off). Figures: bench/results/crf.json.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
 import numpy as np
 from tqdm import tqdm
+
+from wsss.run import process_pool
 
 log = logging.getLogger("wsss")
 
@@ -185,7 +187,7 @@ def parallel_map(fn, items, workers: int = 1, desc: str = "images"):
                 bar.update()
             return
         lost = []
-        with ProcessPoolExecutor(workers) as pool:
+        with process_pool(workers) as pool:
             futures = {pool.submit(fn, item): item for item in items}
             for future in as_completed(futures):
                 item = futures[future]
@@ -202,7 +204,7 @@ def parallel_map(fn, items, workers: int = 1, desc: str = "images"):
         if lost:
             log.warning("%s: a worker process died; retrying %d images one at a time", desc, len(lost))
         for item in lost:
-            with ProcessPoolExecutor(1) as pool:
+            with process_pool(1) as pool:
                 try:
                     result = pool.submit(fn, item).result()
                 except Exception as e:  # noqa: BLE001

@@ -90,7 +90,7 @@ from wsss.train import CHECKPOINT, distributed, fit, init_distributed, read_metr
 log = logging.getLogger("wsss")
 MEAN_PIXEL = np.round(MEAN * 255).astype(np.uint8)
 DONE = "done.json"
-CAM_BATCH = 8  # same-size images per CAM forward
+CAM_BATCH = 8  # same-size images per multiscale_cams_batch call (one forward per scale on a GPU)
 
 
 # ---------------------------------------------------------------- flags
@@ -103,6 +103,16 @@ def _scales(text: str) -> tuple[float, ...]:
     if not scales or min(scales) <= 0:
         raise argparse.ArgumentTypeError(f"'{text}': scales must be positive")
     return scales
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': expected a positive integer")
+    return value
 
 
 def _stop_loss(text: str) -> str | float:
@@ -120,15 +130,15 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="vgg16 | resnet50 | resnet101 | efficientnet-lite0 (lite1/lite2 if installed)")
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a backbone state dict")
     g.add_argument("--output-stride", type=int, default=16, choices=[8, 16])
-    g.add_argument("--epochs", type=int, default=3, help="training epochs per erasing step")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--epochs", type=_positive, default=3, help="training epochs per erasing step")
+    g.add_argument("--batch-size", type=_positive, default=16)
     g.add_argument("--lr", type=float, default=0.01, help="backbone learning rate (the head gets 10x)")
-    g.add_argument("--crop", type=int, default=160, help="training crop size")
+    g.add_argument("--crop", type=_positive, default=160, help="training crop size")
     g.add_argument("--cam-scales", type=_scales, default=(0.5, 1.0, 1.5),
                    help="CAM scales, comma-separated (0.5,1.0,1.5,2.0 as PSA/IRN on a GPU)")
     g.add_argument("--cam-flip", action=argparse.BooleanOptionalAction, default=True,
                    help="add the CAM of the mirrored image")
-    g.add_argument("--ae-steps", type=int, default=3, help="erasing steps K")
+    g.add_argument("--ae-steps", type=_positive, default=3, help="erasing steps K")
     g.add_argument("--ae-threshold", type=float, default=0.7, help="mine (and erase) where the normalised CAM "
                    "exceeds this")
     g.add_argument("--ae-init", choices=["imagenet", "previous"], default="previous",
@@ -313,11 +323,10 @@ def run_step(step: int, args, dataset, ids, labelled, out: Path, region_dirs, st
         return info
     model = build_model(args, dataset.num_classes, step, out)
     train_ids = [i for i in ids if i in labelled]
-    val = _val_ids(args)
     evaluate = None
-    if val:
-        val_set = VOCDataset(args.data, args.val_split)
-        evaluate = lambda m: {"val_mAP": classification_map(m, val_set, val, torch_device(device))}  # noqa: E731
+    val = held_out(args)
+    if val is not None:
+        evaluate = lambda m: {"val_mAP": classification_map(m, val, val.ids, torch_device(device))}  # noqa: E731
     model = fit(model, ErasedImages(dataset, train_ids, region_dirs, args.crop), classification_step, step_dir,
                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device,
                 seed=args.seed + 1000 * step, workers=args.workers, param_groups=model.param_groups,
@@ -338,11 +347,13 @@ def run_step(step: int, args, dataset, ids, labelled, out: Path, region_dirs, st
     return info
 
 
-def _val_ids(args) -> list[str]:
+def held_out(args) -> VOCDataset | None:
+    """The labelled images of --val-split, for the classifier's mAP after each epoch (None if none)."""
     if not args.val_split or args.val_split == args.train_split or not list_path(args.data, args.val_split).is_file():
-        return []
+        return None
     val = VOCDataset(args.data, args.val_split)
-    return [i for i in val.ids if val.labels(i).any()]
+    val.ids = [i for i in val.ids if val.labels(i).any()]
+    return val if val.ids else None
 
 
 # ---------------------------------------------------------------- union and pictures
@@ -422,7 +433,7 @@ def run(args) -> dict | None:
     if started is None:
         return None
     out, config, t0 = started
-    if is_main_process():
+    if is_main_process():  # a new config or inputs (or --force): start afresh, else resume
         state = {"config": config, "inputs": {k: io.fingerprint(v) for k, v in inputs.items()}}
         state_path = out / "state.json"
         previous = io.read_json(state_path) if state_path.is_file() else None
@@ -431,17 +442,18 @@ def run(args) -> dict | None:
             io.write_json(state_path, state)
     _barrier()
 
+    main = is_main_process()
     ids = dataset.ids
     labelled = {i for i in ids if dataset.labels(i).any()}
     if not labelled:
         raise DatasetError(f"{list_path(args.data, args.train_split)}: no image has a label")
-    if len(labelled) < len(ids):
+    if len(labelled) < len(ids) and main:
         log.warning("%d of %d images have no labels: skipped (empty CAM and region files)",
                     len(ids) - len(labelled), len(ids))
-    train_labels = np.stack([dataset.labels(i) for i in ids if i in labelled])
-    chance_loss = constant_predictor_loss(train_labels)
-    log.info("stage 1: %d images (%d labelled), %d classes; loss of the constant predictor %.4f", len(ids),
-             len(labelled), dataset.num_classes - 1, chance_loss)
+    chance_loss = constant_predictor_loss(np.stack([dataset.labels(i) for i in ids if i in labelled]))
+    if main:
+        log.info("stage 1: %d images (%d labelled), %d classes; loss of the constant predictor %.4f", len(ids),
+                 len(labelled), dataset.num_classes - 1, chance_loss)
 
     steps: list[dict] = []
     stop_loss = float("inf")  # step 1 is always kept
@@ -453,15 +465,16 @@ def run(args) -> dict | None:
             break
         if k == 1:
             stop_loss = stop_loss_of(args.ae_stop_loss, info["final_loss"], chance_loss)
-            log.info("stop loss %.4f (%s)", stop_loss, args.ae_stop_loss)
-            if info["final_loss"] > 0.5 * chance_loss:
+            if main:
+                log.info("stop loss %.4f (%s)", stop_loss, args.ae_stop_loss)
+            if main and info["final_loss"] > 0.5 * chance_loss:
                 log.warning("step 1: final loss %.4f is more than half the constant predictor's %.4f: the "
                             "classifier has hardly converged (more --epochs or another --lr?)",
                             info["final_loss"], chance_loss)
     kept = [s["step"] for s in steps if s["kept"]]
     write_union(dataset, ids, out, kept, args.ae_threshold)
     _barrier()
-    if not is_main_process():
+    if not main:
         return None
     labelled_ids = [i for i in ids if i in labelled]
     write_overlays(dataset, labelled_ids, out, kept, args.overlays)

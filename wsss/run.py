@@ -98,3 +98,12 @@ def begin_stage(args, stage: str, inputs: dict | None = None) -> tuple[Path, dic
         io.write_json(out / "config.json", config)
     seed_everything(args.seed)
     return out, config, time.time()
+
+
+def process_pool(workers: int, **kwargs):
+    """A process pool whose workers are spawned, not forked: a fork taken after torch or OpenCV
+    have started their thread pools can deadlock in the child (seen in the test suite)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), **kwargs)

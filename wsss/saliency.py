@@ -32,7 +32,7 @@ Maps on disk (`ensure_saliency`, `read_saliency`): grey PNGs `ID.png`, 0..255, a
 """
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 
 import cv2
@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from wsss.data.voc import DatasetError
 from wsss.io import write_png
+from wsss.run import process_pool
 
 BUILTIN = "builtin"
 WORK_SIDE = 256  # longer side of the working image; maps are resized back to the image size
@@ -261,7 +262,7 @@ def ensure_saliency(dataset, ids, out_dir, source: str = BUILTIN, workers: int =
         for id_ in tqdm(todo, desc=desc):
             _write_one(id_, str(out_dir), source, dataset)
         return
-    pool = ProcessPoolExecutor(min(workers, len(todo)), initializer=_init_worker, initargs=(dataset,))
+    pool = process_pool(min(workers, len(todo)), initializer=_init_worker, initargs=(dataset,))
     try:
         futures = [pool.submit(_write_one, id_, str(out_dir), source) for id_ in todo]
         for future in tqdm(as_completed(futures), total=len(futures), desc=desc):

@@ -315,6 +315,7 @@ def run(args) -> dict | None:
     """Stage 3 end to end; returns the val scores (None when already complete)."""
     from wsss import psl, stc
     from wsss.eval import evaluate, format_table
+    from wsss.predict import predict_split
     from wsss.train import distributed, init_distributed
 
     device = resolve_device(args.device)
@@ -347,8 +348,6 @@ def run(args) -> dict | None:
 
     t_pred = time.time()
     checkpoint = out / final_net(config)[0] / "checkpoint.pt"
-    from wsss.predict import predict_split
-
     predict_split(model, ctx.val, ctx.val.ids, out / "pred", device=torch_device(device), scales=args.scales,
                   flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf, workers=args.workers,
                   checkpoint=checkpoint, desc="predict val")
