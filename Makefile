@@ -9,6 +9,8 @@ RUN    ?= demo
 METHOD ?= psl
 DEVICE ?= auto
 ARGS   ?=
+# OpenMP threads that spin while waiting make torch 10x slower on a small shared CPU; passive waiting costs little.
+export OMP_WAIT_POLICY ?= PASSIVE
 STAGE_FLAGS = --data $(DATA) --run $(RUN) --device $(DEVICE) $(ARGS)
 
 .PHONY: setup data demo stage1 stage2 stage3 eval report check-report test lint bench clean

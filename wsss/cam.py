@@ -14,7 +14,7 @@ the device. On a CPU every image (and mirror) goes through alone: there a conv c
 pixel whatever the batch, and a bigger batch only adds memory traffic (2 shared cores,
 efficientnet-lite0, 4 scales + flip on 256 px: one forward per image 1.44 images/s, image and
 mirror in one batch 1.10). bench/bench_cam.py compares with a plain per-scale loop (IRN's
-make_cam style, no channels_last): 1.41 vs 1.32 images/s on that CPU, 1.07x.
+make_cam style, no channels_last): 1.38 vs 1.26 images/s on that CPU, 1.10x.
 
 On disk a CAM is `ID.npz` {"cam": float16 (n, H, W), "keys": int64 (n,) mask ids}.
 """

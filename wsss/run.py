@@ -21,7 +21,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="data/synthetic", help="dataset root in the VOC layout")
-    p.add_argument("--run", default="demo", help="run name: artifacts go to <outputs>/<run>/")
+    p.add_argument("--run", "--name", dest="run", default="demo",
+                   help="run name: artifacts go to <outputs>/<run>/ (--name for torchrun, whose --run-path shadows --run)")
     p.add_argument("--outputs", default="outputs", help="folder holding all runs")
     p.add_argument("--train-split", default="train", help="list of training images (train_aug on VOC)")
     p.add_argument("--val-split", default="val")
