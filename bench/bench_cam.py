@@ -1,9 +1,9 @@
 """CAM extraction speed: wsss.cam against a plain per-scale loop, same model and images, one run.
 
-    python bench/bench_cam.py [--images 20] [--size 256] [--backbone efficientnet-lite0] [--threads 2]
+    python -m bench.bench_cam [--images 20] [--size 256] [--backbone efficientnet-lite0] [--threads 2]
 
 - ours: `wsss.cam.multiscale_cams` (`torch.inference_mode`, `channels_last`; on a GPU each scale's
-  image and its mirror in one batch, on a CPU one forward each, see wsss/cam.py), one image at a
+  image and its mirror in one batch, see wsss/cam.py), one image at a
   time as on VOC's mixed sizes; and `multiscale_cams_batch` with a chunk of same-size images
   (one forward per scale for all of them on a GPU).
 - baseline: the loop of IRN's make_cam without its dataset machinery: one forward per scale and
@@ -21,8 +21,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -30,11 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsss import io
+from bench.common import RESULTS, machine_info, write_result
 from wsss.cam import SCALES, multiscale_cams, multiscale_cams_batch, to_input
 from wsss.models.classifier import build_classifier
-
-RESULTS = Path(__file__).resolve().parent / "results" / "cam.json"
 
 
 def plain_loop_cams(model, image: np.ndarray, keys, scales=SCALES) -> np.ndarray:
@@ -70,18 +66,6 @@ def synthetic_images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
     return images
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
-            "omp_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ},
-            "load_average": os.getloadavg()}
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=20)
@@ -90,7 +74,7 @@ def main(argv=None) -> dict:
     p.add_argument("--num-classes", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=4, help="same-size images per forward for the batched figure")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS / "cam.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -122,8 +106,7 @@ def main(argv=None) -> dict:
     n = len(images)
     result = {
         "what": "multi-scale + flip CAM extraction, images/s",
-        "scales": list(SCALES), "flip": True, "forwards_per_image": {"ours": 2 * len(SCALES), "baseline": 2 * len(SCALES),
-                               "ours_on_gpu": len(SCALES)},
+        "scales": list(SCALES), "flip": True, "forwards_per_image": {"ours": len(SCALES), "baseline": 2 * len(SCALES)},
         "images": n, "size": args.size, "backbone": args.backbone, "output_stride": 16, "device": "cpu",
         "ours_images_per_s": round(n / ours, 3),
         f"ours_batched_{args.batch}_images_per_s": round(n / batched, 3),
@@ -131,9 +114,12 @@ def main(argv=None) -> dict:
         "speedup": round(baseline / ours, 3),
         f"speedup_batched_{args.batch}": round(baseline / batched, 3),
         "max_abs_difference": max_diff,
-        "machine": {**machine(), "load_average_before": load_before},
+        "machine": machine_info(
+            ("numpy", "torch", "torchvision"), torch_threads=torch.get_num_threads(),
+            omp_env={k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ},
+            load_average_before=[round(x, 2) for x in load_before]),
     }
-    io.write_json(args.out, result)
+    write_result("cam", result, args.out)
     print(json.dumps(result, indent=2))
     return result
 

@@ -36,17 +36,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from bench.common import RESULTS, machine_info, write_result
 from wsss import eval as ev
 from wsss.crf import CRF_DEFAULTS, crf_labels, dense_crf, parallel_map
-from wsss.io import read_image, read_mask, write_json
+from wsss.io import read_image, read_mask
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 21
@@ -203,7 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--voc", type=Path, default=REPO.parent / "shared" / "voc12")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--modes", action=argparse.BooleanOptionalAction, default=True, help="also part 2")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "crf.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "crf.json")
     args = p.parse_args(argv)
     ids_path = args.voc / "ImageSets" / "Segmentation" / "photos.txt"
     if not ids_path.is_file():
@@ -228,19 +227,9 @@ def main(argv=None) -> int:
             for name, r in rows.items():
                 print(f"  {name:24s} mIoU {r['miou_labelled']:6.2f}  acc {r['pixel_acc_labelled']:6.2f}  "
                       f"ignored {100 * r['ignored_fraction']:5.1f}%")
-    result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    result["machine"] = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "load_average_before": [round(x, 2) for x in load_before],
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "pydensecrf2": metadata.version("pydensecrf2"),
-    }
-    write_json(args.out, result)
-    print(f"wrote {args.out}")
+    result["machine"] = machine_info(("numpy", "scipy", "pydensecrf2"),
+                                     load_average_before=[round(x, 2) for x in load_before])
+    write_result("crf", result, args.out)
     return 0
 
 

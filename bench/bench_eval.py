@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import PIL
 from PIL import Image
 from tqdm import tqdm
 
+from bench.common import RESULTS, machine_info, write_result
 from wsss import eval as ev
-from wsss.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 21
@@ -63,7 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--voc", type=Path, default=REPO.parent / "shared" / "voc12", help="VOC 2012 root")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workers", type=int, default=ev.default_workers(), help="reader threads of ours")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "eval.json")
     args = p.parse_args(argv)
 
     gt_dir = args.voc / "SegmentationClassAug"
@@ -104,25 +102,14 @@ def main(argv=None) -> int:
                    "cli": [round(t, 3) for t in cli_runs]},
         "workers": args.workers,
         "same_counts": same,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "load_average_before": [round(x, 2) for x in load_before],
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "pillow": PIL.__version__,
-        },
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(("numpy", "pillow"), load_average_before=[round(x, 2) for x in load_before]),
     }
     print(f"{len(ids)} val masks, GT against GT (mIoU {result['miou']:.1f}), best of {args.repeat}:")
     print(f"  wsss.eval.evaluate, {args.workers} threads   {ours_s:7.2f} s")
     print(f"  wsss.eval.evaluate, 1 thread    {one_s:7.2f} s")
     print(f"  naive per-image loop          {naive_s:7.2f} s   ({naive_s / ours_s:.1f}x ours)")
     print(f"  python -m wsss.eval, whole command {cli_s:.2f} s")
-    write_json(args.out, figures)
-    print(f"wrote {args.out}")
+    write_result("eval", figures, args.out)
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results" / "saliency.json"
 LINE_OFFSET = 3  # px: a drawn box line is this much thinner than a natural edge region
 LINE_CONTRAST = 60  # summed RGB difference to both sides
 LINE_LENGTH = 25  # px: shortest straight run counted as a drawn line
@@ -155,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--voc", type=Path, default=REPO.parent / "shared" / "voc12", help="VOC root with photos.txt")
     p.add_argument("--contrib", type=Path, default=os.environ.get("WSSS_OPENCV_CONTRIB"),
                    help="folder holding the opencv-contrib-python-headless package (pip install --target)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "saliency.json")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -170,10 +168,8 @@ def main(argv=None) -> int:
         return 1
 
     import cv2
-    import scipy
-    import skimage
 
-    from wsss.io import write_json
+    from bench.common import machine_info, write_result
     from wsss.saliency import compute_saliency
 
     cv2.setNumThreads(1)
@@ -191,22 +187,10 @@ def main(argv=None) -> int:
                                   "cpu_seconds_per_image": round(base_cpu, 4)},
             "all_black_map_mae": round(float(np.mean([(m[m != 255] > 0).mean() for m in masks])), 4),
         }
-    figures["machine"] = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "threads": 1,
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "scikit-image": skimage.__version__,
-        "opencv (ours)": cv2.__version__,
-        "opencv-contrib (baseline)": contrib_version,
-    }
-    figures["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    figures["machine"] = machine_info(
+        ("numpy", "scipy", "scikit-image", "opencv-python-headless"), threads=1,
+        load_average_before=[round(x, 2) for x in load_before],
+        **{"opencv (ours)": cv2.__version__, "opencv-contrib (baseline)": contrib_version})
     print(f"{len(ids)} real VOC photos, foreground = classes 1..20, 255 excluded; one thread")
     for variant in ("as_given", "boxes_inpainted"):
         row = figures[variant]
@@ -215,8 +199,7 @@ def main(argv=None) -> int:
             r = row[name]
             print(f"    {name:18s} MAE {r['mae']:.3f}  max F {r['max_f']:.3f}  "
                   f"{r['seconds_per_image']:.3f} s/image ({r['cpu_seconds_per_image']:.3f} s CPU)")
-    write_json(args.out, figures)
-    print(f"wrote {args.out}")
+    write_result("saliency", figures, args.out)
     return 0
 
 

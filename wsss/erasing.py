@@ -69,13 +69,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
@@ -84,13 +82,13 @@ from wsss import io
 from wsss.cam import load_cams, multiscale_cams_batch, save_cams
 from wsss.data.transforms import MEAN, normalize, train_augment
 from wsss.data.voc import DatasetError, VOCDataset, list_path
-from wsss.run import begin_stage, is_main_process, resolve_device
-from wsss.train import CHECKPOINT, distributed, fit, init_distributed, read_metrics, torch_device
+from wsss.run import barrier, begin_stage, is_main_process, resolve_device, shard
+from wsss.train import CHECKPOINT, fit, init_distributed, read_metrics, torch_device
 
 log = logging.getLogger("wsss")
 MEAN_PIXEL = np.round(MEAN * 255).astype(np.uint8)
 DONE = "done.json"
-CAM_BATCH = 8  # same-size images per multiscale_cams_batch call (one forward per scale on a GPU)
+CAM_BATCH = {"cuda": 8, "cpu": 1}  # same-size images per multiscale_cams_batch call (see wsss/cam.py)
 
 
 # ---------------------------------------------------------------- flags
@@ -252,15 +250,6 @@ def constant_predictor_loss(labels: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- one step
 
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _barrier() -> None:
-    if distributed() and dist.is_initialized():
-        dist.barrier()
-
-
 def build_model(args, num_classes: int, step: int, out: Path):
     from wsss.models.classifier import build_classifier
 
@@ -276,8 +265,7 @@ def compute_step_cams(model, dataset: VOCDataset, ids: list[str], labelled: set[
                       region_dirs: list[Path], args, device) -> None:
     """CAMs and mined regions of every image (this rank's share), skipping those already written."""
     cam_dir, region_dir = step_dir / "cam", step_dir / "regions"
-    rank, world = _rank_world()
-    todo = [i for i in ids[rank::world]
+    todo = [i for i in shard(ids)
             if not ((cam_dir / f"{i}.npz").is_file() and (region_dir / f"{i}.png").is_file())]
     pending: list[tuple[str, np.ndarray, np.ndarray]] = []
 
@@ -300,7 +288,7 @@ def compute_step_cams(model, dataset: VOCDataset, ids: list[str], labelled: set[
             io.write_mask(region_dir / f"{id_}.png", np.zeros((h, w), np.uint8))
             continue
         image = erased_image(dataset, id_, region_dirs)
-        if pending and (image.shape != pending[0][1].shape or len(pending) == CAM_BATCH):
+        if pending and (image.shape != pending[0][1].shape or len(pending) == CAM_BATCH[device.type]):
             flush()
         pending.append((id_, image, dataset.label_ids(id_)))
     flush()
@@ -338,12 +326,12 @@ def run_step(step: int, args, dataset, ids, labelled, out: Path, region_dirs, st
     elif is_main_process():
         log.warning("step %d: final loss %.4f > stop loss %.4f: the classifier no longer finds the erased "
                     "classes; discarding this step and stopping", step, final["loss"], stop_loss)
-    _barrier()
+    barrier()
     info = {"step": step, "final_loss": final["loss"], "val_mAP": final.get("val_mAP"), "kept": kept,
             "coverage": coverage(step_dir / "regions", train_ids) if kept and is_main_process() else None}
     if is_main_process():
         io.write_json(step_dir / DONE, info)
-    _barrier()
+    barrier()
     return info
 
 
@@ -370,8 +358,7 @@ def image_size(dataset: VOCDataset, id_: str) -> tuple[int, int]:
 
 def write_union(dataset: VOCDataset, ids: list[str], out: Path, steps: list[int], threshold: float) -> None:
     """regions/ID.npz and regions/ID.png: per class the union of the steps' regions (this rank's share)."""
-    rank, world = _rank_world()
-    for id_ in tqdm(ids[rank::world], desc="union", disable=not is_main_process(), leave=False):
+    for id_ in tqdm(shard(ids), desc="union", disable=not is_main_process(), leave=False):
         w, h = image_size(dataset, id_)
         cams, keys = [], None
         for k in steps:
@@ -440,7 +427,7 @@ def run(args) -> dict | None:
         if args.force or previous != json_normal(state):
             _clear(out)
             io.write_json(state_path, state)
-    _barrier()
+    barrier()
 
     main = is_main_process()
     ids = dataset.ids
@@ -473,7 +460,7 @@ def run(args) -> dict | None:
                             info["final_loss"], chance_loss)
     kept = [s["step"] for s in steps if s["kept"]]
     write_union(dataset, ids, out, kept, args.ae_threshold)
-    _barrier()
+    barrier()
     if not main:
         return None
     labelled_ids = [i for i in ids if i in labelled]

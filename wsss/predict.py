@@ -150,8 +150,7 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
     the classes present, `crf_params` (default DeepLab v2 test-time) in a pool of `workers`
     processes. Under torchrun each rank predicts its share of the ids. Returns out_dir.
     """
-    from wsss.run import is_main_process
-    from wsss.train import distributed
+    from wsss.run import barrier, is_main_process, shard
 
     out_dir = Path(out_dir)
     crf_params = dict(TEST_CRF if crf_params is None else crf_params) if crf else None
@@ -160,11 +159,8 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
                 "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
     if is_main_process():
         _prepare_folder(out_dir, settings)
-    if distributed():
-        import torch.distributed as dist
-
-        dist.barrier()
-        ids = list(ids)[dist.get_rank()::dist.get_world_size()]
+    barrier()
+    ids = shard(ids)
     todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
     if len(todo) < len(ids):
         log.info("%s: %d of %d predictions already written", out_dir, len(ids) - len(todo), len(ids))
@@ -181,10 +177,7 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
             pending = []
     if pending:
         _run_crfs(pending, crf_params, workers, out_dir)
-    if distributed():
-        import torch.distributed as dist
-
-        dist.barrier()
+    barrier()
     return out_dir
 
 

@@ -42,7 +42,7 @@ import numpy as np
 from wsss import io
 from wsss.crf import IGNORE, LABEL_CRF_DEFAULTS, crf_labels, parallel_map
 from wsss.data.voc import DatasetError, VOCDataset
-from wsss.run import begin_stage, log, stage_dir
+from wsss.run import barrier, begin_stage, gather, is_main_process, log, shard, stage_dir
 
 PER_IMAGE = ("fused", "pseudo", "overlay")
 OVERLAY_HEIGHT = 240  # overlay panels are scaled to this height: one PNG per image must stay small
@@ -341,6 +341,7 @@ def _contact_sheet(out: Path, ids: list[str], count: int, seed: int) -> None:
 def run(args) -> dict | None:
     """Stage 2 (see the module docstring); returns the manifest, or None when skipped."""
     from wsss.saliency import ensure_saliency
+    from wsss.train import init_distributed
 
     stage1 = stage_dir(args, "stage1")
     if not (stage1 / io.MANIFEST).is_file():
@@ -354,7 +355,10 @@ def run(args) -> dict | None:
     if started is None:
         return None
     out, config, t0 = started
-    _start_afresh_if_changed(out, config, inputs, args.force)
+    init_distributed("cpu")  # under torchrun the ranks share the images out (gloo, for the barriers)
+    if is_main_process():
+        _start_afresh_if_changed(out, config, inputs, args.force)
+    barrier()
 
     dataset = VOCDataset(args.data, args.train_split)
     jobs, unlabelled, no_regions = _jobs(dataset, stage1 / "regions")
@@ -367,14 +371,14 @@ def run(args) -> dict | None:
     if not labelled:
         raise SystemExit(f"error: {stage1 / 'regions'}: no regions file for any labelled image of "
                          f"split '{args.train_split}'")
-    ensure_saliency(dataset, labelled, out / "saliency", args.saliency, args.workers)
+    ensure_saliency(dataset, shard(labelled), out / "saliency", args.saliency, args.workers)
 
     settings = Settings(out=out, num_classes=dataset.num_classes, bg_threshold=args.bg_threshold,
                         conflict=args.conflict, crf=args.crf, crf_mode=args.crf_mode,
                         gt_prob=args.crf_gt_prob, confidence=args.crf_confidence, soft=args.crf_soft,
                         crf_params=crf_params_of(args))
     figures, failed, crf_failed = [], [], []
-    for job, result, error in parallel_map(partial(process_image, settings), jobs, args.workers, "stage 2"):
+    for job, result, error in parallel_map(partial(process_image, settings), shard(jobs), args.workers, "stage 2"):
         if isinstance(error, BrokenProcessPool):  # the worker died, twice: a crash in the CRF's native code
             try:
                 result = process_image(replace(settings, crf=False), job)
@@ -382,16 +386,19 @@ def run(args) -> dict | None:
             except Exception as e:  # noqa: BLE001
                 error = e
         if error is not None:
-            failed.append((job.id, error))
-            log.error("%s: %s: %s", job.id, type(error).__name__, error)
+            failed.append((job.id, f"{type(error).__name__}: {error}"))
+            log.error("%s: %s", *failed[-1])
             continue
         if result["crf_error"]:
             crf_failed.append(job.id)
             log.warning("CRF failed on %s (%s); its pseudo-mask is the fused mask", job.id, result["crf_error"])
         figures.append(result)
+    figures, failed, crf_failed = (sum(parts, []) for parts in zip(*gather((figures, failed, crf_failed)), strict=True))
     if failed:
         raise SystemExit(f"error: stage 2 failed on {len(failed)} of {len(jobs)} images (first: {failed[0][0]}: {failed[0][1]}); "
                          "the finished ones are kept, a rerun does the rest")
+    if not is_main_process():
+        return None
     _contact_sheet(out, labelled, args.sample, args.seed)
 
     outputs = {"images": len(jobs), "unlabelled_all_background": len(unlabelled),

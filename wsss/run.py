@@ -66,8 +66,40 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.deterministic = True
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) under torchrun, (0, 1) in a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank_world()[0] == 0
+
+
+def shard(items) -> list:
+    """This rank's share of `items` (every world-th from its rank): under torchrun each process
+    mines CAMs, runs CRFs and predicts its own images, and the files together are one run's."""
+    rank, world = rank_world()
+    return list(items)[rank::world]
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a plain process)."""
+    if rank_world()[1] > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] in a plain process)."""
+    if rank_world()[1] == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    objs: list = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
 
 
 def setup_logging(stage_dir: Path, name: str) -> None:

@@ -50,7 +50,7 @@ from wsss.data.transforms import normalize, train_augment
 from wsss.data.voc import IGNORE, DatasetError, VOCDataset, list_path
 from wsss.losses import cross_entropy
 from wsss.pseudo import stc_soft_target
-from wsss.run import begin_stage, is_main_process, log, resolve_device, run_dir
+from wsss.run import barrier, begin_stage, is_main_process, log, resolve_device, run_dir
 from wsss.train import fit, read_metrics, torch_device
 
 STARTED = "started.json"
@@ -322,7 +322,7 @@ def run(args) -> dict | None:
     from wsss import psl, stc
     from wsss.eval import evaluate, format_table
     from wsss.predict import predict_split
-    from wsss.train import distributed, init_distributed
+    from wsss.train import init_distributed
 
     device = resolve_device(args.device)
     stage2 = run_dir(args) / "stage2"
@@ -340,8 +340,7 @@ def run(args) -> dict | None:
     init_distributed(device)
     if is_main_process():
         _start_folder(out, _roundtrip(config), inputs, args.force)
-    if distributed():
-        torch.distributed.barrier()
+    barrier()
     ctx = Stage3(args, config, out, device, open_dataset(args.data, args.train_split),
                  open_dataset(args.data, args.val_split))
 

@@ -4,9 +4,17 @@ One loop, so every network gets the same guarantees: SGD with poly learning rate
 IRN), bf16 autocast on CUDA, DistributedDataParallel when launched by torchrun, a checkpoint
 after every epoch written atomically, and resume from it after a kill (an interrupted epoch is
 redone from the last finished one, with the same data order as an uninterrupted run).
+
+Under torchrun, `batch_size` stays the global batch: each of W processes takes batch_size / W
+images, and DistributedSampler deals out the same permutation (randperm seeded with seed + epoch)
+that one process walks through, so step t of a W-process run sees the same images, augmented the
+same way, as step t of a one-process run; DDP's gradient average then equals the batch mean of a
+per-image loss. Frozen batch norm (pretrained backbones) keeps it so; batch norm in training mode
+sees only a rank's share.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -23,7 +31,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from wsss import io
-from wsss.run import is_main_process
+from wsss.run import is_main_process, rank_world
 
 log = logging.getLogger("wsss")
 CHECKPOINT = "checkpoint.pt"
@@ -35,13 +43,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return rank_world()[1] > 1
 
 
 def init_distributed(device: str) -> None:
     """Join the torchrun process group once (gloo on CPU, nccl on CUDA)."""
     if distributed() and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)  # a rank that left the group undone aborted at exit
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -58,6 +67,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
     return base_lr * (1 - step / max(total, 1)) ** power
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Torch's seed for one training step of one rank, from (seed, step, rank)."""
+    return int(np.random.SeedSequence((seed, step, rank_world()[0])).generate_state(1)[0])
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -108,9 +122,13 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
             return model
         log.info("%s: resuming from %s after epoch %d", desc, ckpt_path, start_epoch)
 
+    world = rank_world()[1]
+    if batch_size % world:
+        raise ValueError(f"{desc}: batch size {batch_size} is not a multiple of the {world} processes")
+    rank_batch = batch_size // world
     seeded = EpochSeeded(dataset, seed)
     sampler = DistributedSampler(seeded, shuffle=True, seed=seed, drop_last=True) if distributed() else None
-    iters_per_epoch = (len(sampler) if sampler is not None else len(seeded)) // batch_size
+    iters_per_epoch = (len(sampler) if sampler is not None else len(seeded)) // rank_batch
     if iters_per_epoch == 0:
         raise ValueError(f"{desc}: {len(dataset)} training images is fewer than one batch of {batch_size}")
     total = iters_per_epoch * epochs
@@ -127,7 +145,7 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
             order = sampler
         else:  # the order depends on (seed, epoch) alone, so a resumed run sees the same batches
             order = torch.randperm(len(seeded), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        loader = DataLoader(seeded, batch_size=batch_size, sampler=order, num_workers=workers, drop_last=True,
+        loader = DataLoader(seeded, batch_size=rank_batch, sampler=order, num_workers=workers, drop_last=True,
                             pin_memory=dev.type == "cuda", worker_init_fn=_seed_worker)
         net.train()
         sums: dict[str, float] = {}
@@ -135,6 +153,7 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not is_main_process(), leave=False)
         for it, batch in enumerate(bar):
             step = epoch * iters_per_epoch + it
+            torch.manual_seed(step_seed(seed, step))  # dropout / stochastic depth: the same after a resume
             for g in optimizer.param_groups:
                 g["lr"] = poly_lr(g["initial_lr"], step, total)
             batch = to_device(batch, dev)
@@ -149,6 +168,10 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             bar.set_postfix(loss=f"{sums['loss'] / (it + 1):.4f}")
+        if distributed():  # the epoch's figures over every rank's images, not rank 0's share
+            totals = torch.tensor(list(sums.values()), dtype=torch.float64)
+            dist.all_reduce(totals)
+            sums = dict(zip(sums, (totals / world).tolist(), strict=True))
         record = {"epoch": epoch + 1, **{k: v / iters_per_epoch for k, v in sums.items()},
                   "seconds": round(time.time() - t0, 1)}
         if is_main_process():
