@@ -81,6 +81,14 @@ def test_end_to_end_artifacts_skip_force_and_same_seed_same_regions(tmp_path, ti
         for key in ("keys", "masks", "score"):
             assert np.array_equal(before[id_][key], after[key])
 
+    # CAMs mined in 2 single-thread worker processes: the same up to the rounding of another thread count
+    run_stage1(data, tmp_path / "out", "--force", "--workers", "2")
+    for id_ in ids:
+        after = read_regions(stage, id_)
+        assert np.array_equal(before[id_]["keys"], after["keys"])
+        np.testing.assert_allclose(before[id_]["score"].astype(np.float32), after["score"].astype(np.float32), atol=2e-3)
+        assert (before[id_]["masks"] == after["masks"]).mean() > 0.995
+
 
 def test_kill_during_a_step_resumes_at_that_step(tmp_path, monkeypatch, tiny_voc_factory):
     data = tiny_voc_factory("data", n_train=2, n_val=0)
