@@ -23,9 +23,9 @@ other; `stage3/pred` is the default product that `make eval` scores.
     eval.json               wsss.eval scores of pred/ against the val ground truth
 
 Defaults (CPU, embedded dataset): efficientnet-lite0 + ASPP at output stride 16, 8 epochs of
-160 px crops, batch 8, lr 0.005 (head 0.05), one test scale. PSL then takes about 5 minutes on 2
-cores (8 x ~27 s training + ~7 s val mIoU per epoch); STC trains three nets (two of them on the
-simple images only) and takes about 9. The papers' setting (output stride 8, more iterations,
+160 px crops, batch 8, lr 0.005 (head 0.05), one test scale. PSL then takes about 6 minutes on 2
+cores (8 x ~32 s training + ~8 s val mIoU per epoch); STC trains three nets, two of them on the
+simple images only. The papers' setting (output stride 8, more iterations,
 multi-scale test) is a matter of flags on a GPU.
 
 Resume: each training resumes from its checkpoint (`wsss.train.fit`), finished trainings return at
