@@ -307,20 +307,22 @@ def write_cams(model, job: CamJob, ids: list[str], device: torch.device) -> int:
     return len(ids)
 
 
-_worker_model = None
+_worker: tuple | None = None  # (model, job) of a CAM worker process, set once by its initializer
 
 
-def _init_cam_worker(backbone: str, num_classes: int, output_stride: int, state: dict) -> None:
-    global _worker_model
+def _init_cam_worker(job: CamJob, backbone: str, num_classes: int, output_stride: int, state: dict) -> None:
+    global _worker
     torch.set_num_threads(1)
     with warnings.catch_warnings():  # the weights come next, from the trained classifier
         warnings.simplefilter("ignore")
-        _worker_model = build_classifier(backbone, num_classes, output_stride=output_stride, weights=None)
-    _worker_model.load_state_dict(state)
+        model = build_classifier(backbone, num_classes, output_stride=output_stride, weights=None)
+    model.load_state_dict(state)
+    _worker = (model, job)
 
 
-def _cam_worker(job: CamJob, ids: list[str]) -> int:
-    return write_cams(_worker_model, job, ids, torch.device("cpu"))
+def _cam_worker(ids: list[str]) -> int:
+    model, job = _worker
+    return write_cams(model, job, ids, torch.device("cpu"))
 
 
 def compute_step_cams(model, dataset: VOCDataset, ids: list[str], labelled: set[str], step_dir: Path,
@@ -344,9 +346,9 @@ def compute_step_cams(model, dataset: VOCDataset, ids: list[str], labelled: set[
                 bar.update(write_cams(model, job, chunk, device))
             return
         state = {k: v.cpu() for k, v in model.state_dict().items()}
-        initargs = (args.backbone, dataset.num_classes - 1, args.output_stride, state)
+        initargs = (job, args.backbone, dataset.num_classes - 1, args.output_stride, state)
         with process_pool(processes, initializer=_init_cam_worker, initargs=initargs) as pool:
-            for future in as_completed([pool.submit(_cam_worker, job, chunk) for chunk in chunks]):
+            for future in as_completed([pool.submit(_cam_worker, chunk) for chunk in chunks]):
                 bar.update(future.result())
 
 

@@ -75,6 +75,11 @@ def is_main_process() -> bool:
     return rank_world()[0] == 0
 
 
+def distributed() -> bool:
+    """Launched by torchrun with more than one process."""
+    return rank_world()[1] > 1
+
+
 def shard(items) -> list:
     """This rank's share of `items` (every world-th from its rank): under torchrun each process
     mines CAMs, runs CRFs and predicts its own images, and the files together are one run's."""
@@ -84,7 +89,7 @@ def shard(items) -> list:
 
 def barrier() -> None:
     """Wait for every rank (a no-op in a plain process)."""
-    if rank_world()[1] > 1:
+    if distributed():
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -93,7 +98,7 @@ def barrier() -> None:
 
 def gather(obj) -> list:
     """Every rank's `obj`, in rank order, on every rank ([obj] in a plain process)."""
-    if rank_world()[1] == 1:
+    if not distributed():
         return [obj]
     import torch.distributed as dist
 

@@ -31,7 +31,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from wsss import io
-from wsss.run import is_main_process, rank_world
+from wsss.run import distributed, is_main_process, rank_world
 
 log = logging.getLogger("wsss")
 CHECKPOINT = "checkpoint.pt"
@@ -42,15 +42,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def distributed() -> bool:
-    return rank_world()[1] > 1
-
-
 def init_distributed(device: str) -> None:
     """Join the torchrun process group once (gloo on CPU, nccl on CUDA)."""
     if distributed() and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)  # a rank that left the group undone aborted at exit
+        atexit.register(dist.destroy_process_group)  # torch wants the group torn down before exit
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
