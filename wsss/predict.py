@@ -12,7 +12,8 @@ each image's labels). For one image:
 3. restrict (training images, whose labels are known): classes absent from the image's labels get
    probability 0 (the same as setting their logits to -inf before the argmax); background stays;
 4. optional dense CRF (`wsss.crf.dense_crf`) over background + the classes still present, unary
-   from those (renormalised) probabilities;
+   from those (renormalised) probabilities, with the kernels published for the net
+   (`wsss.crf.net_crf_params`: DeepLab v1's for VGG16 LargeFOV, DeepLab v2's otherwise);
 5. argmax -> uint8 mask ids, written as a VOC palette PNG at the image's size.
 
 Defaults: one scale (1.0), no flip, no CRF: fast, and what the per-epoch val mIoU measures; pass
@@ -37,13 +38,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from wsss import io
-from wsss.crf import LABEL_CRF_DEFAULTS
+from wsss.crf import TEST_CRF, net_crf_params
 from wsss.data.transforms import normalize
 
 log = logging.getLogger("wsss")
 SETTINGS = "settings.json"
-# DeepLab v2's test-time CRF (DESIGN.md): gaussian xy 1 compat 3, bilateral xy 67 rgb 3 compat 4
-TEST_CRF = LABEL_CRF_DEFAULTS
 CRF_CHUNK = 32  # images predicted before their CRFs run in the process pool
 
 
@@ -147,13 +146,13 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
     """Write out_dir/ID.png (palette) for `ids`, skipping those already there (see the docstring).
 
     `restrict`: keep only each image's labelled classes (training images); `crf`: dense CRF over
-    the classes present, `crf_params` (default DeepLab v2 test-time) in a pool of `workers`
+    the classes present, `crf_params` (default DeepLab v2 ResNet-101's; `net_crf` gives a run's) in a pool of `workers`
     processes. Under torchrun each rank predicts its share of the ids. Returns out_dir.
     """
     from wsss.run import barrier, is_main_process, shard
 
     out_dir = Path(out_dir)
-    crf_params = dict(TEST_CRF if crf_params is None else crf_params) if crf else None
+    crf_params = dict(TEST_CRF["deeplab-v2-aspp-resnet101"] if crf_params is None else crf_params) if crf else None
     settings = {"scales": [float(s) for s in scales], "flip": bool(flip), "gate": bool(gate),
                 "restrict": bool(restrict), "crf": crf_params,
                 "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
@@ -193,6 +192,13 @@ def _run_crfs(jobs, params, workers, out_dir: Path) -> None:
         io.write_mask(out_dir / f"{id_}.png", mask)
 
 
+def net_crf(config: dict) -> dict:
+    """The test-time CRF kernels published for a stage-3 run's net (`wsss.crf.net_crf_params`)."""
+    from wsss.models.segnet import resolve_head
+
+    return net_crf_params(config["backbone"], resolve_head(config["backbone"], config["head"]))
+
+
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,7 +217,8 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     """Test-time flags, shared with stages/stage3.py."""
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test scales (probabilities averaged)")
     p.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")
-    p.add_argument("--crf", action="store_true", help="dense CRF on the predictions (DeepLab v2 test-time parameters)")
+    p.add_argument("--crf", action="store_true", help="dense CRF on the predictions, with the kernels published for the net "
+                        "(DeepLab v1's for VGG16 LargeFOV, DeepLab v2's otherwise)")
     p.add_argument("--gate", choices=["on", "off"], default="on",
                    help="PSL nets: multiply the class maps by the classification branch's probabilities "
                         "(as AE-PSL does at test time); nets without the branch ignore it")
@@ -240,7 +247,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     predict_split(model, dataset, dataset.ids, out, device=device, scales=args.scales, flip=args.flip,
-                  gate=has_cls and args.gate == "on", crf=args.crf, workers=args.workers,
+                  gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config), workers=args.workers,
                   checkpoint=checkpoint, desc=f"predict {split}")
     print(f"wrote {len(dataset.ids)} predictions to {out}")
     return 0

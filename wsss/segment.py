@@ -321,7 +321,7 @@ def run(args) -> dict | None:
     """Stage 3 end to end; returns the val scores (None when already complete)."""
     from wsss import psl, stc
     from wsss.eval import evaluate, format_table
-    from wsss.predict import predict_split
+    from wsss.predict import net_crf, predict_split
     from wsss.train import init_distributed
 
     device = resolve_device(args.device)
@@ -354,8 +354,8 @@ def run(args) -> dict | None:
     t_pred = time.time()
     checkpoint = out / final_net(config)[0] / "checkpoint.pt"
     predict_split(model, ctx.val, ctx.val.ids, out / "pred", device=torch_device(device), scales=args.scales,
-                  flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf, workers=args.workers,
-                  checkpoint=checkpoint, desc="predict val")
+                  flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),
+                  workers=args.workers, checkpoint=checkpoint, desc="predict val")
     if not is_main_process():
         return None
     records = _collect_metrics(out)
