@@ -47,7 +47,8 @@ import torch
 
 from wsss import io
 from wsss.data.transforms import normalize, train_augment
-from wsss.data.voc import IGNORE, DatasetError, VOCDataset, list_path
+from wsss.data.voc import DatasetError, VOCDataset, list_path
+from wsss.io import IGNORE
 from wsss.losses import cross_entropy
 from wsss.pseudo import stc_soft_target
 from wsss.run import barrier, begin_stage, is_main_process, log, resolve_device, run_dir
