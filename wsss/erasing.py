@@ -84,7 +84,7 @@ from wsss.cam import load_cams, multiscale_cams_batch, save_cams
 from wsss.data.transforms import MEAN, normalize, train_augment
 from wsss.data.voc import DatasetError, VOCDataset, list_path
 from wsss.models.classifier import build_classifier
-from wsss.run import barrier, is_main_process, process_pool, resolve_device, runtime, shard
+from wsss.run import barrier, is_main_process, positive_int, process_pool, resolve_device, runtime, shard
 from wsss.stage import dataset_inputs, open_stage
 from wsss.train import CHECKPOINT, fit, init_distributed, read_metrics, torch_device
 
@@ -107,16 +107,6 @@ def _scales(text: str) -> tuple[float, ...]:
     return scales
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"'{text}': expected a positive integer")
-    return value
-
-
 def _stop_loss(text: str) -> str | float:
     if text == "auto":
         return text
@@ -132,15 +122,15 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="vgg16 | resnet50 | resnet101 | efficientnet-lite0 (lite1/lite2 if installed)")
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a backbone state dict")
     g.add_argument("--output-stride", type=int, default=16, choices=[8, 16])
-    g.add_argument("--epochs", type=_positive, default=3, help="training epochs per erasing step")
-    g.add_argument("--batch-size", type=_positive, default=16)
+    g.add_argument("--epochs", type=positive_int, default=3, help="training epochs per erasing step")
+    g.add_argument("--batch-size", type=positive_int, default=16)
     g.add_argument("--lr", type=float, default=0.01, help="backbone learning rate (the head gets 10x)")
-    g.add_argument("--crop", type=_positive, default=160, help="training crop size")
+    g.add_argument("--crop", type=positive_int, default=160, help="training crop size")
     g.add_argument("--cam-scales", type=_scales, default=(0.5, 1.0, 1.5),
                    help="CAM scales, comma-separated (0.5,1.0,1.5,2.0 as PSA/IRN on a GPU)")
     g.add_argument("--cam-flip", action=argparse.BooleanOptionalAction, default=True,
                    help="add the CAM of the mirrored image")
-    g.add_argument("--ae-steps", type=_positive, default=3, help="erasing steps K")
+    g.add_argument("--ae-steps", type=positive_int, default=3, help="erasing steps K")
     g.add_argument("--ae-threshold", type=float, default=0.7, help="mine (and erase) where the normalised CAM "
                    "exceeds this")
     g.add_argument("--ae-init", choices=["imagenet", "previous"], default="previous",
@@ -148,7 +138,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--ae-stop-loss", type=_stop_loss, default="auto",
                    help="stop when a step's final-epoch loss exceeds this; auto = halfway between step 1's "
                         "final loss and the loss of predicting each class at its frequency")
-    g.add_argument("--max-side", type=_positive, default=1024,
+    g.add_argument("--max-side", type=positive_int, default=1024,
                    help="images whose longer side exceeds this are downscaled to it for their CAMs (and the "
                         "CAMs upscaled back), so one huge photo cannot exhaust memory; VOC photos (at most "
                         "500 px) never are")

@@ -31,6 +31,28 @@ def test_time(action: argparse.Action) -> argparse.Action:
     return action
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes (epochs, batch, crop): 0 would give bogus output or a crash."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': expected a positive integer")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type of a scale."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"'{text}': expected a positive number")
+    return value
+
+
 def is_safe_name(text: str) -> bool:
     """One folder or file name: letters, digits and -_. only, never '.', '..' or a path."""
     return bool(SAFE_NAME.fullmatch(text)) and text not in (".", "..")

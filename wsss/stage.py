@@ -169,8 +169,8 @@ def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage |
     """Open OUTPUTS/RUN/name for a run with `args`; None when it is complete and `done()` agrees.
 
     `inputs` {name: path or [paths]} (see fingerprints); `owned`: glob patterns of what the stage
-    writes (what --force removes); `done`: for stage 3, whether this run's test-time predictions
-    exist too (a complete stage without them goes on, keeping its training).
+    writes (what --force removes); `done(manifest)`: for stage 3, whether this run's test-time
+    predictions are in the manifest too (a complete stage without them goes on, keeping its nets).
     """
     for flag in ("run", "tag"):
         value = getattr(args, flag, "")
@@ -234,7 +234,7 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
     stage = Stage(out, config, prints)
     if manifest and manifest.get("complete"):
         stage.manifest = manifest
-        if done is None or done():
+        if done is None or done(manifest):
             log.info("%s is complete in %s with this config and these inputs; skipping (--force redoes it)",
                      name, out)
             return None
