@@ -44,7 +44,7 @@ from wsss.crf import LABEL_CRF_DEFAULTS, check_crf, crf_labels, parallel_map
 from wsss.data.voc import DatasetError, VOCDataset
 from wsss.io import IGNORE
 from wsss.run import barrier, gather, is_main_process, log, runtime, shard, stage_dir
-from wsss.stage import StageError, dataset_inputs, open_stage
+from wsss.stage import StageError, dataset_inputs, error_line, open_stage
 
 PER_IMAGE = ("fused", "pseudo", "overlay")
 OVERLAY_HEIGHT = 240  # overlay panels are scaled to this height: one PNG per image must stay small
@@ -363,7 +363,7 @@ def run(args) -> dict | None:
         if isinstance(error, BrokenProcessPool):  # the worker died, twice: a crash in the CRF's native code
             error = RuntimeError(f"its worker process died (a crash in native code, e.g. the CRF: {error})")
         if error is not None:
-            failed.append((job.id, f"{type(error).__name__}: {error}"))
+            failed.append((job.id, error_line(error) or f"{type(error).__name__}: {error}"))
             log.error("%s: %s", *failed[-1])
             continue
         figures.append(result)

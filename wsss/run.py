@@ -14,21 +14,30 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("wsss")
-RUNTIME: set[str] = set()  # dests of flags that only decide how a stage runs (filled by runtime())
-TEST_TIME: set[str] = set()  # dests of stage 3's test-time flags (filled by test_time())
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def runtime(action: argparse.Action) -> argparse.Action:
     """Declare a flag as runtime: it decides how a stage runs, never what it makes (not config)."""
-    RUNTIME.add(action.dest)
+    action.kind = "runtime"
     return action
 
 
 def test_time(action: argparse.Action) -> argparse.Action:
     """Declare a stage-3 flag as test-time: it names the prediction folder, never touches the training."""
-    TEST_TIME.add(action.dest)
+    action.kind = "test-time"
     return action
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose namespace carries each declared flag's kind (`args._kinds`, dest ->
+    "runtime" | "test-time"), so that a stage tells its config from the rest by the flags' own
+    declarations (stage 2's --crf is config, stage 3's test-time --crf is not)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        namespace._kinds = {a.dest: a.kind for a in self._actions if hasattr(a, "kind")}
+        return namespace, rest
 
 
 def positive_int(text: str) -> int:
@@ -67,7 +76,7 @@ def safe_name(text: str) -> str:
 
 def common_parser(description: str) -> argparse.ArgumentParser:
     """Flags shared by every stage script; each stage adds its own."""
-    p = argparse.ArgumentParser(description=description,
+    p = Parser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="data/synthetic", help="dataset root in the VOC layout")
     runtime(p.add_argument("--run", "--name", dest="run", default="demo", type=safe_name,

@@ -10,7 +10,7 @@ One rule for every stage, `wsss.predict` and the report, because a user's hours 
   artifacts belong to; it is written before the first artifact. Only *artifact* flags are config.
   *Runtime* flags (device, workers, overlays, where the outputs go) and stage 3's *test-time* flags
   (whose predictions go to a folder named by them) are declared as such where they are defined, with
-  `runtime(...)` / `test_time(...)`, and never invalidate anything.
+  `wsss.run.runtime(...)` / `test_time(...)`, and never invalidate anything.
 - **Never delete silently.** A different config or changed inputs stop the stage before it touches
   anything, with the differences (old -> new) and what to do. `--force` removes, and names, only
   the entries the stage itself writes (`owned` glob patterns); anything else in the folder stays.
@@ -40,9 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsss import io
+from wsss.data.voc import DatasetError
 from wsss.run import (
-    RUNTIME,
-    TEST_TIME,
     is_main_process,
     is_safe_name,
     run_dir,
@@ -60,10 +59,16 @@ class StageError(RuntimeError):
     """A stage cannot (or must not) go on; the message says why and what to do."""
 
 
+def flags(args) -> dict:
+    """Every flag of a run, as it reads back from JSON."""
+    return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if not k.startswith("_")},
+                                 default=str))
+
+
 def artifact_config(args) -> dict:
-    """The flags that decide a stage's artifacts, as they read back from JSON."""
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME | TEST_TIME}
-    return json.loads(json.dumps(config, default=str))
+    """The flags that decide a stage's artifacts: all but those declared runtime or test-time."""
+    kinds = getattr(args, "_kinds", {})
+    return {k: v for k, v in flags(args).items() if k not in kinds}
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -195,7 +200,7 @@ def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage |
     log.info("%s config: %s", name, opened.config)
     if main:
         io.write_json(out / STAMP, {"config": opened.config, "inputs": opened.inputs})
-        io.write_json(out / "config.json", json.loads(json.dumps(dict(sorted(vars(args).items())), default=str)))
+        io.write_json(out / "config.json", flags(args))
     seed_everything(args.seed)
     return opened
 
@@ -243,8 +248,6 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
 
 def error_line(e: BaseException) -> str | None:
     """One line for a failure the user can fix (bad input, a full disk...), None for a bug."""
-    from wsss.data.voc import DatasetError
-
     if isinstance(e, StageError | DatasetError):
         text = str(e).strip()
         # a DataLoader worker's error comes wrapped with its traceback; its last line is the message
