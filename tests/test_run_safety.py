@@ -318,6 +318,23 @@ def test_full_disk_is_one_clear_line(s2, monkeypatch):
     assert not (stage / "manifest.json").exists()
 
 
+def test_stage1_on_a_full_disk_names_the_checkpoint_and_the_cause(tmp_path, tiny_voc_factory, monkeypatch):
+    from test_stage1 import run_stage1
+
+    data = tiny_voc_factory("data", n_train=2, n_val=0)
+    real = os.fsync
+
+    def full(fd):
+        if "checkpoint.pt" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(SystemExit, match=r"^error: cannot write \S*step1/checkpoint\.pt: No space left on device$"):
+        run_stage1(data, tmp_path / "out", "--ae-steps", "1")
+    assert not (tmp_path / "out" / "r" / "stage1" / "manifest.json").exists()
+
+
 def test_checkpoint_on_a_full_disk_says_no_space(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

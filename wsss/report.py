@@ -503,17 +503,16 @@ def stage_section(stage: Stage) -> str:
 
 def build(run: Path, sample: int = 12) -> Path:
     """Write run/report.html and its pictures; return the page's path. Two reports of one run at
-    once would remove each other's pictures: the report folder is locked as a stage's (wsss.stage)."""
+    once would remove each other's pictures: the run folder is locked for it (wsss.stage)."""
     from wsss.stage import lock, release
 
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: run folder not found")
-    (run / FOLDER).mkdir(exist_ok=True)
-    lock(run / FOLDER, "the report")
+    lock(run, "the report")  # outputs/RUN/.lock: the stages lock their own folders
     try:
         return _build(run, sample)
     finally:
-        release(run / FOLDER)
+        release(run)
 
 
 def _build(run: Path, sample: int) -> Path:

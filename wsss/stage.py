@@ -166,7 +166,8 @@ def differences(old: dict, new: dict) -> list[str]:
 
 def owned_entries(folder: Path, owned) -> list[Path]:
     """The entries of `folder` the stage writes (its `owned` glob patterns)."""
-    found = {p for pattern in (*owned, STAMP, io.MANIFEST, "config.json") for p in folder.glob(pattern)}
+    legacy = ("state.json", "started.json")  # the stamps of versions before this module
+    found = {p for pattern in (*owned, STAMP, io.MANIFEST, "config.json", *legacy) for p in folder.glob(pattern)}
     return sorted(found)
 
 
