@@ -140,8 +140,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "final loss and the loss of predicting each class at its frequency")
     g.add_argument("--max-side", type=positive_int, default=1024,
                    help="images whose longer side exceeds this are downscaled to it for their CAMs (and the "
-                        "CAMs upscaled back), so one huge photo cannot exhaust memory; VOC photos (at most "
-                        "500 px) never are")
+                        "CAMs upscaled back), so one huge photo cannot exhaust memory: a 1024x768 image at "
+                        "scales 0.5,1.0,1.5 with flip took 1.0 GB more (efficientnet-lite0, resnet50), 1.9 GB "
+                        "(vgg16); VOC photos (at most 500 px) are never downscaled")
     runtime(g.add_argument("--overlays", type=int, default=24, help="number of overlay pictures to draw"))
     return parser
 
