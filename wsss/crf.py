@@ -45,11 +45,11 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
+from wsss.io import IGNORE
 from wsss.run import process_pool
 
 log = logging.getLogger("wsss")
 
-IGNORE = 255
 CRF_DEFAULTS = {"iterations": 10, "gauss_sxy": 3.0, "gauss_compat": 3.0,
                 "bi_sxy": 80.0, "bi_srgb": 13.0, "bi_compat": 10.0}
 # Test-time CRF kernels published with each DeepLab net, cross-validated on VOC val by its authors
@@ -91,6 +91,17 @@ def _densecrf():
     except ImportError as e:
         raise ImportError("the dense CRF needs pydensecrf: pip install pydensecrf2") from e
     return dcrf
+
+
+def check_crf(who: str, off: str) -> None:
+    """Fail before any work when a dense CRF the user asked for cannot run (`off`: the flag that
+    goes without): a mask silently left unrefined would pass for a refined one."""
+    from wsss.stage import StageError
+
+    try:
+        _densecrf()
+    except ImportError as e:
+        raise StageError(f"{who}: {e}; or pass {off} to go without the CRF") from e
 
 
 def dense_crf(image: np.ndarray, prob: np.ndarray, *, iterations: int = 10,

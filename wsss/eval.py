@@ -55,9 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss.io import read_mask, write_json
+from wsss.io import IGNORE, read_mask, write_json
 
-IGNORE = 255
 # Same tuple as wsss.data.voc.VOC_CLASSES (a test keeps them equal); repeated so that this module
 # imports nothing beyond numpy and PIL.
 VOC_CLASSES = (

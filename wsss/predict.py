@@ -19,15 +19,17 @@ each image's labels). For one image:
 Defaults: one scale (1.0), no flip, no CRF: fast, and what the per-epoch val mIoU measures; pass
 `--scales 0.5 1 1.5 --flip --crf` for the slower, usually better, test-time setting.
 
+The test-time flags name the folder (`pred_folder`: `pred` for the defaults, e.g.
+`pred-s0.5_1_1.5-flip-crf` otherwise), so predictions with other settings never replace each other.
 A prediction folder remembers its settings (`settings.json`: scales, flip, gate, restrict, CRF and
 the checkpoint's fingerprint). Rerun with the same settings, it skips the images already written
-(resume after a kill); with other settings, it starts over.
+(resume after a kill); with other settings, it removes the predictions it wrote and starts over.
+A CRF that fails is an error, never a silent fallback to the argmax.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -125,8 +127,9 @@ def _present(probs: torch.Tensor, restrict_ids=None) -> np.ndarray:
     return np.union1d([0], shown).astype(np.int64)
 
 
-def _prepare_folder(out_dir: Path, settings: dict) -> None:
-    """Keep the predictions already in `out_dir` only if they were made with these settings."""
+def _prepare_folder(out_dir: Path, settings: dict, ids) -> None:
+    """Keep the predictions already in `out_dir` only if they were made with these settings; else
+    remove those of `ids` (what this folder's predictions are), and nothing else."""
     path = out_dir / SETTINGS
     if out_dir.is_dir():
         try:
@@ -135,7 +138,9 @@ def _prepare_folder(out_dir: Path, settings: dict) -> None:
             same = False
         if not same:
             log.info("%s: predictions with other settings; starting over", out_dir)
-            shutil.rmtree(out_dir)
+            for id_ in ids:
+                (out_dir / f"{id_}.png").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
     if not path.is_file():
         io.write_json(path, settings)
 
@@ -157,7 +162,7 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
                 "restrict": bool(restrict), "crf": crf_params,
                 "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
     if is_main_process():
-        _prepare_folder(out_dir, settings)
+        _prepare_folder(out_dir, settings, ids)
     barrier()
     ids = shard(ids)
     todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
@@ -181,14 +186,15 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
 
 
 def _run_crfs(jobs, params, workers, out_dir: Path) -> None:
-    """CRF a chunk of predictions in a process pool; an image whose CRF fails keeps its argmax."""
+    """CRF a chunk of predictions in a process pool; a CRF that fails fails the prediction (the
+    images already written are kept, a rerun resumes)."""
     from wsss.crf import parallel_map
+    from wsss.stage import StageError
 
-    for (id_, _, probs, present), mask, error in parallel_map(partial(_crf_job, params), jobs, workers,
-                                                              desc="crf"):
+    for (id_, _, _, _), mask, error in parallel_map(partial(_crf_job, params), jobs, workers, desc="crf"):
         if error is not None:
-            log.warning("CRF failed on %s (%s: %s); keeping the net's argmax", id_, type(error).__name__, error)
-            mask = present[probs.argmax(0)].astype(np.uint8)
+            raise StageError(f"{out_dir}: the dense CRF failed on {id_} ({type(error).__name__}: {error}); "
+                             f"rerun without --crf to predict without it")
         io.write_mask(out_dir / f"{id_}.png", mask)
 
 
@@ -202,32 +208,50 @@ def net_crf(config: dict) -> dict:
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from wsss.run import common_parser
+    from wsss.run import common_parser, safe_name
 
     p = common_parser("Predict label maps of a split with the final net of a stage-3 run.")
-    p.add_argument("--tag", default="", help="stage-3 variant: reads outputs/RUN/stage3-TAG (default stage3)")
-    p.add_argument("--split", default=None, help="split to predict (default: the run's --val-split)")
+    p.add_argument("--tag", default=None, type=safe_name,
+                   help="stage-3 variant: reads outputs/RUN/stage3-TAG (default stage3)")
+    p.add_argument("--split", default=None, type=safe_name, help="split to predict (default: the run's --val-split)")
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: STAGE/pred for the val split, STAGE/pred-SPLIT otherwise)")
+                   help="output folder inside OUTPUTS/RUN (default: STAGE/pred_folder(), with the split's name "
+                        "after 'pred' for another split than val)")
     add_predict_args(p)
     return p
 
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:
-    """Test-time flags, shared with stages/stage3.py."""
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test scales (probabilities averaged)")
-    p.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")
-    p.add_argument("--crf", action="store_true", help="dense CRF on the predictions, with the kernels published for the net "
-                        "(DeepLab v1's for VGG16 LargeFOV, DeepLab v2's otherwise)")
-    p.add_argument("--gate", choices=["on", "off"], default="on",
-                   help="PSL nets: multiply the class maps by the classification branch's probabilities "
-                        "(as AE-PSL does at test time); nets without the branch ignore it")
+    """Test-time flags, shared with stages/stage3.py: they name the prediction folder (pred_folder)
+    and are never part of stage 3's config."""
+    from wsss.run import positive_float, test_time
+
+    test_time(p.add_argument("--scales", type=positive_float, nargs="+", default=[1.0],
+                             help="test scales (probabilities averaged)"))
+    test_time(p.add_argument("--flip", action="store_true", help="also average the horizontally flipped image"))
+    test_time(p.add_argument("--crf", action="store_true",
+                             help="dense CRF on the predictions, with the kernels published for the net "
+                                  "(DeepLab v1's for VGG16 LargeFOV, DeepLab v2's otherwise)"))
+    test_time(p.add_argument("--gate", choices=["on", "off"], default="on",
+                             help="PSL nets: multiply the class maps by the classification branch's probabilities "
+                                  "(as AE-PSL does at test time); nets without the branch ignore it"))
+
+
+def pred_folder(scales, flip: bool, crf: bool, gate: str, split: str = "") -> str:
+    """The folder of predictions made with these test-time flags: `pred` for the defaults (one
+    scale, no flip, no CRF, gate on) of the val split, else `pred[-SPLIT]-s0.5_1-flip-crf-nogate`."""
+    parts = [split] if split else []
+    if [float(s) for s in scales] != [1.0]:
+        parts.append("s" + "_".join(f"{float(s):g}" for s in scales))
+    parts += [name for name, on in (("flip", flip), ("crf", crf), ("nogate", gate == "off")) if on]
+    return "-".join(["pred", *parts])
 
 
 def main(argv=None) -> int:
     from wsss import segment
-    from wsss.data.voc import DatasetError
-    from wsss.run import resolve_device, setup_logging
+    from wsss.crf import check_crf
+    from wsss.run import resolve_device, run_dir, setup_logging
+    from wsss.stage import StageError, error_line, lock, release
 
     args = build_parser().parse_args(argv)
     stage = segment.stage_path(args)
@@ -237,18 +261,27 @@ def main(argv=None) -> int:
         print(f"error: {stage / 'config.json'} not found (run stage 3 first)", file=sys.stderr)
         return 1
     split = args.split or config["val_split"]
-    out = args.out or stage / ("pred" if split == config["val_split"] else f"pred-{split}")
-    setup_logging(stage, "predict")
-    device = resolve_device(args.device)
+    out = args.out or stage / pred_folder(args.scales, args.flip, args.crf, args.gate,
+                                          "" if split == config["val_split"] else split)
     try:
+        if not Path(out).resolve().is_relative_to(run_dir(args).resolve()):
+            raise StageError(f"--out {out}: outside the run's folder {run_dir(args)}")
+        if args.crf:
+            check_crf("predict", "no --crf")
+        lock(stage, "stage 3 or wsss.predict")
+        setup_logging(stage, "predict")
+        device = resolve_device(args.device)
         model, checkpoint, has_cls = segment.load_final_net(stage, config, device)
         dataset = segment.open_dataset(config["data"], split)
-    except (FileNotFoundError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        dataset.validate()
+        predict_split(model, dataset, dataset.ids, out, device=device, scales=args.scales, flip=args.flip,
+                      gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),
+                      workers=args.workers, checkpoint=checkpoint, desc=f"predict {split}")
+    except (FileNotFoundError, StageError, OSError, ValueError) as e:
+        print(f"error: {error_line(e) or e}", file=sys.stderr)
         return 1
-    predict_split(model, dataset, dataset.ids, out, device=device, scales=args.scales, flip=args.flip,
-                  gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config), workers=args.workers,
-                  checkpoint=checkpoint, desc=f"predict {split}")
+    finally:
+        release(stage)
     print(f"wrote {len(dataset.ids)} predictions to {out}")
     return 0
 

@@ -36,6 +36,8 @@ from tqdm import tqdm
 from wsss import io
 from wsss.data.transforms import MEAN
 from wsss.data.voc import DatasetError, VOCDataset
+from wsss.run import safe_name
+from wsss.stage import StageError
 from wsss.viz import colorize, heatmap, resize, to_rgb
 
 log = logging.getLogger("wsss")
@@ -184,8 +186,9 @@ class Pictures:
         return path.relative_to(self.run).as_posix()
 
     def remove_stale(self) -> None:
+        """Only pictures (what the report writes) go; other files a user put there stay."""
         for path in sorted(self.root.rglob("*"), reverse=True):
-            if path.is_file() and path not in self.written:
+            if path.is_file() and path.suffix == ".png" and path not in self.written:
                 path.unlink()
             elif path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
@@ -499,9 +502,20 @@ def stage_section(stage: Stage) -> str:
 # ---------------------------------------------------------------- the page
 
 def build(run: Path, sample: int = 12) -> Path:
-    """Write run/report.html and its pictures; return the page's path."""
+    """Write run/report.html and its pictures; return the page's path. Two reports of one run at
+    once would remove each other's pictures: the run folder is locked for it (wsss.stage)."""
+    from wsss.stage import lock, release
+
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: run folder not found")
+    lock(run, "the report")  # outputs/RUN/.lock: the stages lock their own folders
+    try:
+        return _build(run, sample)
+    finally:
+        release(run)
+
+
+def _build(run: Path, sample: int) -> Path:
     stages = {name: read_stage(run, name) for name in stage_names(run)}
     pictures = Pictures(run)
     problems: list[str] = []
@@ -586,14 +600,14 @@ def _artifact_ids(*folders: Path) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Write outputs/RUN/report.html: a static page of a run's artifacts.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default="demo", help="run name")
+    p.add_argument("--run", default="demo", type=safe_name, help="run name")
     p.add_argument("--outputs", type=Path, default=Path("outputs"), help="folder holding all runs")
     p.add_argument("--sample", type=int, default=12, help="training images and val images shown")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         path = build(args.outputs / args.run, args.sample)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path}")

@@ -8,8 +8,8 @@ Layout of a stage folder: `outputs/RUN/stage3/` by default, `outputs/RUN/stage3-
 `--tag TAG`, so that variants (another method, `--masks gt`, an ablation) never overwrite each
 other; `stage3/pred` is the default product that `make eval` scores.
 
-    config.json, stage3.log, manifest.json (written last)
-    started.json            config + input fingerprints this folder's artifacts belong to
+    config.json, stage3.log, manifest.json (written last; `predictions` lists every pred folder)
+    stage.json              config + input fingerprints this folder's artifacts belong to (wsss.stage)
     psl/                    PSL net: checkpoint.pt, metrics.jsonl
     psl/train-crf/ID.png    PSL+ only: PSL predictions of the training images, restricted to their
                             labels, after the stage-2 dense CRF: what psl-plus/ retrains on
@@ -18,9 +18,10 @@ other; `stage3/pred` is the default product that `make eval` scores.
     stc/i/, stc/e/, stc/p/  STC nets; stc/i/pred and stc/e/pred hold their predictions of the
                             training images (restricted to the labels) that the next net trains on
     gt/                     --masks gt: the same net trained on the ground-truth masks
-    pred/ID.png             val predictions of the final net (palette PNGs)
+    pred/ID.png             val predictions of the final net (palette PNGs), default test-time flags
+    pred-SETTINGS/          the same with other test-time flags (`wsss.predict.pred_folder`)
     metrics.jsonl           every epoch of every net, with "net": its folder
-    eval.json               wsss.eval scores of pred/ against the val ground truth
+    eval.json               wsss.eval scores of pred/ against the val ground truth (eval-SETTINGS.json)
 
 Defaults (CPU, embedded dataset): efficientnet-lite0 + ASPP at output stride 16, 8 epochs of
 160 px crops, batch 8, lr 0.005 (head 0.05), one test scale. PSL then takes about 6 minutes on 2
@@ -29,14 +30,14 @@ simple images only. The papers' setting (output stride 8, more iterations,
 multi-scale test) is a matter of flags on a GPU.
 
 Resume: each training resumes from its checkpoint (`wsss.train.fit`), finished trainings return at
-once, predictions already written are kept. If the config or the inputs differ from those in
-started.json (or with --force), the folder is emptied first, so no stale checkpoint is resumed.
+once, predictions already written are kept. The test-time flags (--scales, --flip, --crf, --gate) are
+not config: a finished stage rerun with other ones keeps its nets byte for byte and only predicts
+and scores into another folder. Any other changed flag or input stops the stage (wsss.stage).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -47,13 +48,14 @@ import torch
 
 from wsss import io
 from wsss.data.transforms import normalize, train_augment
-from wsss.data.voc import IGNORE, DatasetError, VOCDataset, list_path
+from wsss.data.voc import DatasetError, VOCDataset
+from wsss.io import IGNORE
 from wsss.losses import cross_entropy
 from wsss.pseudo import stc_soft_target
-from wsss.run import barrier, begin_stage, is_main_process, log, resolve_device, run_dir
+from wsss.run import barrier, is_main_process, log, positive_int, resolve_device, run_dir, runtime, safe_name
+from wsss.stage import dataset_inputs, open_stage
 from wsss.train import fit, read_metrics, torch_device
 
-STARTED = "started.json"
 # transforms.train_augment pads masks with 255. To tell padding (outside the image) apart from a
 # map's own values, a map's 255 travels as 254: ignore of a hard mask (back to 255 after), or full
 # saliency of a grey map (so a grey map's probability is value / 254 after augmentation).
@@ -67,18 +69,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masks", choices=["pseudo", "gt"], default="pseudo",
                    help="gt: train the same net, plain cross-entropy, on the training split's ground-truth "
                         "masks (the fully supervised upper bound; --method is then not used)")
-    p.add_argument("--tag", default="", help="write to outputs/RUN/stage3-TAG instead of stage3")
+    runtime(p.add_argument("--tag", default=None, type=safe_name,
+                           help="write to outputs/RUN/stage3-TAG instead of stage3"))
     p.add_argument("--backbone", default="efficientnet-lite0")
     p.add_argument("--head", default="auto", choices=["auto", "largefov", "aspp"])
     p.add_argument("--output-stride", type=int, default=16, choices=[8, 16],
                    help="16 keeps the CPU default in budget (output stride 8 costs about 4x per image on "
                         "efficientnet-lite0); the papers use 8, pass it on a GPU")
     p.add_argument("--weights", default="imagenet", help="backbone weights: imagenet, none, or a .pth path")
-    p.add_argument("--epochs", type=int, default=8, help="epochs of each training")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=positive_int, default=8, help="epochs of each training")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--lr", type=float, default=0.005,
                    help="backbone learning rate (the head gets 10x); 0.01 wrecked the pretrained features")
-    p.add_argument("--crop", type=int, default=160, help="training crop size")
+    p.add_argument("--crop", type=positive_int, default=160, help="training crop size")
     add_predict_args(p)
     g = p.add_argument_group("PSL (--method psl)")
     g.add_argument("--psl-online", choices=["on", "off"], default="on",
@@ -281,28 +284,6 @@ class Stage3:
                              checkpoint=checkpoint, desc=desc)
 
 
-def _start_folder(out: Path, config: dict, inputs: dict, force: bool) -> None:
-    """Empty the stage folder unless its artifacts belong to this config and these inputs."""
-    state = {"config": config, "inputs": {k: io.fingerprint(v) for k, v in inputs.items()}}
-    state = _roundtrip(state)
-    path = out / STARTED
-    try:
-        same = io.read_json(path) == state
-    except (OSError, ValueError):
-        same = False
-    if force or not same:
-        for child in out.iterdir():
-            if child.name == "config.json" or child.suffix == ".log":
-                continue
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        io.write_json(path, state)
-
-
-def _roundtrip(obj):
-    """obj as it reads back from JSON (tuples -> lists, paths -> strings), for comparisons."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
 def train_gt(ctx: Stage3):
     """The fully supervised upper bound: the same net and schedule on the ground-truth masks."""
     trainset = SegmentationTrainSet(ctx.train, ctx.train.ids, ctx.args.crop)
@@ -320,29 +301,33 @@ def _collect_metrics(out: Path) -> list[dict]:
 def run(args) -> dict | None:
     """Stage 3 end to end; returns the val scores (None when already complete)."""
     from wsss import psl, stc
+    from wsss.crf import check_crf
     from wsss.eval import evaluate, format_table
-    from wsss.predict import net_crf, predict_split
+    from wsss.predict import net_crf, pred_folder, predict_split
     from wsss.train import init_distributed
 
     device = resolve_device(args.device)
     stage2 = run_dir(args) / "stage2"
+    train, val = open_dataset(args.data, args.train_split), open_dataset(args.data, args.val_split)
+    train.validate(need_mask=args.masks == "gt")
+    val.validate()
+    inputs = {**dataset_inputs(train, masks=args.masks == "gt"), **dataset_inputs(val, masks=True, prefix="val ")}
     if args.masks == "pseudo":
         if not (stage2 / io.MANIFEST).is_file():
             raise SystemExit(f"error: {stage2}: stage 2 is not complete (no {io.MANIFEST}); run stages/stage2.py first")
-        inputs = {"stage2": stage2}
-    else:
-        inputs = {"train_list": list_path(args.data, args.train_split)}
-    name = stage_name(args)
-    begun = begin_stage(args, name, inputs)
-    if begun is None:
+        inputs["stage2"] = stage2
+    if args.crf or (args.psl_plus and args.method == "psl" and args.masks == "pseudo"):
+        check_crf("stage 3", "no --crf" if args.crf else "no --psl-plus")
+    name, pred = stage_name(args), pred_folder(args.scales, args.flip, args.crf, args.gate)
+    stage = open_stage(args, name, inputs, owned=(*{n.split("/")[0] for n in NETS}, "pred", "pred-*", "eval*.json",
+                                                  "metrics.jsonl"),
+                       done=lambda manifest: pred in manifest.get("outputs", {}).get("predictions", {pred: 0}))
+    if stage is None:
         return None
-    out, config, t0 = begun
+    out, config = stage.path, stage.config
     init_distributed(device)
-    if is_main_process():
-        _start_folder(out, _roundtrip(config), inputs, args.force)
     barrier()
-    ctx = Stage3(args, config, out, device, open_dataset(args.data, args.train_split),
-                 open_dataset(args.data, args.val_split))
+    ctx = Stage3(args, config, out, device, train, val)
 
     if args.masks == "gt":
         model, has_cls = train_gt(ctx)
@@ -353,7 +338,7 @@ def run(args) -> dict | None:
 
     t_pred = time.time()
     checkpoint = out / final_net(config)[0] / "checkpoint.pt"
-    predict_split(model, ctx.val, ctx.val.ids, out / "pred", device=torch_device(device), scales=args.scales,
+    predict_split(model, ctx.val, ctx.val.ids, out / pred, device=torch_device(device), scales=args.scales,
                   flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),
                   workers=args.workers, checkpoint=checkpoint, desc="predict val")
     if not is_main_process():
@@ -362,16 +347,20 @@ def run(args) -> dict | None:
     io.write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
     outputs = {"final_net": final_net(config)[0], "predict_seconds": round(time.time() - t_pred, 1),
                "nets": _net_summary(records)}
+    prediction = {"scales": list(args.scales), "flip": args.flip, "crf": args.crf, "gate": args.gate}
     result = None
     if ctx.val.mask_dir is not None and all(ctx.val.has_mask(i) for i in ctx.val.ids):
-        result = evaluate(out / "pred", ctx.val.mask_dir, ctx.val.ids, ctx.num_classes,
+        result = evaluate(out / pred, ctx.val.mask_dir, ctx.val.ids, ctx.num_classes,
                           workers=args.workers, class_names=ctx.val.class_names)
-        io.write_json(out / "eval.json", result)
-        log.info("%s", format_table(result, title=f"== {name} val predictions: {out / 'pred'}"))
-        outputs["val_miou"] = result["miou"]
+        io.write_json(out / f"eval{pred[len('pred'):]}.json", result)
+        log.info("%s", format_table(result, title=f"== {name} val predictions: {out / pred}"))
+        outputs["val_miou"] = prediction["val_miou"] = result["miou"]
     else:
         log.info("no ground truth for every image of %s: val predictions are not scored", args.val_split)
-    io.write_manifest(out, config, inputs, outputs=outputs, started=t0)
+    if stage.manifest:  # the nets were finished before: keep their figures, add this prediction folder
+        outputs = {**stage.manifest["outputs"]}
+    outputs["predictions"] = {**outputs.get("predictions", {}), pred: prediction}
+    stage.finish(outputs)
     return result
 
 
