@@ -361,18 +361,31 @@ def iou_figure(result: dict, title: str):
 
 
 def curves_figure(sources: dict[str, list[dict]], title: str):
-    """One subplot per logged quantity (loss, seg_loss, val_mAP, val_miou...), one line per training."""
+    """One subplot per logged quantity (loss, seg_loss, val_mAP, val_miou...), one line per training,
+    and the loss every few iterations (the "iter" lines), where a net that dies shows the moment."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
+    iterations = {source: [r for r in records if "iter" in r] for source, records in sources.items()}
+    sources = {source: [r for r in records if "iter" not in r] for source, records in sources.items()}
     keys = []
     for records in sources.values():
         for r in records:
             keys += [k for k, v in r.items() if k not in NOT_CURVES and k not in keys
                      and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    cols = min(3, max(1, len(keys)))
-    rows = max(1, -(-len(keys) // cols))
+    panels = len(keys) + any(iterations.values())
+    cols = min(3, max(1, panels))
+    rows = max(1, -(-panels // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    if any(iterations.values()):
+        ax = list(axes.flat)[len(keys)]
+        for source, records in iterations.items():
+            if records:
+                ax.plot([r["iter"] for r in records], [r["loss"] for r in records], linewidth=0.8, label=source)
+        ax.set_title("loss per iteration")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     for ax, key in zip(axes.flat, keys, strict=False):
         for source, records in sources.items():
             points = [(r["epoch"], r[key]) for r in records if key in r and "epoch" in r and r[key] is not None]
@@ -387,7 +400,7 @@ def curves_figure(sources: dict[str, list[dict]], title: str):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()

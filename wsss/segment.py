@@ -60,6 +60,8 @@ from wsss.train import fit, read_metrics, torch_device
 # map's own values, a map's 255 travels as 254: ignore of a hard mask (back to 255 after), or full
 # saliency of a grey map (so a grey map's probability is value / 254 after augmentation).
 PAD, SHIFTED = 255, 254
+WARMUP = 100  # iterations; see "Why these optimiser defaults" in the module docstring
+CLIP_GRAD = 5.0
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -82,6 +84,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.005,
                    help="backbone learning rate (the head gets 10x); 0.01 wrecked the pretrained features")
     p.add_argument("--crop", type=positive_int, default=160, help="training crop size")
+    p.add_argument("--warmup", type=int, default=WARMUP,
+                   help="iterations of linear learning-rate warm-up (see wsss/segment.py for why)")
+    p.add_argument("--clip-grad", type=float, default=CLIP_GRAD, help="max gradient norm (0: no clipping)")
     add_predict_args(p)
     g = p.add_argument_group("PSL (--method psl)")
     g.add_argument("--psl-online", choices=["on", "off"], default="on",
@@ -136,6 +141,19 @@ class SegmentationTrainSet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def constant_predictor_loss(self, most: int = 500) -> float | None:
+        """Cross-entropy of the best constant predictor (each class at its pixel frequency in the
+        targets, from up to `most` evenly spaced images): a net whose loss stays at this level has
+        learned nothing from the pixels. None for soft targets."""
+        if self.soft:
+            return None
+        counts = np.zeros(256, np.int64)
+        for id_ in self.ids[::max(1, len(self.ids) // most)]:
+            counts += np.bincount(self.target(id_).ravel(), minlength=256)
+        counts[IGNORE] = 0
+        freq = counts[counts > 0] / max(counts.sum(), 1)
+        return float(-(freq * np.log(freq)).sum())
+
     def target(self, id_: str) -> np.ndarray:
         if self.target_dir is None:
             return self.dataset.mask(id_)
@@ -181,6 +199,24 @@ def with_targets(ids, folder: Path, what: str) -> list[str]:
         log.warning("%s: %d of %d training images have no %s and are skipped (%s%s)", folder, len(missing),
                     len(ids), what, ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "")
     return kept
+
+
+def collapse_check(constant_loss: float | None, loss_key: str = "loss", class_names=None):
+    """`health` for wsss.train.fit: the net is dead when every pixel of every val image is one
+    class *and* its training cross-entropy has not left the constant predictor's level (both:
+    after a short first epoch a live net may still say background everywhere, and a loss alone
+    at that level can be a hard dataset)."""
+    def health(record: dict) -> str | None:
+        loss = record.get(loss_key, record.get("loss"))
+        if constant_loss is None or record.get("val_classes") != 1 or loss < 0.9 * constant_loss:
+            return None
+        name = record.get("val_class")
+        if class_names is not None and name is not None:
+            name = class_names[name]
+        return (f"the net has collapsed: it predicts '{name}' for every pixel of every val image, and its training "
+                f"loss {loss:.3f} is at the level of a constant predictor ({constant_loss:.3f}). The step size is too "
+                f"large for this data: lower --lr, raise --warmup or lower --clip-grad")
+    return health
 
 
 def ce_step(model, batch, epoch):
@@ -246,18 +282,22 @@ class Stage3:
     def stage2(self) -> Path:
         return run_dir(self.args) / "stage2"
 
-    def train_net(self, name: str, trainset, step_fn, cls_branch: bool = False, gate: bool = False):
-        """Train (or resume, or load when finished) the net in out/name; returns the bare module."""
+    def train_net(self, name: str, trainset, step_fn, cls_branch: bool = False, gate: bool = False,
+                  loss_key: str = "loss"):
+        """Train (or resume, or load when finished) the net in out/name; returns the bare module.
+        `loss_key`: the log entry holding the segmentation cross-entropy, for the collapse check."""
         torch.manual_seed(self.args.seed)  # the same initial head whether or not earlier nets ran here
         model = build_net(self.config, self.num_classes, cls_branch)
         log.info("%s: training on %d images", name, len(trainset))
+        health = collapse_check(trainset.constant_predictor_loss(), loss_key, self.train.class_names)
         return fit(model, trainset, step_fn, self.out / name, epochs=self.args.epochs,
                    batch_size=self.args.batch_size, lr=self.args.lr, device=self.device, seed=self.args.seed,
-                   workers=self.args.workers, param_groups=model.param_groups,
-                   evaluate=self.val_evaluator(gate), desc=name)
+                   workers=self.args.workers, param_groups=model.param_groups, warmup=self.args.warmup,
+                   clip_grad=self.args.clip_grad, evaluate=self.val_evaluator(gate), health=health, desc=name)
 
     def val_evaluator(self, gate: bool):
-        """evaluate(model) -> {"val_miou"} at one scale, or None when val has no ground truth."""
+        """evaluate(model) -> {"val_miou", "val_classes": how many classes it predicts anywhere,
+        "val_class": the most predicted one} at one scale, or None when val has no ground truth."""
         from wsss.eval import confusion_matrix, scores
         from wsss.predict import label_map, predict_masks
 
@@ -270,7 +310,9 @@ class Stage3:
             for id_, _, probs in predict_masks(model, self.val, ids, device=torch_device(self.device),
                                                gate=gate, desc="val"):
                 conf += confusion_matrix(self.val.mask(id_), label_map(probs), self.num_classes)
-            return {"val_miou": scores(conf)["miou"]}
+            predicted = conf.sum(0)
+            return {"val_miou": scores(conf)["miou"], "val_classes": int((predicted > 0).sum()),
+                    "val_class": int(predicted.argmax())}
 
         return evaluate
 
