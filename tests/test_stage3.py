@@ -11,8 +11,8 @@ from PIL import Image
 from wsss import io, predict, segment
 from wsss.data.voc import VOCDataset
 from wsss.run import common_parser
-from wsss.train import read_metrics
 from wsss.stage import StageError
+from wsss.train import read_metrics
 
 torch.set_num_threads(2)
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:efficientnet-lite0. no weights given")]
