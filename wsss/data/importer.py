@@ -395,6 +395,7 @@ def main(argv=None) -> int:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--copy", dest="link", action="store_false", help="copy the photos (default)")
     mode.add_argument("--link", dest="link", action="store_true", help="symlink the photos instead")
+    p.set_defaults(link=False)  # store_false would make --copy's default (True) the default
     args = p.parse_args(argv)
     try:
         summary = import_dataset(args.images, args.labels, args.out, classes=args.classes, masks=args.masks,
