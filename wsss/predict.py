@@ -1,4 +1,5 @@
-"""Predict label maps with a trained segmentation net: `python -m wsss.predict --run RUN --split val`.
+"""Predict label maps with a trained segmentation net: `python -m wsss.predict --run RUN --split val`,
+or of any folder of photos with `--images DIR --out OUT` (wsss/predict_folder.py).
 
 One path serves every use: val predictions at the end of stage 3 (`stage3/pred/ID.png`), the
 per-epoch val mIoU, and the training-set predictions that STC and PSL+ retrain on (restricted to
@@ -203,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split to predict (default: the run's --val-split)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: STAGE/pred for the val split, STAGE/pred-SPLIT otherwise)")
+    g = p.add_argument_group("any folder of photos (wsss/predict_folder.py)")
+    g.add_argument("--images", type=Path, default=None,
+                   help="predict every photo under this folder (nested; jpg/jpeg/png/webp) instead of a split; "
+                        "needs --out")
+    g.add_argument("--overlay", action="store_true", help="also write each photo blended with its mask, with a legend")
+    g.add_argument("--max-side", type=int, default=1024,
+                   help="predict larger photos at this longer side (the mask is returned at full size)")
     add_predict_args(p)
     return p
 
@@ -222,7 +230,10 @@ def main(argv=None) -> int:
     from wsss.data.voc import DatasetError
     from wsss.run import resolve_device, setup_logging
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.images is not None and args.out is None:
+        parser.error("--images needs --out (the folder the masks go to)")
     stage = segment.stage_path(args)
     try:
         config = io.read_json(stage / "config.json")
@@ -235,6 +246,8 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     try:
         model, checkpoint, has_cls = segment.load_final_net(stage, config, device)
+        if args.images is not None:
+            return _predict_folder(args, model, checkpoint, has_cls, config, device)
         dataset = segment.open_dataset(config["data"], split)
     except (FileNotFoundError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -243,6 +256,18 @@ def main(argv=None) -> int:
                   gate=has_cls and args.gate == "on", crf=args.crf, workers=args.workers,
                   checkpoint=checkpoint, desc=f"predict {split}")
     print(f"wrote {len(dataset.ids)} predictions to {out}")
+    return 0
+
+
+def _predict_folder(args, model, checkpoint, has_cls, config, device) -> int:
+    from wsss.data.voc import class_names
+    from wsss.predict_folder import predict_folder
+
+    result = predict_folder(model, args.images, args.out, class_names(config["data"]), device=device,
+                            scales=args.scales, flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf,
+                            max_side=args.max_side, overlay=args.overlay, checkpoint=checkpoint)
+    print(f"wrote {len(result['images'])} masks to {args.out / 'masks'}"
+          + (f" and overlays to {args.out / 'overlays'}" if args.overlay else "") + f", index {args.out / 'masks.json'}")
     return 0
 
 
