@@ -117,7 +117,7 @@ def test_rebuild_removes_pictures_no_longer_referenced(tmp_path, tiny_voc):
     build(run, sample=4)
     page = build(run, sample=1)
     on_disk = {p.relative_to(run).as_posix() for p in (run / "report").rglob("*") if p.is_file()}
-    assert on_disk == set(img_srcs(page))
+    assert on_disk == set(img_srcs(page)) | {"report/scores-stage3.json"}
 
 
 def test_stage3_gathered_metrics_are_not_drawn_twice(tmp_path, tiny_voc):
@@ -169,3 +169,34 @@ def test_unreadable_artifact_is_named_in_the_report(tmp_path, tiny_voc):
     bad.write_bytes(b"not a zip file")
     text = build(run, sample=4).read_text()
     assert "unreadable" in text and f"{bad}: cannot read CAM file" in text
+
+
+def test_worst_val_images_confusion_matrix_and_per_image_scores(tmp_path, tiny_voc):
+    run = fake_run(tmp_path / "outputs" / "demo", tiny_voc)
+    val = VOCDataset(tiny_voc, "val")
+    good, bad = val.ids
+    io.write_mask(run / "stage3" / "pred" / f"{bad}.png", np.zeros_like(val.mask(bad)))  # all background
+    page = build(run, sample=2, worst=1)
+    scores = io.read_json(run / "report" / "scores-stage3.json")["images"]
+    assert [r["id"] for r in scores] == [bad, good]  # worst first
+    gt = val.mask(bad)
+    fg = int(((gt > 0) & (gt < 255)).sum())
+    bg_iou = (gt == 0).sum() / ((gt == 0).sum() + fg)  # the object classes score 0
+    classes = np.unique(gt[gt < 255])
+    assert scores[0]["miou"] == round(bg_iou * 100 / len(classes), 2) and scores[0]["pred"] == ["background"]
+    assert scores[1]["miou"] == 100.0 and scores[1]["pixel_acc"] == 100.0
+    srcs = img_srcs(page)
+    assert "report/confusion-stage3.png" in srcs
+    worst = [s for s in srcs if s.startswith("report/worst-stage3/")]
+    assert worst == [f"report/worst-stage3/{bad}-{k}.png" for k in ("image", "stage3", "gt")]  # only the worst
+    assert f"IoU {scores[0]['miou']} %" in page.read_text()
+
+
+def test_report_tables_fit_a_1400_px_window(tmp_path, tiny_voc):
+    """No picture wider than the window (the confusion matrix of many classes included); image tables scroll."""
+    from PIL import Image
+
+    page = build(fake_run(tmp_path / "outputs" / "demo", tiny_voc), sample=2)
+    for src in img_srcs(page):
+        assert Image.open(page.parent / src).width <= 1400, src
+    assert '<div class="scroll"><table class="images">' in page.read_text()  # anything wider scrolls in its box

@@ -7,7 +7,9 @@ truth, from the dataset the stages' config names. For a sample of training image
 CAM of every erasing step (over the image as that step saw it, earlier regions erased), the mined
 union, the saliency, the fused and the CRF pseudo-masks and the ground truth; for a sample of val
 images: the image, the prediction of every stage-3 folder and the ground truth; per-class IoU bars
-from each `eval.json`; the training curves of every `metrics.jsonl`; the config and the summary
+from each `eval.json`; where each stage-3 net fails on val (`wsss.image_scores`): its worst images
+by per-image IoU beside their ground truth, the confusion matrix as a picture and every image's
+scores in `report/scores-STAGE.json`; the training curves of every `metrics.jsonl`; the config and the summary
 figures of every stage's manifest.
 
 Every picture is a PNG under `outputs/RUN/report/`, referenced by a path relative to the page, so
@@ -36,6 +38,7 @@ from tqdm import tqdm
 from wsss import io
 from wsss.data.transforms import MEAN
 from wsss.data.voc import DatasetError, VOCDataset
+from wsss.image_scores import score_images
 from wsss.viz import colorize, heatmap, resize, to_rgb
 
 log = logging.getLogger("wsss")
@@ -176,6 +179,9 @@ class Pictures:
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
         return self._write(name, lambda path: io.write_bytes(path, buf.getvalue()))
+
+    def data(self, name: str, obj) -> str:
+        return self._write(name, lambda path: io.write_json(path, obj))
 
     def _write(self, name: str, write: Callable[[Path], None]) -> str:
         path = self.root / name
@@ -357,6 +363,29 @@ def iou_figure(result: dict, title: str):
     return fig
 
 
+def confusion_figure(conf: np.ndarray, names, title: str):
+    """The confusion matrix as a picture: each ground-truth row as percent of its pixels, at most ~1,300 px wide."""
+    plt = _pyplot()
+    n = len(names)
+    rows = conf.sum(1, keepdims=True)
+    share = np.divide(conf * 100.0, rows, out=np.zeros(conf.shape), where=rows > 0)
+    size = min(12.5, 2.5 + 0.42 * n)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+    if n <= 25:
+        for i, j in zip(*np.nonzero(share >= 0.5), strict=True):
+            ax.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=6 if n > 12 else 8,
+                    color="white" if share[i, j] > 60 else "black")
+    ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the ground-truth class's pixels")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def curves_figure(sources: dict[str, list[dict]], title: str):
     """One subplot per logged quantity (loss, seg_loss, val_mAP, val_miou...), one line per training."""
     plt = _pyplot()
@@ -394,18 +423,20 @@ def curves_figure(sources: dict[str, list[dict]], title: str):
 # ---------------------------------------------------------------- HTML
 
 STYLE = """
-body { font-family: sans-serif; margin: 1.5em; color: #222; }
+body { font-family: sans-serif; margin: 1.5em; color: #222; max-width: 1360px; }
+img { max-width: 100%; }
+.scroll { overflow-x: auto; max-width: 100%; }
 h1 { margin-bottom: 0.2em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.2em; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; vertical-align: top; font-size: 13px; }
 th { background: #f0f0f0; }
 table.images td { padding: 2px; text-align: center; vertical-align: middle; }
-table.images img { display: block; }
+table.images img { display: block; max-width: 128px; height: auto; }
 td.note { color: #999; font-style: italic; min-width: 90px; }
 .status-complete { color: #176f2c; } .status-unfinished { color: #b36b00; } .status-not-run { color: #999; }
 .swatch { display: inline-block; width: 12px; height: 12px; border: 1px solid #666; margin: 0 3px 0 10px; }
 .problems { background: #fff3f3; border: 1px solid #d99; padding: 0.5em 1em; }
-code, .value { font-family: monospace; white-space: pre-wrap; }
+code, .value { font-family: monospace; white-space: pre-wrap; overflow-wrap: anywhere; }
 """
 
 
@@ -477,7 +508,43 @@ def images_table(columns: list[Column], rows) -> str:
         tds = "".join(f"<td>{img(c.src, c.src)}</td>" if c.src else f'<td class="note">{esc(c.note)}</td>'
                       for c in cells)
         body.append(f"<tr><th>{esc(id_)}<br><small>{esc(labels)}</small></th>{tds}</tr>")
-    return f'<table class="images">{head}{"".join(body)}</table>'
+    return f'<div class="scroll"><table class="images">{head}{"".join(body)}</table></div>'
+
+
+def failures_section(stages: dict[str, Stage], val: VOCDataset | None, why_no_val: str, pictures: Pictures,
+                     problems: list[str], worst: int) -> str:
+    """For each stage-3 folder with val predictions: its worst images, confusion matrix and per-image scores."""
+    parts = []
+    for s in stages.values():
+        if not s.name.startswith("stage3") or not (s.path / "pred").is_dir():
+            continue
+        head = f"<h3>{esc(s.name)}</h3>"
+        if val is None:
+            parts.append(f'{head}<p class="status-not-run">{esc(why_no_val)}</p>')
+            continue
+        try:
+            rows, conf = score_images(s.path / "pred", val)
+        except (OSError, ValueError) as e:  # DatasetError and EvalError are ValueErrors
+            problems.append(f"{s.name}, per-image scores: {e}")
+            continue
+        if not rows:
+            parts.append(f'{head}<p class="status-not-run">no val image has both a ground truth and a prediction</p>')
+            continue
+        scores_src = pictures.data(f"scores-{s.name}.json", {"stage": s.name, "images": rows})
+        matrix_src = pictures.figure(f"confusion-{s.name}.png",
+                                     confusion_figure(conf, val.class_names, f"{s.name}: confusion matrix (val)"))
+        columns = [_image_column(val, ""), Column(f"prediction ({s.name})", s.name,
+                                                  lambda i, s=s: _mask(s.path / "pred" / f"{i}.png")),
+                   _gt_column(val, "")]
+        by_id = {r["id"]: r for r in rows}
+        table = [(id_, f"IoU {by_id[id_]['miou']} % · {labels}", cells) for id_, labels, cells in
+                 image_rows(pictures, f"worst-{s.name}", [r["id"] for r in rows[:worst]], columns, val, problems)]
+        ious = [r["miou"] for r in rows if r["miou"] is not None]
+        parts.append(f"{head}<p>{len(rows)} val images scored one by one (mIoU over the classes in the image's ground "
+                     f"truth or prediction): median {np.median(ious):.1f} %, the {len(table)} worst below; every "
+                     f'image\'s scores in <a href="{esc(quote(scores_src))}">{esc(scores_src)}</a>.</p>'
+                     f"{images_table(columns, table)}{img(matrix_src, matrix_src)}")
+    return "".join(parts) or '<p class="status-not-run">no stage-3 val predictions</p>'
 
 
 def stage_section(stage: Stage) -> str:
@@ -498,7 +565,7 @@ def stage_section(stage: Stage) -> str:
 
 # ---------------------------------------------------------------- the page
 
-def build(run: Path, sample: int = 12) -> Path:
+def build(run: Path, sample: int = 12, worst: int = 8) -> Path:
     """Write run/report.html and its pictures; return the page's path."""
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: run folder not found")
@@ -532,6 +599,8 @@ def build(run: Path, sample: int = 12) -> Path:
             note = "not run" if not s.ran else "no eval.json (not finished, or val has no ground truth)"
             score_parts.append(f"<h3>{esc(s.name)}</h3><p class=\"status-not-run\">{esc(note)}</p>")
 
+    failures_html = failures_section(stages, val, why_no_val, pictures, problems, worst)
+
     curve_parts = []
     metrics = read_metrics(run)
     for s in stages.values():
@@ -557,6 +626,8 @@ def build(run: Path, sample: int = 12) -> Path:
 {problems_html}
 <h2>Validation scores</h2>
 {"".join(score_parts)}
+<h2>Where stage 3 fails (val)</h2>
+{failures_html}
 <h2>Training curves</h2>
 {"".join(curve_parts)}
 <h2>Training images: stages 1 and 2</h2>
@@ -589,10 +660,11 @@ def main(argv=None) -> int:
     p.add_argument("--run", default="demo", help="run name")
     p.add_argument("--outputs", type=Path, default=Path("outputs"), help="folder holding all runs")
     p.add_argument("--sample", type=int, default=12, help="training images and val images shown")
+    p.add_argument("--worst", type=int, default=8, help="worst val images (per-image IoU) shown per stage-3 folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        path = build(args.outputs / args.run, args.sample)
+        path = build(args.outputs / args.run, args.sample, args.worst)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
