@@ -8,7 +8,7 @@ from PIL import Image
 
 from wsss import io, predict
 from wsss.data.voc import DatasetError
-from wsss.predict_folder import predict_folder, predict_image
+from wsss.predict import predict_folder, predict_image
 from wsss.viz import resize
 
 torch.set_num_threads(2)
