@@ -54,8 +54,8 @@ from wsss.data.voc import (
     VOC_CLASSES,
     DatasetError,
     find_images,
-    label_key,
     list_path,
+    read_label_file,
     safe_id,
     xml_object_names,
 )
@@ -171,16 +171,10 @@ def read_json_labels(path: Path, index: PhotoIndex) -> None:
 
 def read_npy(path: Path, index: PhotoIndex) -> int:
     """Labels from IRN/PSA/SEAM's cls_labels.npy as tag lists of mask ids; returns the vector length."""
-    try:
-        data = np.load(path, allow_pickle=True).item()
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same bad input
-        raise DatasetError(f"{path}: cannot read image labels ({e})") from e
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a dict id -> multi-hot labels, got {type(data).__name__}")
     size = None
-    for key, vector in data.items():
-        where = f"{path} entry {key!r}"
-        photo = index.find(label_key(key), where, missing_ok=True)
+    for id_, vector in read_label_file(path).items():
+        where = f"{path} entry {id_}"
+        photo = index.find(id_, where, missing_ok=True)
         if photo is None:
             continue  # cls_labels.npy usually covers a whole dataset (train_aug): keep the photos we have
         vector = np.asarray(vector).reshape(-1)

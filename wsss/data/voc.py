@@ -77,6 +77,17 @@ def find_images(folder) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+def read_label_file(path) -> dict:
+    """cls_labels.npy as a dict image id -> multi-hot vector, whichever form of ids it uses (label_key)."""
+    try:
+        labels = np.load(path, allow_pickle=True).item()
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same bad input
+        raise DatasetError(f"{path}: cannot read image labels ({e})") from e
+    if not isinstance(labels, dict):
+        raise DatasetError(f"{path}: expected a dict id -> multi-hot labels, got {type(labels).__name__}")
+    return {label_key(k): v for k, v in labels.items()}
+
+
 def list_path(root, split: str) -> Path:
     return Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt"
 
@@ -138,15 +149,7 @@ class VOCDataset:
 
     def _load_label_file(self):
         path = self.root / "cls_labels.npy"
-        if not path.is_file():
-            return None
-        try:
-            labels = np.load(path, allow_pickle=True).item()
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is the same bad input
-            raise DatasetError(f"{path}: cannot read image labels ({e})") from e
-        if not isinstance(labels, dict):
-            raise DatasetError(f"{path}: expected a dict id -> multi-hot labels, got {type(labels).__name__}")
-        return {label_key(k): v for k, v in labels.items()}
+        return read_label_file(path) if path.is_file() else None
 
     def __len__(self) -> int:
         return len(self.ids)
