@@ -9,8 +9,9 @@ union, the saliency, the fused and the CRF pseudo-masks and the ground truth; fo
 images: the image, the prediction of every stage-3 folder and the ground truth; per-class IoU bars
 from each `eval.json`; where each stage-3 net fails on val (`wsss.image_scores`): its worst images
 by per-image IoU beside their ground truth, the confusion matrix as a picture and every image's
-scores in `report/scores-STAGE.json`; the training curves of every `metrics.jsonl`; the config and the summary
-figures of every stage's manifest.
+scores in `report/scores-STAGE.json`; the training curves of every `metrics.jsonl`; the config and
+the summary figures of every stage's manifest. Tables of pictures fit a 1,400 px window (wider ones
+scroll in their own box).
 
 Every picture is a PNG under `outputs/RUN/report/`, referenced by a path relative to the page, so
 the page opens from disk (no server, no script) and `report.html` + `report/` can be copied
@@ -540,8 +541,9 @@ def failures_section(stages: dict[str, Stage], val: VOCDataset | None, why_no_va
         table = [(id_, f"IoU {by_id[id_]['miou']} % · {labels}", cells) for id_, labels, cells in
                  image_rows(pictures, f"worst-{s.name}", [r["id"] for r in rows[:worst]], columns, val, problems)]
         ious = [r["miou"] for r in rows if r["miou"] is not None]
+        median = f"{np.median(ious):.1f} %" if ious else "n/a"
         parts.append(f"{head}<p>{len(rows)} val images scored one by one (mIoU over the classes in the image's ground "
-                     f"truth or prediction): median {np.median(ious):.1f} %, the {len(table)} worst below; every "
+                     f"truth or prediction): median {median}, the {len(table)} worst below; every "
                      f'image\'s scores in <a href="{esc(quote(scores_src))}">{esc(scores_src)}</a>.</p>'
                      f"{images_table(columns, table)}{img(matrix_src, matrix_src)}")
     return "".join(parts) or '<p class="status-not-run">no stage-3 val predictions</p>'
