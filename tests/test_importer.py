@@ -157,14 +157,6 @@ def test_voc_annotations_folder(tmp_path):
     assert [ds.class_names[i] for i in ds.label_ids("b")] == ["cat"]
 
 
-def _corrupt(tmp_path, images):
-    (images / "walk.jpg").write_bytes(b"not a jpeg")
-
-
-def _dup_ids(tmp_path, images):
-    (images / "cats" / "tom_1.jpg").write_bytes((images / "walk.jpg").read_bytes())
-
-
 BAD = [
     ("unknown class", csv_rows()[:-1] + ["walk.jpg,persn"], "cat,dog,person", r"t\.csv row 6 \(walk\.jpg\): unknown class 'persn'"),
     ("unknown id", csv_rows()[:-1] + ["walk.jpg,9"], "cat,dog,person", r"row 6 \(walk\.jpg\): unknown class id 9"),
@@ -181,9 +173,9 @@ BAD = [
 def test_bad_input_names_row_and_file_and_writes_nothing(tmp_path, capsys, case, rows, classes, message):
     images = make_photos(tmp_path / "photos")
     if case == "unreadable image":
-        _corrupt(tmp_path, images)
-    if case == "duplicate ids":
-        _dup_ids(tmp_path, images)
+        (images / "walk.jpg").write_bytes(b"not a jpeg")
+    if case == "duplicate ids":  # 'tom 1' and 'tom_1' are both made id cats_tom_1
+        (images / "cats" / "tom_1.jpg").write_bytes((images / "walk.jpg").read_bytes())
     labels = write_csv(tmp_path / "t.csv", rows)
     argv = ["--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "out" / "ds")]
     assert main(argv + (["--classes", classes] if classes else [])) == 1
