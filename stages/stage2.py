@@ -1,6 +1,7 @@
 """Stage 2: mined regions + saliency -> fused pseudo-masks -> dense CRF -> outputs/RUN/stage2/ (see wsss/pseudo.py)."""
 from wsss import pseudo
 from wsss.run import common_parser
+from wsss.stage import main as run_stage
 
 
 def build_parser():
@@ -8,7 +9,7 @@ def build_parser():
 
 
 def main(argv=None):
-    pseudo.run(build_parser().parse_args(argv))
+    return run_stage(pseudo.run, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Stage 3: segmentation net (PSL or STC) on stage 2's pseudo-masks -> outputs/RUN/stage3/ (see wsss/segment.py)."""
 from wsss import segment
 from wsss.run import common_parser
+from wsss.stage import main as run_stage
 
 
 def main(argv=None):
     parser = common_parser(__doc__)
     segment.add_args(parser)
-    segment.run(parser.parse_args(argv))
+    return run_stage(segment.run, parser, argv)
 
 
 if __name__ == "__main__":

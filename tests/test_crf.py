@@ -144,3 +144,18 @@ def test_crf_many_falls_back_to_the_pre_crf_labels_of_a_failing_image():
     np.testing.assert_array_equal(out[0], labels)
     np.testing.assert_array_equal(out[1], labels[:-1])
     np.testing.assert_array_equal(out[2], labels)
+
+
+def test_each_net_gets_the_test_time_crf_published_for_it():
+    from wsss.predict import net_crf
+
+    def kernels(backbone, head="auto"):
+        p = net_crf({"backbone": backbone, "head": head})
+        return p["bi_compat"], p["bi_sxy"], p["bi_srgb"], p["gauss_compat"], p["gauss_sxy"], p["iterations"]
+
+    assert kernels("vgg16") == (4, 121, 5, 3, 3, 10)  # DeepLab v1 LargeFOV
+    assert kernels("vgg16", "aspp") == (4, 65, 3, 2, 2, 10)  # DeepLab v2 VGG16
+    assert kernels("resnet101") == (4, 67, 3, 3, 1, 10)  # DeepLab v2 ResNet-101
+    assert kernels("resnet50") == kernels("efficientnet-lite0", "largefov") == kernels("resnet101")
+    with pytest.raises(ValueError, match="unknown head"):
+        net_crf({"backbone": "vgg16", "head": "fcn"})

@@ -195,7 +195,7 @@ def test_out_of_range_prediction_names_the_file(tmp_path):
         ev.evaluate(pred_dir, gt_dir, ["a"], 3)
 
 
-def test_ignore_pred_reports_the_ignored_fraction(tmp_path):
+def test_ignore_pred_counts_unlabelled_as_background_and_reports_labelled_only_beside(tmp_path):
     gt = np.array([[0, 0, 1, 1], [1, 1, 255, 255]], np.uint8)  # 6 valid pixels
     pseudo = np.array([[0, 255, 1, 255], [1, 1, 255, 0]], np.uint8)  # 2 valid pixels unlabelled
     gt_dir, pred_dir = make_folder(tmp_path / "gt", {"a": gt}), make_folder(tmp_path / "ps", {"a": pseudo})
@@ -203,7 +203,13 @@ def test_ignore_pred_reports_the_ignored_fraction(tmp_path):
         ev.evaluate(pred_dir, gt_dir, ["a"], 2)
     result = ev.evaluate(pred_dir, gt_dir, ["a"], 2, ignore_pred=True)
     assert result["ignored"] == pytest.approx(100 * 2 / 6)
-    assert result["confusion"] == [[1, 0], [0, 3]] and result["miou"] == 100
+    # headline (IRN/SEAM): the unlabelled bg pixel is right, the unlabelled class-1 pixel is called bg
+    assert result["confusion"] == [[2, 0], [1, 3]]
+    assert result["iou"] == pytest.approx([100 * 2 / 3, 100 * 3 / 4])
+    assert result["miou"] == pytest.approx(100 * (2 / 3 + 3 / 4) / 2)
+    # over labelled pixels only: [[1, 0], [0, 3]], perfect
+    assert result["labelled"]["miou"] == 100 and result["labelled"]["pixel_acc"] == 100
+    assert "over labelled pixels only: mIoU 100.00, 33.33% of valid pixels unlabelled" in ev.format_table(result)
 
 
 # ---------------------------------------------------------------- CAM sweep
@@ -321,24 +327,61 @@ def test_main_run_shortcut_for_each_stage(tmp_path, capsys, monkeypatch):
     make_folder(run / "stage1" / "regions", gts)
     write_cams(run / "stage1" / "step1" / "cam",
                {i: ((m == 1)[None] * 0.7, [1]) for i, m in gts.items()})
+    for i, m in gts.items():  # the union's max CAM over steps: class 1 0.3 on its pixels, 0.2 elsewhere
+        score = np.stack([np.where(m == 1, 0.3, 0.2), (m == 2) * 0.6]).astype(np.float16)
+        write_npz(run / "stage1" / "regions" / f"{i}.npz", keys=np.array([1, 2]), masks=score > 0, score=score)
 
     assert ev.main(["--run", "r"]) == 0
     assert json.loads((run / "stage3" / "eval.json").read_text())["miou"] == 100
 
     assert ev.main(["--run", "r", "--stage", "stage2", "--json", "s2.json"]) == 0
     s2 = json.loads(Path("s2.json").read_text())
-    assert s2["miou"] == 100 and 0 < s2["ignored"] < 50
+    assert s2["labelled"]["miou"] == 100 and 0 < s2["ignored"] < 50 and s2["miou"] < 100
+    assert s2["split"] == "train"
 
-    assert ev.main(["--run", "r", "--stage", "stage1", "--json", "s1.json"]) == 0
-    s1 = json.loads(Path("s1.json").read_text())
-    assert set(s1) == {"step1_regions", "union_regions", "cam_sweep"}
+    assert ev.main(["--run", "r", "--stage", "stage1"]) == 0
+    s1 = json.loads((run / "stage1" / "eval.json").read_text())
+    assert set(s1) == {"step1_regions", "union_regions", "cam_sweep", "union_sweep"}
     assert s1["union_regions"]["miou"] == 100
     assert s1["cam_sweep"]["iou"][1] == 100 and s1["cam_sweep"]["best_threshold"] == 0.05
+    assert s1["union_sweep"]["miou"] == 100 and s1["union_sweep"]["best_threshold"] == 0.2
     out = capsys.readouterr().out
-    assert "best threshold 0.05" in out and "union of steps" in out
+    assert "best threshold 0.05" in out and "union of steps" in out and "max over the erasing steps" in out
 
     assert ev.main(["--run", "nope"]) == 1
     assert "outputs/nope/stage3/config.json: not found" in capsys.readouterr().err
+
+
+def test_run_seeds_and_pseudo_masks_are_scored_on_voc_train_when_the_run_trained_on_more(tmp_path, capsys,
+                                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(6)
+    gts, _ = random_set(6, rng, num_classes=3)
+    make_folder(tmp_path / "data" / "SegmentationClassAug", gts)
+    lists = tmp_path / "data" / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    ids = sorted(gts)
+    (lists / "train_aug.txt").write_text("\n".join(ids[:5]) + "\n")  # the run's split: 5 images
+    (lists / "train.txt").write_text("\n".join(ids[:2] + ids[5:]) + "\n")  # VOC train: 2 of them + 1 outside
+    run = tmp_path / "outputs" / "r" / "stage2"
+    write_json(run / "config.json", {"data": "data", "train_split": "train_aug", "val_split": "val"})
+    pseudo = {i: gts[i] for i in ids[:5]}  # artifacts exist for the run's images only
+    pseudo[ids[0]] = np.where(gts[ids[0]] == 1, 255, gts[ids[0]]).astype(np.uint8)
+    make_folder(run / "pseudo", pseudo)
+
+    assert ev.main(["--run", "r", "--stage", "stage2", "--num-classes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "scoring 2 images: split 'train' (the IRN/SEAM protocol, the 2 of its 3 in the run's split)" in out
+    assert "the run trained on 'train_aug'" in out
+    result = json.loads((run / "eval.json").read_text())
+    assert result["num_images"] == 2 and result["split"] == "train" and result["labelled"]["miou"] == 100
+    assert result["miou"] < 100 and result["ignored"] > 0
+
+    (lists / "train.txt").unlink()  # no separate train list: the run's own split
+    assert ev.main(["--run", "r", "--stage", "stage2", "--num-classes", "3"]) == 0
+    assert "scoring 5 images: the run's split 'train_aug': the dataset has no separate 'train' list" in (
+        capsys.readouterr().out)
+    assert json.loads((run / "eval.json").read_text())["split"] == "train_aug"
 
 
 def test_class_names_match_the_data_layer(tmp_path):

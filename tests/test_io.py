@@ -54,20 +54,6 @@ def test_corrupt_image_error_names_the_file(tmp_path):
         io.read_image(bad)
 
 
-def test_manifest_marks_completion_for_config_and_inputs(tmp_path):
-    stage, data = tmp_path / "stage1", tmp_path / "list.txt"
-    data.write_text("a\nb\n")
-    config = {"lr": 0.01, "steps": 3}
-    assert not io.is_complete(stage, config, {"list": data})
-    io.write_manifest(stage, config, {"list": data})
-    assert io.is_complete(stage, config, {"list": data})
-    assert not io.is_complete(stage, {**config, "lr": 0.02}, {"list": data})
-    data.write_text("a\nb\nc\n")
-    assert not io.is_complete(stage, config, {"list": data})
-    io.invalidate(stage)
-    assert not (stage / io.MANIFEST).exists()
-
-
 def test_checkpoint_roundtrip(tmp_path):
     torch = pytest.importorskip("torch")
     io.save_checkpoint(tmp_path / "c.pt", {"w": torch.arange(3), "epoch": 2})

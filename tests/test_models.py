@@ -140,3 +140,72 @@ def test_efficientnet_lite0_imagenet_weights_are_real():
                 dilated = build_backbone("efficientnet-lite0", output_stride).eval()
                 assert model.fc(dilated(x).mean((2, 3))).argmax(1).item() == top
         assert top in classes, f"{name}: predicted ImageNet class {top}"
+
+
+# ---------------------------------------------------------------- DeepLab-LargeFOV's fc6/fc7 from VGG16's
+
+@pytest.fixture(scope="module")
+def vgg16_file(tmp_path_factory):
+    """torchvision's VGG16 with random weights (no download), as a state dict file."""
+    torch.manual_seed(0)
+    reference = torchvision.models.vgg16(weights=None)
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
+    torch.save(reference.state_dict(), path)
+    return path, reference.state_dict()
+
+
+def test_vgg16_fc_decimation_takes_every_4th_filter_and_every_3rd_tap(vgg16_file):
+    from wsss.models.backbones import decimate_vgg16_fc
+
+    _, state = vgg16_file
+    assert state["classifier.0.weight"].shape == (4096, 25088) and state["classifier.3.weight"].shape == (4096, 4096)
+    fc = decimate_vgg16_fc(state)
+    assert fc["0.weight"].shape == (1024, 512, 3, 3) and fc["0.bias"].shape == (1024,)
+    assert fc["3.weight"].shape == (1024, 1024, 1, 1) and fc["3.bias"].shape == (1024,)
+    fc6, fc7 = state["classifier.0.weight"], state["classifier.3.weight"]
+    for out, cin, i, j in [(0, 0, 0, 0), (1, 7, 1, 2), (1023, 511, 2, 2), (517, 300, 2, 0)]:
+        # fc6 input index = c * 49 + y * 7 + x (pool5 flattened C, H, W); taps y, x in (0, 3, 6)
+        assert fc["0.weight"][out, cin, i, j] == fc6[4 * out, cin * 49 + 3 * i * 7 + 3 * j]
+    assert torch.equal(fc["0.bias"], state["classifier.0.bias"][0::4])
+    assert torch.equal(fc["3.weight"][:, :, 0, 0], fc7[0::4, 0::4])
+    assert torch.equal(fc["3.bias"], state["classifier.3.bias"][0::4])
+    assert decimate_vgg16_fc(state, width=256)["3.weight"].shape == (256, 256, 1, 1)
+    with pytest.raises(ValueError, match="must divide"):
+        decimate_vgg16_fc(state, width=1000)
+    with pytest.raises(ValueError, match="x.pth: not VGG16's fc6/fc7.*classifier.3.weight missing"):
+        decimate_vgg16_fc({k: v for k, v in state.items() if k != "classifier.3.weight"}, source="x.pth")
+
+
+def test_vgg16_largefov_segnet_and_classifier_start_from_vgg_fc_layers(vgg16_file):
+    from wsss.models.backbones import decimate_vgg16_fc
+
+    path, state = vgg16_file
+    fc = decimate_vgg16_fc(state)
+    net = build_segnet("vgg16", num_classes=5, weights=path)
+    torch.testing.assert_close(net.backbone.features[28].weight, state["features.28.weight"])
+    assert net.head[0].dilation == (12, 12) and net.head[0].kernel_size == (3, 3)
+    for layer, key in ((net.head[0], "0"), (net.head[3], "3")):
+        assert torch.equal(layer.weight, fc[f"{key}.weight"]) and torch.equal(layer.bias, fc[f"{key}.bias"])
+    backbone_group, new_group = net.param_groups(1e-3)  # fc6/fc7 at the backbone's rate, as DeepLab
+    assert any(p is net.head[0].weight for p in backbone_group["params"])
+    assert [p for p in new_group["params"]] == list(net.head[6].parameters())
+
+    cls = build_classifier("vgg16", num_classes=3, output_stride=8, weights=path).eval()
+    assert torch.equal(cls.neck[0].weight, fc["0.weight"]) and torch.equal(cls.neck[3].bias, fc["3.bias"])
+    groups = cls.param_groups(0.01)
+    assert groups[1]["params"] == [cls.classifier.weight]
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(
+        id(p) for p in cls.parameters() if p.requires_grad)
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        cams, logits = cls.cams(x), cls(x)
+    assert cams.shape == (1, 3, 5, 6)
+    torch.testing.assert_close(cams.mean((2, 3)), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_random_vgg16_fc_layers_train_as_new_layers():
+    net = build_segnet("vgg16", num_classes=3, output_stride=16, weights=None)
+    assert net.head.pretrained_parameters() == []
+    assert len(net.param_groups(0.1)[1]["params"]) == len(list(net.head.parameters()))
+    cls = build_classifier("vgg16", num_classes=2, weights=None)
+    assert len(cls.param_groups(0.1)[1]["params"]) == 1 + len(list(cls.neck.parameters()))

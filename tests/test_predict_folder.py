@@ -127,3 +127,54 @@ def test_cli_on_a_trained_run(tiny_voc, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         predict.main(argv[:-2])  # --images without --out
+
+
+def test_a_crf_that_fails_is_an_error_naming_the_photo(model, tmp_path, monkeypatch):
+    from wsss import crf
+    from wsss.stage import StageError
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CRF broke")
+
+    monkeypatch.setattr(crf, "dense_crf", crash)
+    images, out = make_folder(tmp_path / "photos"), tmp_path / "out"
+    with pytest.raises(StageError, match=r"photos/.*: the dense CRF failed \(RuntimeError: CRF broke\)"):
+        predict_folder(model, images, out, NAMES, device="cpu", crf=True, max_side=64)
+    assert not list((out / "masks").rglob("*.png"))  # never the net's argmax passed off as a refined mask
+
+
+@pytest.mark.parametrize("where", ["data", "data/masks", "outputs/r/stage3", "outputs/r/stage3/photos", "photos/m"])
+def test_cli_out_stays_apart_from_the_dataset_the_photos_and_the_stage(tmp_path, where, capsys):
+    data, stage = tmp_path / "data", tmp_path / "outputs" / "r" / "stage3"
+    data.mkdir()
+    io.write_json(stage / "config.json", {"val_split": "val", "data": str(data)})
+    images = make_folder(tmp_path / "photos", {"a.jpg": (20, 20)})
+    assert predict.main(["--outputs", str(tmp_path / "outputs"), "--run", "r", "--device", "cpu",
+                         "--images", str(images), "--out", str(tmp_path / where)]) == 1
+    assert "overlap; write the masks to a separate folder" in capsys.readouterr().err
+    assert not (tmp_path / where / "masks").exists() and not (tmp_path / where / "settings.json").exists()
+
+
+def test_cli_holds_the_stage_lock(tmp_path, capsys):
+    """A stage 3 or wsss.predict already at work on the run: --images waits its turn, writes nothing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stage = tmp_path / "outputs" / "r" / "stage3"
+    io.write_json(stage / "config.json", {"val_split": "val", "data": str(tmp_path / "data")})
+    images, out = make_folder(tmp_path / "photos", {"a.jpg": (20, 20)}), tmp_path / "out"
+    hold = "import sys, time; from pathlib import Path; from wsss.stage import lock; " \
+           "lock(Path(sys.argv[1]), 'test'); print('locked', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(stage)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert predict.main(["--outputs", str(tmp_path / "outputs"), "--run", "r", "--device", "cpu",
+                             "--images", str(images), "--out", str(out)]) == 1
+        assert f"already running here (pid {holder.pid})" in capsys.readouterr().err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()

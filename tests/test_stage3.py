@@ -11,6 +11,7 @@ from PIL import Image
 from wsss import io, predict, segment
 from wsss.data.voc import VOCDataset
 from wsss.run import common_parser
+from wsss.stage import StageError
 
 torch.set_num_threads(2)
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:efficientnet-lite0. no weights given")]
@@ -79,13 +80,13 @@ def test_psl_and_psl_plus_end_to_end(run, tiny_voc):
         assert set(np.unique(mask)) <= {0, *train.label_ids(id_).tolist()}
     assert go("--psl-plus") is None  # complete: skipped
 
-    # python -m wsss.predict on the finished run, other settings: the folder is redone
+    # python -m wsss.predict on the finished run, other settings: another folder, named by them
     before = {p.name: p.stat().st_mtime_ns for p in (stage / "pred").glob("*.png")}
     assert predict.main(["--run", "r", "--outputs", str(run_dir.parent), "--device", "cpu", "--workers", "0",
                          "--scales", "0.75", "1", "--flip", "--crf"]) == 0
-    check_predictions(stage / "pred", val)
-    assert all((stage / "pred" / n).stat().st_mtime_ns != t for n, t in before.items())
-    assert io.read_json(stage / "pred" / "settings.json")["flip"] is True
+    check_predictions(stage / "pred-s0.75_1-flip-crf", val)
+    assert {p.name: p.stat().st_mtime_ns for p in (stage / "pred").glob("*.png")} == before
+    assert io.read_json(stage / "pred-s0.75_1-flip-crf" / "settings.json")["flip"] is True
 
 
 def test_stc_end_to_end_and_gt_upper_bound(run, tiny_voc):
@@ -135,14 +136,19 @@ def test_resume_after_a_kill_redoes_only_what_was_unfinished(run, monkeypatch):
     assert io.read_json(stage / "manifest.json")["outputs"]["final_net"] == "stc/e"
 
 
-def test_changed_config_starts_the_folder_over(run):
+def test_changed_config_stops_and_force_removes_only_what_the_stage_wrote(run):
     go, run_dir = run
     go("--epochs", "1")
-    marker = run_dir / "stage3" / "psl" / "stale.txt"
-    marker.write_text("from the old config")
-    go("--epochs", "1", "--lr", "0.02")
-    assert not marker.exists()
-    assert io.read_json(run_dir / "stage3" / "manifest.json")["config"]["lr"] == 0.02
+    stage = run_dir / "stage3"
+    (stage / "psl" / "stale.txt").write_text("in a folder stage 3 writes")
+    (stage / "notes.txt").write_text("a user's file")
+    checkpoint = (stage / "psl" / "checkpoint.pt").read_bytes()
+    with pytest.raises(StageError, match=r"(?s)--lr: 0\.005 -> 0\.02.*--force.*another --run"):
+        go("--epochs", "1", "--lr", "0.02")
+    assert (stage / "psl" / "checkpoint.pt").read_bytes() == checkpoint  # nothing touched
+    go("--epochs", "1", "--lr", "0.02", "--force")
+    assert not (stage / "psl" / "stale.txt").exists() and (stage / "notes.txt").read_text() == "a user's file"
+    assert io.read_json(stage / "manifest.json")["config"]["lr"] == 0.02
 
 
 def test_predict_split_restricts_skips_and_redoes(tiny_voc, tmp_path):

@@ -45,15 +45,44 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
+from wsss.io import IGNORE
 from wsss.run import process_pool
 
 log = logging.getLogger("wsss")
 
-IGNORE = 255
 CRF_DEFAULTS = {"iterations": 10, "gauss_sxy": 3.0, "gauss_compat": 3.0,
                 "bi_sxy": 80.0, "bi_srgb": 13.0, "bi_compat": 10.0}
-LABEL_CRF_DEFAULTS = {"iterations": 10, "gauss_sxy": 1.0, "gauss_compat": 3.0,
-                      "bi_sxy": 67.0, "bi_srgb": 3.0, "bi_compat": 4.0}
+# Test-time CRF kernels published with each DeepLab net, cross-validated on VOC val by its authors
+# (their names: pos_w = gauss_compat, pos_xy_std = gauss_sxy, bi_w = bi_compat, bi_xy_std = bi_sxy,
+# bi_rgb_std = bi_srgb; 10 mean-field iterations in both releases):
+# - DeepLab v1 (Chen et al., ICLR 2015), DeepLab-CRF-LargeFOV on VGG16, the net of AE-PSL and STC:
+#   bi_w 4, bi_xy_std 121, bi_rgb_std 5, pos_w 3, pos_xy_std 3 (the "FOV" line of the DeepLab v1
+#   release's CRF settings, deeplab-public run_densecrf.sh / README);
+# - DeepLab v2 (Chen et al., TPAMI 2018), DeepLab-ASPP on VGG16: bi_w 4, bi_xy_std 65,
+#   bi_rgb_std 3, pos_w 2, pos_xy_std 2; on ResNet-101: bi_w 4, bi_xy_std 67, bi_rgb_std 3, pos_w 3,
+#   pos_xy_std 1 (deeplab-public-ver2 run_densecrf.sh; kazuto1011/deeplab-pytorch configs/voc12.yaml
+#   keeps the ResNet-101 ones). Nets without published kernels (ResNet-50, EfficientNet-Lite) take
+#   ResNet-101's, the closest net.
+TEST_CRF = {
+    "deeplab-v1-largefov-vgg16": {"iterations": 10, "gauss_sxy": 3.0, "gauss_compat": 3.0,
+                                  "bi_sxy": 121.0, "bi_srgb": 5.0, "bi_compat": 4.0},
+    "deeplab-v2-aspp-vgg16": {"iterations": 10, "gauss_sxy": 2.0, "gauss_compat": 2.0,
+                              "bi_sxy": 65.0, "bi_srgb": 3.0, "bi_compat": 4.0},
+    "deeplab-v2-aspp-resnet101": {"iterations": 10, "gauss_sxy": 1.0, "gauss_compat": 3.0,
+                                  "bi_sxy": 67.0, "bi_srgb": 3.0, "bi_compat": 4.0},
+}
+
+
+def net_crf_params(backbone: str, head: str) -> dict:
+    """The published test-time CRF kernels (`TEST_CRF`) of a segmentation net: its backbone and
+    its head ("largefov" or "aspp", resolved)."""
+    if backbone == "vgg16":
+        return dict(TEST_CRF["deeplab-v1-largefov-vgg16" if head == "largefov" else "deeplab-v2-aspp-vgg16"])
+    return dict(TEST_CRF["deeplab-v2-aspp-resnet101"])
+
+
+# `crf_labels` (stage 2) uses DeepLab v2's ResNet-101 kernels whatever the net (module docstring says why)
+LABEL_CRF_DEFAULTS = TEST_CRF["deeplab-v2-aspp-resnet101"]
 
 
 def _densecrf():
@@ -62,6 +91,17 @@ def _densecrf():
     except ImportError as e:
         raise ImportError("the dense CRF needs pydensecrf: pip install pydensecrf2") from e
     return dcrf
+
+
+def check_crf(who: str, off: str) -> None:
+    """Fail before any work when a dense CRF the user asked for cannot run (`off`: the flag that
+    goes without): a mask silently left unrefined would pass for a refined one."""
+    from wsss.stage import StageError
+
+    try:
+        _densecrf()
+    except ImportError as e:
+        raise StageError(f"{who}: {e}; or pass {off} to go without the CRF") from e
 
 
 def dense_crf(image: np.ndarray, prob: np.ndarray, *, iterations: int = 10,

@@ -67,9 +67,7 @@ and adjust `--ae-threshold` to the data if the union does not beat step 1:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shutil
 import warnings
 from concurrent.futures import as_completed
 from dataclasses import dataclass
@@ -86,7 +84,8 @@ from wsss.cam import load_cams, multiscale_cams_batch, save_cams
 from wsss.data.transforms import MEAN, normalize, train_augment
 from wsss.data.voc import DatasetError, VOCDataset, list_path
 from wsss.models.classifier import build_classifier
-from wsss.run import barrier, begin_stage, is_main_process, process_pool, resolve_device, shard
+from wsss.run import barrier, is_main_process, positive_int, process_pool, resolve_device, runtime, shard
+from wsss.stage import dataset_inputs, open_stage
 from wsss.train import CHECKPOINT, fit, init_distributed, read_metrics, torch_device
 
 log = logging.getLogger("wsss")
@@ -108,16 +107,6 @@ def _scales(text: str) -> tuple[float, ...]:
     return scales
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"'{text}': expected a positive integer")
-    return value
-
-
 def _stop_loss(text: str) -> str | float:
     if text == "auto":
         return text
@@ -133,15 +122,15 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="vgg16 | resnet50 | resnet101 | efficientnet-lite0 (lite1/lite2 if installed)")
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a backbone state dict")
     g.add_argument("--output-stride", type=int, default=16, choices=[8, 16])
-    g.add_argument("--epochs", type=_positive, default=3, help="training epochs per erasing step")
-    g.add_argument("--batch-size", type=_positive, default=16)
+    g.add_argument("--epochs", type=positive_int, default=3, help="training epochs per erasing step")
+    g.add_argument("--batch-size", type=positive_int, default=16)
     g.add_argument("--lr", type=float, default=0.01, help="backbone learning rate (the head gets 10x)")
-    g.add_argument("--crop", type=_positive, default=160, help="training crop size")
+    g.add_argument("--crop", type=positive_int, default=160, help="training crop size")
     g.add_argument("--cam-scales", type=_scales, default=(0.5, 1.0, 1.5),
                    help="CAM scales, comma-separated (0.5,1.0,1.5,2.0 as PSA/IRN on a GPU)")
     g.add_argument("--cam-flip", action=argparse.BooleanOptionalAction, default=True,
                    help="add the CAM of the mirrored image")
-    g.add_argument("--ae-steps", type=_positive, default=3, help="erasing steps K")
+    g.add_argument("--ae-steps", type=positive_int, default=3, help="erasing steps K")
     g.add_argument("--ae-threshold", type=float, default=0.7, help="mine (and erase) where the normalised CAM "
                    "exceeds this")
     g.add_argument("--ae-init", choices=["imagenet", "previous"], default="previous",
@@ -149,7 +138,12 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--ae-stop-loss", type=_stop_loss, default="auto",
                    help="stop when a step's final-epoch loss exceeds this; auto = halfway between step 1's "
                         "final loss and the loss of predicting each class at its frequency")
-    g.add_argument("--overlays", type=int, default=24, help="number of overlay pictures to draw")
+    g.add_argument("--max-side", type=positive_int, default=1024,
+                   help="images whose longer side exceeds this are downscaled to it for their CAMs (and the "
+                        "CAMs upscaled back), so one huge photo cannot exhaust memory: a 1024x768 image at "
+                        "scales 0.5,1.0,1.5 with flip took 1.0 GB more (efficientnet-lite0, resnet50), 1.9 GB "
+                        "(vgg16); VOC photos (at most 500 px) are never downscaled")
+    runtime(g.add_argument("--overlays", type=int, default=24, help="number of overlay pictures to draw"))
     return parser
 
 
@@ -274,19 +268,32 @@ class CamJob:
     scales: tuple
     flip: bool
     threshold: float
+    max_side: int = 1024
+
+
+def fit_side(image: np.ndarray, max_side: int) -> np.ndarray:
+    """`image` downscaled so that its longer side is at most `max_side` (unchanged if it is)."""
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    size = (max(1, round(w * max_side / max(h, w))), max(1, round(h * max_side / max(h, w))))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
 
 
 def write_cams(model, job: CamJob, ids: list[str], device: torch.device) -> int:
     """cam/ID.npz and regions/ID.png of `ids` (erased by the earlier steps); returns len(ids)."""
     cam_dir, region_dir = job.step_dir / "cam", job.step_dir / "regions"
-    pending: list[tuple[str, np.ndarray, np.ndarray]] = []
+    pending: list[tuple[str, np.ndarray, np.ndarray, tuple[int, int]]] = []
 
     def flush():
         if not pending:
             return
         cams = multiscale_cams_batch(model, [p[1] for p in pending], [p[2] for p in pending],
                                      job.scales, job.flip, device)
-        for (id_, _, keys), cam in zip(pending, cams, strict=True):
+        for (id_, _, keys, shape), cam in zip(pending, cams, strict=True):
+            if cam.shape[1:] != shape:  # a downscaled image: its CAM back at full size
+                cam = F.interpolate(torch.from_numpy(np.asarray(cam, np.float32))[None], size=shape,
+                                    mode="bilinear", align_corners=False)[0].numpy()
             cam = cam.astype(np.float16)  # mine what is saved, so the files agree with the regions
             _, region = mine(cam, keys, job.threshold)
             save_cams(cam_dir, id_, cam, keys)
@@ -299,10 +306,11 @@ def write_cams(model, job: CamJob, ids: list[str], device: torch.device) -> int:
             save_cams(cam_dir, id_, np.zeros((0, h, w), np.float16), np.zeros(0, np.int64))
             io.write_mask(region_dir / f"{id_}.png", np.zeros((h, w), np.uint8))
             continue
-        image = erased_image(job.dataset, id_, list(job.region_dirs))
+        full = erased_image(job.dataset, id_, list(job.region_dirs))
+        image = fit_side(full, job.max_side)
         if pending and (image.shape != pending[0][1].shape or len(pending) == CAM_BATCH[device.type]):
             flush()
-        pending.append((id_, image, job.dataset.label_ids(id_)))
+        pending.append((id_, image, job.dataset.label_ids(id_), full.shape[:2]))
     flush()
     return len(ids)
 
@@ -337,7 +345,7 @@ def compute_step_cams(model, dataset: VOCDataset, ids: list[str], labelled: set[
     todo = [i for i in shard(ids)
             if not ((cam_dir / f"{i}.npz").is_file() and (region_dir / f"{i}.png").is_file())]
     job = CamJob(dataset, frozenset(labelled), step_dir, tuple(region_dirs), tuple(args.cam_scales),
-                 args.cam_flip, args.ae_threshold)
+                 args.cam_flip, args.ae_threshold, args.max_side)
     processes = min(args.workers, len(todo)) if device.type == "cpu" else 1
     chunks = [todo[i:i + CAM_CHUNK] for i in range(0, len(todo), CAM_CHUNK)]
     with tqdm(total=len(todo), desc=f"CAM {step_dir.name}", disable=not is_main_process(), leave=False) as bar:
@@ -461,30 +469,16 @@ def write_overlays(dataset: VOCDataset, ids: list[str], out: Path, steps: list[i
 
 # ---------------------------------------------------------------- the stage
 
-def _clear(out: Path) -> None:
-    """Remove the artifacts of an earlier config (the log and config.json stay)."""
-    for p in list(out.glob("step*")) + [out / "regions", out / "overlay"]:
-        if p.is_dir():
-            shutil.rmtree(p)
-
-
 def run(args) -> dict | None:
     """Run stage 1 (see the module docstring); returns the manifest, or None when skipped."""
     device = resolve_device(args.device)
     init_distributed(device)
     dataset = VOCDataset(args.data, args.train_split)
-    inputs = {"data list": list_path(args.data, args.train_split)}
-    started = begin_stage(args, "stage1", inputs)
-    if started is None:
+    dataset.validate()
+    stage = open_stage(args, "stage1", dataset_inputs(dataset), owned=("step*", "regions", "overlay"))
+    if stage is None:
         return None
-    out, config, t0 = started
-    if is_main_process():  # a new config or inputs (or --force): start afresh, else resume
-        state = {"config": config, "inputs": {k: io.fingerprint(v) for k, v in inputs.items()}}
-        state_path = out / "state.json"
-        previous = io.read_json(state_path) if state_path.is_file() else None
-        if args.force or previous != json_normal(state):
-            _clear(out)
-            io.write_json(state_path, state)
+    out = stage.path
     barrier()
 
     main = is_main_process()
@@ -536,9 +530,4 @@ def run(args) -> dict | None:
         log.info("step %d: final loss %.4f, region coverage %s%s", s["step"], s["final_loss"],
                  "-" if s["coverage"] is None else f"{100 * s['coverage']:.1f}%", "" if s["kept"] else " (discarded)")
     log.info("union of %d steps covers %.1f%% of the labelled images", len(kept), 100 * outputs["union_coverage"])
-    return io.write_manifest(out, config, inputs, outputs, started=t0)
-
-
-def json_normal(obj):
-    """`obj` as it reads back from JSON (tuples become lists), for comparing with a saved file."""
-    return json.loads(json.dumps(obj, default=str))
+    return stage.finish(outputs)

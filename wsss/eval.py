@@ -13,25 +13,35 @@ DeepLab, IRN) do; a class predicted but absent from the ground truth has IoU 0 a
 pixel accuracy, mean class accuracy (classes with ground truth) and frequency-weighted IoU.
 Every figure is a percentage.
 
-Pseudo-masks (`--ignore-pred`, on for stage1/stage2 via --run): pixels the prediction marks 255
-are left out of the matrix, so mIoU is over labelled pixels, and `ignored` is the percentage of
-valid ground-truth pixels the prediction left unlabelled. Without it a prediction may hold 255
-only where the ground truth is 255 too (so a ground-truth folder scores as a prediction); 255 on
-a valid pixel is an error rather than a silent choice between "wrong" and "not counted".
+Pseudo-masks (`--ignore-pred`, on for stage1/stage2 via --run): the headline scores count the
+pixels a prediction marks 255 as background, as IRN's and SEAM's evaluations of seeds and
+pseudo-masks do (so figures compare with theirs, and leaving a pixel unlabelled is never cheaper
+than labelling it); beside them, "labelled" holds the scores over the labelled pixels only and
+`ignored` the percentage of valid ground-truth pixels the prediction left unlabelled. Without it a
+prediction may hold 255 only where the ground truth is 255 too (so a ground-truth folder scores as
+a prediction); 255 on a valid pixel is an error rather than a silent choice of protocol.
 
 CAM seeds (`--cam`): each ID.npz holds "cam" float16 (n, H, W) in [0, 1] and "keys" int64 (n,)
 mask ids; a constant background plane at threshold t is put before the CAMs and the argmax is the
-label (as IRN's eval_cam), for every threshold of the sweep in one pass over the images.
+label (as IRN's eval_cam), for every threshold of the sweep in one pass over the images. The same
+sweep runs on stage 1's union (regions/ID.npz, whose "score" is the max normalised CAM over the
+erasing steps).
+
+Which images (--run stage1/stage2): the field reports seeds and pseudo-masks on VOC `train`
+(1,464 images), while a run trains on train_aug (10,582, which holds train). When the dataset has
+ImageSets/Segmentation/train.txt and the run trained on another split, the images of `train` that
+the run has artifacts for (those in its split) are scored; otherwise the run's split. The output
+and each result's "split" say which.
 
 Why it is fast: this module imports numpy and PIL only (no torch); each image pair becomes one
 np.bincount over `gt * 256 + pred` of the raw uint8 values, which gives the matrix, the ignore
 counts and the out-of-range checks at once without boolean indexing; images are read by a thread
 pool (PNG decoding releases the GIL) and each worker sums its own chunk.
 
-JSON (`--json`, default outputs/NAME/stage3/eval.json for --run stage3): the result of one
-evaluation, {"miou", "pixel_acc", "mean_class_acc", "fwiou", "iou": [per class, null = NaN],
-"class_acc", "class_names", "confusion", "num_images", "missing", ...}; with several evaluations
-(--run stage1/stage2) a dict of them by name.
+JSON (`--json`, default outputs/NAME/STAGE/eval.json with --run): the result of one evaluation,
+{"miou", "pixel_acc", "mean_class_acc", "fwiou", "iou": [per class, null = NaN], "class_acc",
+"class_names", "confusion", "num_images", "missing", ...}; with several evaluations (--run
+stage1/stage2) a dict of them by name.
 """
 from __future__ import annotations
 
@@ -45,9 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss.io import read_mask, write_json
+from wsss.io import IGNORE, read_mask, write_json
 
-IGNORE = 255
 # Same tuple as wsss.data.voc.VOC_CLASSES (a test keeps them equal); repeated so that this module
 # imports nothing beyond numpy and PIL.
 VOC_CLASSES = (
@@ -225,8 +234,7 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _finish(hist: np.ndarray, num_classes: int, ids: list[str], missing: list[str], class_names) -> dict:
-    conf = hist[:num_classes, :num_classes]
+def _finish(conf: np.ndarray, num_classes: int, ids: list[str], missing: list[str], class_names) -> dict:
     result = scores(conf)
     result.update(num_images=len(ids), missing=len(missing), confusion=conf.tolist(),
                   class_names=list(class_names) if class_names else default_class_names(num_classes))
@@ -238,9 +246,11 @@ def evaluate(pred_dir, gt_dir, ids, num_classes: int = 21, *, ignore_pred: bool 
     """Score pred_dir/ID.png (palette or grey PNGs) against gt_dir/ID.png over `ids`.
 
     Returns scores() plus "confusion", "num_images", "missing" (predictions counted as all
-    background) and "class_names"; with ignore_pred also "ignored" (percent of valid GT pixels the
-    prediction marked 255). Raises EvalError naming the file for a missing ground truth or
-    prediction, a size mismatch or a label id out of range.
+    background) and "class_names". With ignore_pred, pixels the prediction marks 255 count as
+    background in those (the IRN/SEAM protocol), and the result also holds "ignored" (percent of
+    valid GT pixels marked 255) and "labelled" (the scores over the other pixels only). Raises
+    EvalError naming the file for a missing ground truth or prediction, a size mismatch or a label
+    id out of range.
     """
     _check_classes(num_classes)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
@@ -270,16 +280,24 @@ def evaluate(pred_dir, gt_dir, ids, num_classes: int = 21, *, ignore_pred: bool 
         return sum(score_one(i) for i in chunk)
 
     hist = _sum_over_chunks(score_chunk, ids, workers or default_workers(), f"scoring {pred_dir}")
-    result = _finish(hist, num_classes, ids, missing, class_names)
-    if ignore_pred:
-        valid = hist[:num_classes].sum()
-        result["ignored"] = _percent(hist[:num_classes, IGNORE].sum() / valid if valid else np.nan)
+    if not ignore_pred:
+        return _finish(hist[:num_classes, :num_classes], num_classes, ids, missing, class_names)
+    labelled = hist[:num_classes, :num_classes]
+    headline = labelled.copy()
+    headline[:, 0] += hist[:num_classes, IGNORE]  # unlabelled pixels are background
+    result = _finish(headline, num_classes, ids, missing, class_names)
+    valid = hist[:num_classes].sum()
+    result["ignored"] = _percent(hist[:num_classes, IGNORE].sum() / valid if valid else np.nan)
+    result["labelled"] = {k: v for k, v in scores(labelled).items() if k not in ("class_acc", "pixels")}
     return result
 
 
-def evaluate_cams(cam_dir, gt_dir, ids, num_classes: int = 21, *, thresholds=THRESHOLDS,
+def evaluate_cams(cam_dir, gt_dir, ids, num_classes: int = 21, *, thresholds=THRESHOLDS, array: str = "cam",
                   allow_missing: bool = False, workers: int | None = None, class_names=None) -> dict:
     """Background-threshold sweep of CAM seeds: cam_dir/ID.npz against gt_dir/ID.png.
+
+    `array`: the npz entry holding the (n, H, W) scores beside "keys" ("cam" for a step's CAMs,
+    "score" for stage 1's union).
 
     A pixel takes the class of its highest CAM when that CAM exceeds t, background otherwise
     (a tie goes to background, as argmax over [t, cams...] does). All thresholds come from one
@@ -304,12 +322,12 @@ def evaluate_cams(cam_dir, gt_dir, ids, num_classes: int = 21, *, thresholds=THR
     def read_cam(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         try:
             with np.load(path) as npz:
-                cam, keys = npz["cam"], npz["keys"]
+                cam, keys = npz[array], npz["keys"]
         except (OSError, ValueError, KeyError) as e:
-            raise EvalError(f"{path}: cannot read CAM file with 'cam' and 'keys' ({e})") from e
+            raise EvalError(f"{path}: cannot read CAM file with '{array}' and 'keys' ({e})") from e
         keys = np.asarray(keys).reshape(-1)
         if cam.ndim != 3 or cam.shape[0] != keys.size or cam.shape[1:] != shape:
-            raise EvalError(f"{path}: cam has shape {cam.shape}, expected ({keys.size}, {shape[0]}, "
+            raise EvalError(f"{path}: {array} has shape {cam.shape}, expected ({keys.size}, {shape[0]}, "
                             f"{shape[1]}) for {keys.size} keys at the ground truth's size")
         if keys.size and (keys.min() < 1 or keys.max() >= num_classes):
             raise EvalError(f"{path}: keys {keys.tolist()} outside 1..{num_classes - 1}")
@@ -387,11 +405,13 @@ def format_table(result: dict, class_names=None, title: str | None = None) -> st
         lines.append(f"  {i:>3}  {name:<{width}}  {_fmt(result['iou'][i])} {_fmt(result['class_acc'][i])}")
     lines.append(f"mIoU {_fmt(result['miou'])}   pixel acc {_fmt(result['pixel_acc'])}   "
                  f"mean class acc {_fmt(result['mean_class_acc'])}   FWIoU {_fmt(result['fwiou'])}")
-    extra = [f"{result['num_images']} images"]
+    if "labelled" in result:
+        lines.append(f"  (unlabelled pixels counted as background, the IRN/SEAM protocol; over labelled pixels "
+                     f"only: mIoU {_fmt(result['labelled']['miou']).strip()}, "
+                     f"{_fmt(result['ignored']).strip()}% of valid pixels unlabelled)")
+    extra = [f"{result['num_images']} images" + (f" of split '{result['split']}'" if result.get("split") else "")]
     if result.get("missing"):
         extra.append(f"{result['missing']} missing counted as background")
-    if "ignored" in result:
-        extra.append(f"mIoU over labelled pixels; {_fmt(result['ignored']).strip()}% of valid pixels ignored")
     lines.append("(" + "; ".join(extra) + ")")
     return "\n".join(lines)
 
@@ -421,13 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int,
                    help="classes including background (default: DATA/class_names.txt, else 21)")
     p.add_argument("--ignore-pred", action="store_true",
-                   help="pseudo-masks: leave pixels the prediction marks 255 out, report the ignored fraction")
+                   help="pseudo-masks: count pixels the prediction marks 255 as background (IRN/SEAM), with the "
+                        "mIoU over labelled pixels and the unlabelled fraction beside it")
     p.add_argument("--allow-missing", action="store_true", help="count missing predictions as all background")
     p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS),
                    help="background thresholds of the CAM sweep")
     p.add_argument("--workers", type=int, default=default_workers(), help="reader threads")
-    p.add_argument("--json", type=Path, help="write the results here (default for --run stage3: "
-                                             "OUTPUTS/RUN/stage3/eval.json)")
+    p.add_argument("--json", type=Path, help="write the results here (default with --run: OUTPUTS/RUN/STAGE/eval.json)")
     return p
 
 
@@ -448,8 +468,31 @@ def _mask_dir(root: Path) -> Path:
     raise EvalError(f"{root}: no ground truth folder ({' or '.join(MASK_DIRS)})")
 
 
-def _run_jobs(args) -> tuple[Path, str, list[tuple[str, str, Path, bool]], Path | None]:
-    """(data root, split, [(name, "pred" | "cam", folder, ignore_pred)], default json) for --run."""
+def _list_path(root: Path, split: str) -> Path:
+    return root / "ImageSets" / "Segmentation" / f"{split}.txt"
+
+
+def protocol_ids(data: Path, run_split: str) -> tuple[list[str], str, str]:
+    """(ids, split, why) of the images to score a run's stage-1/2 artifacts on: VOC `train` where
+    the dataset has that list and the run trained on another split (the images of it in the run's
+    split, the only ones with artifacts), else the run's split (module docstring)."""
+    run_ids = read_list(_list_path(data, run_split))
+    if run_split == "train":
+        return run_ids, run_split, "the run's split, 'train' (the IRN/SEAM protocol)"
+    if not _list_path(data, "train").is_file():
+        return run_ids, run_split, f"the run's split '{run_split}': the dataset has no separate 'train' list"
+    train = read_list(_list_path(data, "train"))
+    in_run = set(run_ids)
+    ids = [i for i in train if i in in_run]
+    if not ids:
+        return run_ids, run_split, f"the run's split '{run_split}': no image of 'train' is in it"
+    part = "" if len(ids) == len(train) else f", the {len(ids)} of its {len(train)} in the run's split"
+    return ids, "train", f"split 'train' (the IRN/SEAM protocol{part}); the run trained on '{run_split}'"
+
+
+def _run_jobs(args) -> tuple[Path, str, list[tuple[str, str, Path, bool, str]], Path, list[str] | None, str]:
+    """(data root, split, [(name, "pred" | "cam", folder, ignore_pred, npz array)], default json,
+    ids or None for the whole split, why these images) for --run."""
     stage_dir = args.outputs / args.run / args.stage
     config_path = stage_dir / "config.json"
     if not config_path.is_file():
@@ -462,60 +505,68 @@ def _run_jobs(args) -> tuple[Path, str, list[tuple[str, str, Path, bool]], Path 
         raise EvalError(f"{config_path}: needs 'data', 'train_split' and 'val_split' ({e!r})") from e
     if not data.is_dir():
         raise EvalError(f"{config_path}: dataset root {data} not found (run from the folder the stage ran in)")
+    json_path = stage_dir / "eval.json"
     if args.stage == "stage3":
-        return data, split, [("pred", "pred", stage_dir / "pred", args.ignore_pred)], stage_dir / "eval.json"
+        jobs = [("pred", "pred", stage_dir / "pred", args.ignore_pred, "")]
+        return data, split, jobs, json_path, None, f"the run's val split '{split}'"
+    ids, split, why = protocol_ids(data, split)
     if args.stage == "stage2":
-        jobs = [("pseudo", "pred", stage_dir / "pseudo", True)]
+        jobs = [("pseudo", "pred", stage_dir / "pseudo", True, "")]
         if (stage_dir / "fused").is_dir():
-            jobs.append(("fused", "pred", stage_dir / "fused", True))
-        return data, split, jobs, None
-    return data, split, [("step1_regions", "pred", stage_dir / "step1" / "regions", True),
-                         ("union_regions", "pred", stage_dir / "regions", True),
-                         ("cam_sweep", "cam", stage_dir / "step1" / "cam", True)], None
+            jobs.append(("fused", "pred", stage_dir / "fused", True, ""))
+        return data, split, jobs, json_path, ids, why
+    return data, split, [("step1_regions", "pred", stage_dir / "step1" / "regions", True, ""),
+                         ("union_regions", "pred", stage_dir / "regions", True, ""),
+                         ("cam_sweep", "cam", stage_dir / "step1" / "cam", True, "cam"),
+                         ("union_sweep", "cam", stage_dir / "regions", True, "score")], json_path, ids, why
 
 
 TITLES = {"pred": "predictions", "pseudo": "pseudo-masks (after CRF)", "fused": "fused pseudo-masks (before CRF)",
           "step1_regions": "mined regions, step 1 (plain CAM)", "union_regions": "mined regions, union of steps",
-          "cam_sweep": "CAM seeds, step 1"}
+          "cam_sweep": "CAM seeds, step 1", "union_sweep": "CAM seeds, max over the erasing steps"}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        run_ids, why = None, None
         if args.run:
-            data, split, jobs, json_path = _run_jobs(args)
+            data, split, jobs, json_path, run_ids, why = _run_jobs(args)
         else:
             data, split = args.data, args.split
             folder = args.pred or args.cam
-            jobs = [("pred" if args.pred else "cam_sweep", "pred" if args.pred else "cam", folder, args.ignore_pred)]
+            jobs = [("pred" if args.pred else "cam_sweep", "pred" if args.pred else "cam", folder, args.ignore_pred,
+                     "cam")]
             json_path = None
         json_path = args.json or json_path
         gt_dir = args.gt or (_mask_dir(data) if data else None)
         if gt_dir is None:
             raise EvalError("say where the ground truth is: --gt DIR or --data ROOT")
-        if args.ids:
-            ids = args.ids
-        elif args.list:
-            ids = read_list(args.list)
+        if args.ids or args.list:
+            ids, split, why = (args.ids or read_list(args.list)), None, None
+        elif run_ids is not None:
+            ids = run_ids
         elif data:
-            ids = read_list(data / "ImageSets" / "Segmentation" / f"{split}.txt")
+            ids = read_list(_list_path(data, split))
         else:
             raise EvalError("say which images to score: --list FILE, --ids ID ... or --data ROOT [--split]")
         names = read_class_names(data) if data else None
         num_classes = args.num_classes or (len(names) if names else len(VOC_CLASSES))
         if names and len(names) != num_classes:
             raise EvalError(f"--num-classes {num_classes} but {data / 'class_names.txt'} names {len(names)} classes")
+        if why:
+            print(f"scoring {len(ids)} images: {why}\n")
 
         results = {}
-        for name, kind, folder, ignore_pred in jobs:
+        for name, kind, folder, ignore_pred, array in jobs:
             t0 = time.perf_counter()
             if kind == "cam":
-                result = evaluate_cams(folder, gt_dir, ids, num_classes, thresholds=args.thresholds,
+                result = evaluate_cams(folder, gt_dir, ids, num_classes, thresholds=args.thresholds, array=array,
                                        allow_missing=args.allow_missing, workers=args.workers, class_names=names)
             else:
                 result = evaluate(folder, gt_dir, ids, num_classes, ignore_pred=ignore_pred,
                                   allow_missing=args.allow_missing, workers=args.workers, class_names=names)
-            result.update(pred_dir=str(folder), gt_dir=str(gt_dir))
+            result.update(pred_dir=str(folder), gt_dir=str(gt_dir), split=split)
             print(format_table(result, title=f"== {TITLES[name]}: {folder}"))
             print(f"scored {len(ids)} images in {time.perf_counter() - t0:.1f} s\n", file=sys.stderr)
             results[name] = result

@@ -21,6 +21,9 @@ import numpy as np
 from PIL import Image
 
 MANIFEST = "manifest.json"
+IGNORE = 255  # the label of pixels no loss or score counts, in every mask of the pipeline
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -46,6 +49,7 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; an artifact gets the modes of any normal write
     os.close(fd)
     try:
         yield Path(tmp)
@@ -56,11 +60,17 @@ def atomic_path(path: str | os.PathLike):
 
 
 def write_bytes(path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    """Write atomically; a failed write (a full disk...) raises OSError naming `path`, not the temp file."""
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename == str(path):
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 def write_json(path, obj) -> None:
@@ -134,10 +144,13 @@ def read_image(path) -> np.ndarray:
 
 
 def save_checkpoint(path, state: dict) -> None:
+    """Serialised in memory first, so that a full disk fails in write_bytes with a clear OSError
+    (torch.save writing to a file says only "file write failed")."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    buf = _io.BytesIO()
+    torch.save(state, buf)
+    write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -179,12 +192,13 @@ def _versions() -> dict:
 
 
 def write_manifest(stage_dir, config: dict, inputs: dict | None = None, outputs: dict | None = None,
-                   started: float | None = None) -> dict:
-    """Mark a stage complete: its config, input fingerprints, summary figures and versions."""
+                   started: float | None = None, fingerprints: dict | None = None) -> dict:
+    """Mark a stage complete: its config, input fingerprints (given, or of the `inputs` paths),
+    summary figures and versions."""
     now = time.time()
     manifest = {
         "config": config,
-        "inputs": {k: fingerprint(v) for k, v in (inputs or {}).items()},
+        "inputs": fingerprints if fingerprints is not None else {k: fingerprint(v) for k, v in (inputs or {}).items()},
         "outputs": outputs or {},
         "versions": _versions(),
         "started": started,
@@ -194,24 +208,3 @@ def write_manifest(stage_dir, config: dict, inputs: dict | None = None, outputs:
     }
     write_json(Path(stage_dir) / MANIFEST, manifest)
     return manifest
-
-
-def is_complete(stage_dir, config: dict, inputs: dict | None = None) -> bool:
-    """True when the stage has a finished manifest with this config and these inputs."""
-    path = Path(stage_dir) / MANIFEST
-    if not path.is_file():
-        return False
-    try:
-        manifest = read_json(path)
-    except (OSError, ValueError):
-        return False
-    same_config = json.loads(json.dumps(config, default=str)) == manifest.get("config")
-    same_inputs = {k: fingerprint(v) for k, v in (inputs or {}).items()} == manifest.get("inputs", {})
-    return bool(manifest.get("complete")) and same_config and same_inputs
-
-
-def invalidate(stage_dir) -> None:
-    """Remove a stage's manifest so that it counts as unfinished while it is being redone."""
-    path = Path(stage_dir) / MANIFEST
-    if path.exists():
-        path.unlink()

@@ -13,21 +13,24 @@ each image's labels). For one image:
 3. restrict (training images, whose labels are known): classes absent from the image's labels get
    probability 0 (the same as setting their logits to -inf before the argmax); background stays;
 4. optional dense CRF (`wsss.crf.dense_crf`) over background + the classes still present, unary
-   from those (renormalised) probabilities;
+   from those (renormalised) probabilities, with the kernels published for the net
+   (`wsss.crf.net_crf_params`: DeepLab v1's for VGG16 LargeFOV, DeepLab v2's otherwise);
 5. argmax -> uint8 mask ids, written as a VOC palette PNG at the image's size.
 
 Defaults: one scale (1.0), no flip, no CRF: fast, and what the per-epoch val mIoU measures; pass
 `--scales 0.5 1 1.5 --flip --crf` for the slower, usually better, test-time setting.
 
+The test-time flags name the folder (`pred_folder`: `pred` for the defaults, e.g.
+`pred-s0.5_1_1.5-flip-crf` otherwise), so predictions with other settings never replace each other.
 A prediction folder remembers its settings (`settings.json`: scales, flip, gate, restrict, CRF and
 the checkpoint's fingerprint). Rerun with the same settings, it skips the images already written
-(resume after a kill); with other settings, it starts over.
+(resume after a kill); with other settings, it removes the predictions it wrote and starts over.
+A CRF that fails is an error, never a silent fallback to the argmax.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -39,15 +42,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from wsss import io
-from wsss.crf import LABEL_CRF_DEFAULTS
+from wsss.crf import TEST_CRF, net_crf_params
 from wsss.data.transforms import normalize
 from wsss.data.voc import DatasetError, find_images
 from wsss.viz import overlay_with_legend, resize
 
 log = logging.getLogger("wsss")
 SETTINGS = "settings.json"
-# DeepLab v2's test-time CRF (DESIGN.md): gaussian xy 1 compat 3, bilateral xy 67 rgb 3 compat 4
-TEST_CRF = LABEL_CRF_DEFAULTS
 CRF_CHUNK = 32  # images predicted before their CRFs run in the process pool
 
 
@@ -130,8 +131,9 @@ def _present(probs: torch.Tensor, restrict_ids=None) -> np.ndarray:
     return np.union1d([0], shown).astype(np.int64)
 
 
-def _prepare_folder(out_dir: Path, settings: dict) -> None:
-    """Keep the predictions already in `out_dir` only if they were made with these settings."""
+def _prepare_folder(out_dir: Path, settings: dict, ids) -> None:
+    """Keep the predictions already in `out_dir` only if they were made with these settings; else
+    remove those of `ids` (what this folder's predictions are), and nothing else."""
     path = out_dir / SETTINGS
     if out_dir.is_dir():
         try:
@@ -140,7 +142,9 @@ def _prepare_folder(out_dir: Path, settings: dict) -> None:
             same = False
         if not same:
             log.info("%s: predictions with other settings; starting over", out_dir)
-            shutil.rmtree(out_dir)
+            for id_ in ids:
+                (out_dir / f"{id_}.png").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
     if not path.is_file():
         io.write_json(path, settings)
 
@@ -151,18 +155,18 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
     """Write out_dir/ID.png (palette) for `ids`, skipping those already there (see the docstring).
 
     `restrict`: keep only each image's labelled classes (training images); `crf`: dense CRF over
-    the classes present, `crf_params` (default DeepLab v2 test-time) in a pool of `workers`
+    the classes present, `crf_params` (default DeepLab v2 ResNet-101's; `net_crf` gives a run's) in a pool of `workers`
     processes. Under torchrun each rank predicts its share of the ids. Returns out_dir.
     """
     from wsss.run import barrier, is_main_process, shard
 
     out_dir = Path(out_dir)
-    crf_params = dict(TEST_CRF if crf_params is None else crf_params) if crf else None
+    crf_params = crf_settings(crf, crf_params)
     settings = {"scales": [float(s) for s in scales], "flip": bool(flip), "gate": bool(gate),
                 "restrict": bool(restrict), "crf": crf_params,
                 "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
     if is_main_process():
-        _prepare_folder(out_dir, settings)
+        _prepare_folder(out_dir, settings, ids)
     barrier()
     ids = shard(ids)
     todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
@@ -186,15 +190,31 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
 
 
 def _run_crfs(jobs, params, workers, out_dir: Path) -> None:
-    """CRF a chunk of predictions in a process pool; an image whose CRF fails keeps its argmax."""
+    """CRF a chunk of predictions in a process pool; a CRF that fails fails the prediction (the
+    images already written are kept, a rerun resumes)."""
     from wsss.crf import parallel_map
+    from wsss.stage import StageError
 
-    for (id_, _, probs, present), mask, error in parallel_map(partial(_crf_job, params), jobs, workers,
-                                                              desc="crf"):
+    for (id_, _, _, _), mask, error in parallel_map(partial(_crf_job, params), jobs, workers, desc="crf"):
         if error is not None:
-            log.warning("CRF failed on %s (%s: %s); keeping the net's argmax", id_, type(error).__name__, error)
-            mask = present[probs.argmax(0)].astype(np.uint8)
+            raise StageError(f"{out_dir}: the dense CRF failed on {id_} ({type(error).__name__}: {error}); "
+                             f"rerun without --crf to predict without it")
         io.write_mask(out_dir / f"{id_}.png", mask)
+
+
+def crf_settings(crf: bool, crf_params=None) -> dict | None:
+    """The kernels a prediction's CRF runs with: None without `crf`; else `crf_params`, by default
+    DeepLab v2 ResNet-101's (`net_crf` gives a run's)."""
+    if not crf:
+        return None
+    return dict(TEST_CRF["deeplab-v2-aspp-resnet101"] if crf_params is None else crf_params)
+
+
+def net_crf(config: dict) -> dict:
+    """The test-time CRF kernels published for a stage-3 run's net (`wsss.crf.net_crf_params`)."""
+    from wsss.models.segnet import resolve_head
+
+    return net_crf_params(config["backbone"], resolve_head(config["backbone"], config["head"]))
 
 
 # ---------------------------------------------------------------- any folder of photos
@@ -222,11 +242,13 @@ def predict_image(model, image: np.ndarray, device, *, scales=(1.0,), flip=False
     present = _present(probs)
     sub = probs[torch.as_tensor(present, device=probs.device)]
     if crf_params is not None:
+        from wsss.stage import StageError
+
         try:
             mask = _crf_job(crf_params, (None, small, sub.cpu().numpy(), present))
-        except Exception as e:  # noqa: BLE001 - a failed CRF keeps the net's argmax, as in predict_split
-            log.warning("CRF failed (%s: %s); keeping the net's argmax", type(e).__name__, e)
-            mask = present[label_map(sub)].astype(np.uint8)
+        except Exception as e:  # noqa: BLE001 - any failure of the CRF: a mask left unrefined would pass for a refined one
+            raise StageError(f"the dense CRF failed ({type(e).__name__}: {e}); rerun without --crf to predict "
+                             f"without it") from e
         return resize(mask, (h, w), nearest=True)
     full = F.interpolate(sub[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     return present[label_map(full)].astype(np.uint8)
@@ -236,13 +258,21 @@ def mask_name(rel: Path) -> Path:
     return rel.with_suffix(".png")
 
 
+def check_apart(out: Path, folders: dict[str, Path]) -> None:
+    """Refuse an OUT that is, contains or lies inside one of `folders` ({what: folder}): writing
+    there could overwrite a photo, the dataset, or a stage's artifacts."""
+    b = Path(out).resolve()
+    for what, folder in folders.items():
+        a = Path(folder).resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise DatasetError(f"--out {out} and {what} {folder} overlap; write the masks to a separate folder")
+
+
 def plan(images: Path, out: Path) -> list[Path]:
     """The photos' relative paths; errors for a missing folder, overlapping folders, clashing names."""
     if not images.is_dir():
         raise DatasetError(f"{images}: image folder not found")
-    a, b = images.resolve(), out.resolve()
-    if a == b or a in b.parents or b in a.parents:
-        raise DatasetError(f"--out {out} and --images {images} overlap; write the masks to a separate folder")
+    check_apart(out, {"--images": images})
     rels = [p.relative_to(images) for p in find_images(images)]
     if not rels:
         raise DatasetError(f"{images}: no images (.jpg, .jpeg, .png, .webp) found")
@@ -283,7 +313,7 @@ def mask_summary(mask: np.ndarray, names) -> dict:
 
 
 def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=False, gate=False, crf=False,
-                   max_side: int = 1024, overlay=False, checkpoint=None) -> dict:
+                   crf_params=None, max_side: int = 1024, overlay=False, checkpoint=None) -> dict:
     """Masks for any folder of photos: `python -m wsss.predict --run RUN --images DIR --out OUT`.
 
     No image labels are needed: a PSL net's classification branch gates the class maps (`--gate`),
@@ -296,19 +326,25 @@ def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=Fal
         OUT/masks.json          each photo's mask, size, and its classes with their pixel fractions
         OUT/settings.json       the settings the masks were made with
 
+    `crf`: dense CRF with `crf_params` (default as predict_split; the CLI passes the run's `net_crf`);
+    a CRF that fails is an error naming the photo (the masks already written are kept).
+
     A photo larger than --max-side is predicted at that size (the net was trained near the dataset's
     scale, and memory stays bounded); the probabilities of the classes found are then resized
     bilinearly to the full size before the argmax (after a CRF, the labels nearest-neighbour).
 
     Resume: rerun with the same settings and the photos already done are kept. OUT is never emptied:
     an OUT that is not empty and holds no predictions with these settings is an error, as is an OUT
-    inside DIR (or DIR inside OUT), so no photo can be overwritten.
+    inside DIR (or DIR inside OUT), so no photo can be overwritten. The CLI also keeps OUT apart from
+    the dataset and the stage folder, and holds the stage folder's lock while it predicts.
 
     Returns the masks.json index.
     """
+    from wsss.stage import StageError
+
     images, out = Path(images), Path(out)
     rels = plan(images, out)
-    crf_params = dict(TEST_CRF) if crf else None
+    crf_params = crf_settings(crf, crf_params)
     settings = {"scales": [float(s) for s in scales], "flip": bool(flip), "gate": bool(gate), "crf": crf_params,
                 "max_side": int(max_side), "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
     _prepare_out(out, settings)
@@ -324,8 +360,11 @@ def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=Fal
                 image = io.read_image(images / rel)
             except (OSError, ValueError) as e:
                 raise DatasetError(str(e)) from e
-            mask = predict_image(model, image, device, scales=scales, flip=flip, gate=gate,
-                                 crf_params=crf_params, max_side=max_side)
+            try:
+                mask = predict_image(model, image, device, scales=scales, flip=flip, gate=gate,
+                                     crf_params=crf_params, max_side=max_side)
+            except StageError as e:
+                raise StageError(f"{images / rel}: {e}") from e
             io.write_mask(mask_path, mask)
         if overlay and not overlay_path.is_file():
             image = io.read_image(images / rel) if image is None else image
@@ -343,13 +382,16 @@ def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=Fal
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from wsss.run import common_parser
+    from wsss.run import common_parser, safe_name
 
     p = common_parser("Predict label maps of a split with the final net of a stage-3 run.")
-    p.add_argument("--tag", default="", help="stage-3 variant: reads outputs/RUN/stage3-TAG (default stage3)")
-    p.add_argument("--split", default=None, help="split to predict (default: the run's --val-split)")
+    p.add_argument("--tag", default=None, type=safe_name,
+                   help="stage-3 variant: reads outputs/RUN/stage3-TAG (default stage3)")
+    p.add_argument("--split", default=None, type=safe_name, help="split to predict (default: the run's --val-split)")
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: STAGE/pred for the val split, STAGE/pred-SPLIT otherwise)")
+                   help="output folder inside OUTPUTS/RUN (default: STAGE/pred_folder(), with the split's name "
+                        "after 'pred' for another split than val); with --images, any folder outside the "
+                        "dataset, DIR and the stage folder (required)")
     g = p.add_argument_group("any folder of photos (see predict_folder in wsss/predict.py)")
     g.add_argument("--images", type=Path, default=None,
                    help="predict every photo under this folder (nested; jpg/jpeg/png/webp) instead of a split; "
@@ -362,18 +404,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:
-    """Test-time flags, shared with stages/stage3.py."""
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test scales (probabilities averaged)")
-    p.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")
-    p.add_argument("--crf", action="store_true", help="dense CRF on the predictions (DeepLab v2 test-time parameters)")
-    p.add_argument("--gate", choices=["on", "off"], default="on",
-                   help="PSL nets: multiply the class maps by the classification branch's probabilities "
-                        "(as AE-PSL does at test time); nets without the branch ignore it")
+    """Test-time flags, shared with stages/stage3.py: they name the prediction folder (pred_folder)
+    and are never part of stage 3's config."""
+    from wsss.run import positive_float, test_time
+
+    test_time(p.add_argument("--scales", type=positive_float, nargs="+", default=[1.0],
+                             help="test scales (probabilities averaged)"))
+    test_time(p.add_argument("--flip", action="store_true", help="also average the horizontally flipped image"))
+    test_time(p.add_argument("--crf", action="store_true",
+                             help="dense CRF on the predictions, with the kernels published for the net "
+                                  "(DeepLab v1's for VGG16 LargeFOV, DeepLab v2's otherwise)"))
+    test_time(p.add_argument("--gate", choices=["on", "off"], default="on",
+                             help="PSL nets: multiply the class maps by the classification branch's probabilities "
+                                  "(as AE-PSL does at test time); nets without the branch ignore it"))
+
+
+def pred_folder(scales, flip: bool, crf: bool, gate: str, split: str = "") -> str:
+    """The folder of predictions made with these test-time flags: `pred` for the defaults (one
+    scale, no flip, no CRF, gate on) of the val split, else `pred[-SPLIT]-s0.5_1-flip-crf-nogate`."""
+    parts = [split] if split else []
+    if [float(s) for s in scales] != [1.0]:
+        parts.append("s" + "_".join(f"{float(s):g}" for s in scales))
+    parts += [name for name, on in (("flip", flip), ("crf", crf), ("nogate", gate == "off")) if on]
+    return "-".join(["pred", *parts])
 
 
 def main(argv=None) -> int:
     from wsss import segment
-    from wsss.run import resolve_device, setup_logging
+    from wsss.crf import check_crf
+    from wsss.run import resolve_device, run_dir, setup_logging
+    from wsss.stage import StageError, error_line, lock, release
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -386,20 +446,31 @@ def main(argv=None) -> int:
         print(f"error: {stage / 'config.json'} not found (run stage 3 first)", file=sys.stderr)
         return 1
     split = args.split or config["val_split"]
-    out = args.out or stage / ("pred" if split == config["val_split"] else f"pred-{split}")
-    setup_logging(stage, "predict")
-    device = resolve_device(args.device)
+    out = args.out or stage / pred_folder(args.scales, args.flip, args.crf, args.gate,
+                                          "" if split == config["val_split"] else split)
     try:
+        if args.images is not None:  # the user's own folder for their photos: anywhere apart from these
+            check_apart(out, {"--images": args.images, "the dataset": Path(config["data"]), "the stage folder": stage})
+        elif not Path(out).resolve().is_relative_to(run_dir(args).resolve()):
+            raise StageError(f"--out {out}: outside the run's folder {run_dir(args)}")
+        if args.crf:
+            check_crf("predict", "no --crf")
+        lock(stage, "stage 3 or wsss.predict")
+        setup_logging(stage, "predict")
+        device = resolve_device(args.device)
         model, checkpoint, has_cls = segment.load_final_net(stage, config, device)
         if args.images is not None:
             return _predict_folder(args, model, checkpoint, has_cls, config, device)
         dataset = segment.open_dataset(config["data"], split)
-    except (FileNotFoundError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        dataset.validate()
+        predict_split(model, dataset, dataset.ids, out, device=device, scales=args.scales, flip=args.flip,
+                      gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),
+                      workers=args.workers, checkpoint=checkpoint, desc=f"predict {split}")
+    except (FileNotFoundError, StageError, OSError, ValueError) as e:
+        print(f"error: {error_line(e) or e}", file=sys.stderr)
         return 1
-    predict_split(model, dataset, dataset.ids, out, device=device, scales=args.scales, flip=args.flip,
-                  gate=has_cls and args.gate == "on", crf=args.crf, workers=args.workers,
-                  checkpoint=checkpoint, desc=f"predict {split}")
+    finally:
+        release(stage)
     print(f"wrote {len(dataset.ids)} predictions to {out}")
     return 0
 
@@ -409,7 +480,8 @@ def _predict_folder(args, model, checkpoint, has_cls, config, device) -> int:
 
     result = predict_folder(model, args.images, args.out, class_names(config["data"]), device=device,
                             scales=args.scales, flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf,
-                            max_side=args.max_side, overlay=args.overlay, checkpoint=checkpoint)
+                            crf_params=net_crf(config), max_side=args.max_side, overlay=args.overlay,
+                            checkpoint=checkpoint)
     print(f"wrote {len(result['images'])} masks to {args.out / 'masks'}"
           + (f" and overlays to {args.out / 'overlays'}" if args.overlay else "") + f", index {args.out / 'masks.json'}")
     return 0

@@ -23,26 +23,28 @@ pseudo/ID.png (after CRF, what stage 3 trains on), overlay/ID.png (image | salie
 contact_sheet.png (a sample of overlays), manifest.json (ignored and background fractions; with
 ground-truth masks also the mIoU over labelled pixels of the stage-1 seeds, the fused masks and the
 pseudo-masks, as `python -m wsss.eval --run RUN --stage stage2` computes it). Images already written are not redone
-on a rerun with the same config and inputs; a different config or --force starts afresh.
+on a rerun with the same config and inputs; a different config stops (wsss.stage), --force starts afresh.
+A CRF that cannot run (pydensecrf missing, a crashed worker) fails the stage unless --no-crf: a
+pseudo-mask silently left unrefined would pass for a refined one.
 Images without any label get an all-background pseudo-mask (that is what the label says);
 labelled images without a stage-1 regions file are skipped with a warning.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from wsss import io
-from wsss.crf import IGNORE, LABEL_CRF_DEFAULTS, crf_labels, parallel_map
+from wsss.crf import LABEL_CRF_DEFAULTS, check_crf, crf_labels, parallel_map
 from wsss.data.voc import DatasetError, VOCDataset
-from wsss.run import barrier, begin_stage, gather, is_main_process, log, shard, stage_dir
+from wsss.io import IGNORE
+from wsss.run import barrier, gather, is_main_process, log, runtime, shard, stage_dir
+from wsss.stage import StageError, dataset_inputs, error_line, open_stage
 
 PER_IMAGE = ("fused", "pseudo", "overlay")
 OVERLAY_HEIGHT = 240  # overlay panels are scaled to this height: one PNG per image must stay small
@@ -145,7 +147,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--crf-bi-sxy", type=float, default=LABEL_CRF_DEFAULTS["bi_sxy"])
     g.add_argument("--crf-bi-srgb", type=float, default=LABEL_CRF_DEFAULTS["bi_srgb"])
     g.add_argument("--crf-bi-compat", type=float, default=LABEL_CRF_DEFAULTS["bi_compat"])
-    g.add_argument("--sample", type=int, default=16, help="overlays in the contact sheet")
+    runtime(g.add_argument("--sample", type=int, default=16, help="overlays in the contact sheet"))
     return parser
 
 
@@ -226,7 +228,6 @@ def process_image(s: Settings, job: Job) -> dict:
 
     paths = {k: s.out / k / f"{job.id}.png" for k in PER_IMAGE}
     gt = io.read_mask(job.gt) if job.gt is not None else None
-    crf_error = None
     if job.regions is None:
         shape = gt.shape if gt is not None else _read_image(job.image).shape[:2]
         seeds = fused = pseudo = np.zeros(shape, np.uint8)
@@ -245,16 +246,11 @@ def process_image(s: Settings, job: Job) -> dict:
                 raise DatasetError(f"{s.out / 'saliency' / (job.id + '.png')}: saliency {saliency.shape} "
                                    f"differs from image size {image.shape[:2]}")
             fused = fuse_with_saliency(masks, keys, score, saliency, s.bg_threshold, s.conflict)
-            pseudo = fused
-            if s.crf:
-                try:
-                    pseudo = refine(image, fused, keys, score, saliency, s)
-                except Exception as e:  # noqa: BLE001 - a CRF failure keeps the fused mask
-                    crf_error = f"{type(e).__name__}: {e}"
+            pseudo = refine(image, fused, keys, score, saliency, s) if s.crf else fused
             io.write_mask(paths["fused"], fused)
             io.write_mask(paths["pseudo"], pseudo)
             io.write_png(paths["overlay"], _overlay(image, saliency, fused, pseudo, job.id, s.crf))  # last: marks done
-    figures = {"pixels": fused.size, "crf_error": crf_error}
+    figures = {"pixels": fused.size}
     for name, mask in (("fused", fused), ("pseudo", pseudo)):
         figures[f"{name}_ignored"] = int((mask == IGNORE).sum())
         figures[f"{name}_background"] = int((mask == 0).sum())
@@ -262,31 +258,14 @@ def process_image(s: Settings, job: Job) -> dict:
         if gt.shape != fused.shape:
             raise DatasetError(f"{job.gt}: mask size {gt.shape} differs from image size {fused.shape}")
         for name, mask in (("seeds", seeds), ("fused", fused), ("pseudo", pseudo)):
-            figures[f"{name}_confusion"] = confusion_matrix(gt, mask, s.num_classes, ignore_pred=True)
+            try:
+                figures[f"{name}_confusion"] = confusion_matrix(gt, mask, s.num_classes, ignore_pred=True)
+            except ValueError as e:
+                raise DatasetError(f"{job.gt}: {e}") from e
     return figures
 
 
 # ---------------------------------------------------------------- the stage
-
-def _json_normal(obj):
-    return json.loads(json.dumps(obj, default=str))
-
-
-def _start_afresh_if_changed(out: Path, config: dict, inputs: dict, force: bool) -> None:
-    """Per-image outputs are reused only if made with this config and these inputs; the saliency
-    cache only if made from the same source and dataset (or removed too by --force)."""
-    state = _json_normal({"config": config, "inputs": {k: io.fingerprint(v) for k, v in inputs.items()}})
-    path = out / "state.json"
-    previous = io.read_json(path) if path.is_file() else None
-    if force or previous != state:
-        for name in PER_IMAGE:
-            shutil.rmtree(out / name, ignore_errors=True)
-        same_source = previous is not None and all(
-            previous["config"].get(k) == state["config"].get(k) for k in ("saliency", "data"))
-        if force or not same_source:
-            shutil.rmtree(out / "saliency", ignore_errors=True)
-        io.write_json(path, state)
-
 
 def _jobs(dataset: VOCDataset, regions_dir: Path) -> tuple[list[Job], list[str], list[str]]:
     jobs, unlabelled, no_regions = [], [], []
@@ -346,21 +325,23 @@ def run(args) -> dict | None:
     stage1 = stage_dir(args, "stage1")
     if not (stage1 / io.MANIFEST).is_file():
         raise SystemExit(f"error: {stage1}: stage 1 is not complete (no {io.MANIFEST}); run stage 1 first")
-    inputs = {"stage1": stage1}
+    dataset = VOCDataset(args.data, args.train_split)
+    dataset.validate()
+    inputs = {"stage1": stage1, **dataset_inputs(dataset, masks=True)}
     if args.saliency != "builtin":
         if not Path(args.saliency).is_dir():
             raise SystemExit(f"error: --saliency {args.saliency}: not 'builtin' and not a folder")
         inputs["saliency"] = Path(args.saliency)
-    started = begin_stage(args, "stage2", inputs)
-    if started is None:
+    if args.crf:
+        check_crf("stage 2", "--no-crf")
+    stage = open_stage(args, "stage2", inputs,
+                       owned=("saliency", *PER_IMAGE, "contact_sheet.png"))
+    if stage is None:
         return None
-    out, config, t0 = started
+    out = stage.path
     init_distributed("cpu")  # under torchrun the ranks share the images out (gloo, for the barriers)
-    if is_main_process():
-        _start_afresh_if_changed(out, config, inputs, args.force)
     barrier()
 
-    dataset = VOCDataset(args.data, args.train_split)
     jobs, unlabelled, no_regions = _jobs(dataset, stage1 / "regions")
     if no_regions:
         log.warning("%d labelled images have no stage-1 regions file (e.g. %s): skipped",
@@ -377,34 +358,29 @@ def run(args) -> dict | None:
                         conflict=args.conflict, crf=args.crf, crf_mode=args.crf_mode,
                         gt_prob=args.crf_gt_prob, confidence=args.crf_confidence, soft=args.crf_soft,
                         crf_params=crf_params_of(args))
-    figures, failed, crf_failed = [], [], []
+    figures, failed = [], []
     for job, result, error in parallel_map(partial(process_image, settings), shard(jobs), args.workers, "stage 2"):
         if isinstance(error, BrokenProcessPool):  # the worker died, twice: a crash in the CRF's native code
-            try:
-                result = process_image(replace(settings, crf=False), job)
-                result["crf_error"], error = f"worker process died ({error})", None
-            except Exception as e:  # noqa: BLE001
-                error = e
+            error = RuntimeError(f"its worker process died (a crash in native code, e.g. the CRF: {error})")
         if error is not None:
-            failed.append((job.id, f"{type(error).__name__}: {error}"))
+            failed.append((job.id, error_line(error) or f"{type(error).__name__}: {error}"))
             log.error("%s: %s", *failed[-1])
             continue
-        if result["crf_error"]:
-            crf_failed.append(job.id)
-            log.warning("CRF failed on %s (%s); its pseudo-mask is the fused mask", job.id, result["crf_error"])
         figures.append(result)
-    figures, failed, crf_failed = (sum(parts, []) for parts in zip(*gather((figures, failed, crf_failed)), strict=True))
+    figures, failed = (sum(parts, []) for parts in zip(*gather((figures, failed)), strict=True))
     if failed:
-        raise SystemExit(f"error: stage 2 failed on {len(failed)} of {len(jobs)} images (first: {failed[0][0]}: {failed[0][1]}); "
-                         "the finished ones are kept, a rerun does the rest")
+        raise StageError(f"stage 2 failed on {len(failed)} of {len(jobs)} images (first: {failed[0][0]}: "
+                         f"{failed[0][1]}); the images already done are kept. Fix the cause (a CRF that cannot "
+                         f"run: or pass --no-crf) and rerun; the stage is not marked complete")
     if not is_main_process():
         return None
     _contact_sheet(out, labelled, args.sample, args.seed)
 
     outputs = {"images": len(jobs), "unlabelled_all_background": len(unlabelled),
-               "skipped_no_regions": len(no_regions), "crf_failed": sorted(crf_failed),
+               "skipped_no_regions": len(no_regions),
                **_summary(figures, dataset.num_classes)}
     for name in ("seeds", "fused", "pseudo"):
         if name in outputs:
             log.info("%s: %s", name, outputs[name])
-    return io.write_manifest(out, config, inputs, outputs, started=t0)
+    return stage.finish(outputs)
+

@@ -90,11 +90,11 @@ def run(ctx):
     pseudo = ctx.stage2 / "pseudo"
     ids = with_targets(ctx.train.ids, pseudo, "pseudo-mask")
     trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=pseudo)
-    model = ctx.train_net("psl", trainset, step, cls_branch=True, gate=gate)
+    model = ctx.train_net("psl", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss")
     if not args.psl_plus:
         return model, True
     masks = ctx.out / "psl" / "train-crf"
     ctx.predict_train(model, ids, masks, crf_params=CRF_DEFAULTS, checkpoint=ctx.out / "psl" / "checkpoint.pt",
                       desc="PSL+ masks")
     trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=masks)
-    return ctx.train_net("psl-plus", trainset, step, cls_branch=True, gate=gate), True
+    return ctx.train_net("psl-plus", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss"), True

@@ -1,6 +1,6 @@
 """The run report: one static page, `outputs/RUN/report.html`, showing what a run made.
 
-    python -m wsss.report --run NAME [--outputs outputs] [--sample 12]
+    python -m wsss.report --run NAME [--outputs outputs] [--sample 12] [--worst 8]
 
 It is built from the run's artifacts (the layout in README.md) and, for the images and the ground
 truth, from the dataset the stages' config names. For a sample of training images: the image, the
@@ -40,6 +40,8 @@ from wsss import io
 from wsss.data.transforms import MEAN
 from wsss.data.voc import DatasetError, VOCDataset
 from wsss.image_scores import score_images
+from wsss.run import safe_name
+from wsss.stage import StageError
 from wsss.viz import colorize, heatmap, resize, to_rgb
 
 log = logging.getLogger("wsss")
@@ -191,8 +193,9 @@ class Pictures:
         return path.relative_to(self.run).as_posix()
 
     def remove_stale(self) -> None:
+        """Only pictures (what the report writes) go; other files a user put there stay."""
         for path in sorted(self.root.rglob("*"), reverse=True):
-            if path.is_file() and path not in self.written:
+            if path.is_file() and path.suffix == ".png" and path not in self.written:
                 path.unlink()
             elif path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
@@ -388,18 +391,31 @@ def confusion_figure(conf: np.ndarray, names, title: str):
 
 
 def curves_figure(sources: dict[str, list[dict]], title: str):
-    """One subplot per logged quantity (loss, seg_loss, val_mAP, val_miou...), one line per training."""
+    """One subplot per logged quantity (loss, seg_loss, val_mAP, val_miou...), one line per training,
+    and the loss every few iterations (the "iter" lines), where a net that dies shows the moment."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
+    iterations = {source: [r for r in records if "iter" in r] for source, records in sources.items()}
+    sources = {source: [r for r in records if "iter" not in r] for source, records in sources.items()}
     keys = []
     for records in sources.values():
         for r in records:
             keys += [k for k, v in r.items() if k not in NOT_CURVES and k not in keys
                      and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    cols = min(3, max(1, len(keys)))
-    rows = max(1, -(-len(keys) // cols))
+    panels = len(keys) + any(iterations.values())
+    cols = min(3, max(1, panels))
+    rows = max(1, -(-panels // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    if any(iterations.values()):
+        ax = list(axes.flat)[len(keys)]
+        for source, records in iterations.items():
+            if records:
+                ax.plot([r["iter"] for r in records], [r["loss"] for r in records], linewidth=0.8, label=source)
+        ax.set_title("loss per iteration")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     for ax, key in zip(axes.flat, keys, strict=False):
         for source, records in sources.items():
             points = [(r["epoch"], r[key]) for r in records if key in r and "epoch" in r and r[key] is not None]
@@ -414,7 +430,7 @@ def curves_figure(sources: dict[str, list[dict]], title: str):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
@@ -568,9 +584,20 @@ def stage_section(stage: Stage) -> str:
 # ---------------------------------------------------------------- the page
 
 def build(run: Path, sample: int = 12, worst: int = 8) -> Path:
-    """Write run/report.html and its pictures; return the page's path."""
+    """Write run/report.html and its pictures; return the page's path. Two reports of one run at
+    once would remove each other's pictures: the run folder is locked for it (wsss.stage)."""
+    from wsss.stage import lock, release
+
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: run folder not found")
+    lock(run, "the report")  # outputs/RUN/.lock: the stages lock their own folders
+    try:
+        return _build(run, sample, worst)
+    finally:
+        release(run)
+
+
+def _build(run: Path, sample: int, worst: int) -> Path:
     stages = {name: read_stage(run, name) for name in stage_names(run)}
     pictures = Pictures(run)
     problems: list[str] = []
@@ -659,7 +686,7 @@ def _artifact_ids(*folders: Path) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Write outputs/RUN/report.html: a static page of a run's artifacts.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default="demo", help="run name")
+    p.add_argument("--run", default="demo", type=safe_name, help="run name")
     p.add_argument("--outputs", type=Path, default=Path("outputs"), help="folder holding all runs")
     p.add_argument("--sample", type=int, default=12, help="training images and val images shown")
     p.add_argument("--worst", type=int, default=8, help="worst val images (per-image IoU) shown per stage-3 folder")
@@ -667,7 +694,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         path = build(args.outputs / args.run, args.sample, args.worst)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path}")

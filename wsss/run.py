@@ -1,36 +1,96 @@
-"""A run: `outputs/<run>/`, the flags every stage shares, seeding, logging and the skip-if-done rule."""
+"""A run: `outputs/<run>/`, the flags every stage shares (and their kinds), seeding, logging, ranks.
+
+The skip/resume rule of a stage folder lives in wsss.stage."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import random
+import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from wsss import io
-
 log = logging.getLogger("wsss")
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def runtime(action: argparse.Action) -> argparse.Action:
+    """Declare a flag as runtime: it decides how a stage runs, never what it makes (not config)."""
+    action.kind = "runtime"
+    return action
+
+
+def test_time(action: argparse.Action) -> argparse.Action:
+    """Declare a stage-3 flag as test-time: it names the prediction folder, never touches the training."""
+    action.kind = "test-time"
+    return action
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose namespace carries each declared flag's kind (`args._kinds`, dest ->
+    "runtime" | "test-time"), so that a stage tells its config from the rest by the flags' own
+    declarations (stage 2's --crf is config, stage 3's test-time --crf is not)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        namespace._kinds = {a.dest: a.kind for a in self._actions if hasattr(a, "kind")}
+        return namespace, rest
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes (epochs, batch, crop): 0 would give bogus output or a crash."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': expected a positive integer")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type of a scale."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"'{text}': expected a positive number")
+    return value
+
+
+def is_safe_name(text: str) -> bool:
+    """One folder or file name: letters, digits and -_. only, never '.', '..' or a path."""
+    return bool(SAFE_NAME.fullmatch(text)) and text not in (".", "..")
+
+
+def safe_name(text: str) -> str:
+    """argparse type of --run and --tag."""
+    if not is_safe_name(text):
+        raise argparse.ArgumentTypeError(f"'{text}': use letters, digits and -_. only (no '/', no '..')")
+    return text
 
 
 def common_parser(description: str) -> argparse.ArgumentParser:
     """Flags shared by every stage script; each stage adds its own."""
-    p = argparse.ArgumentParser(description=description,
+    p = Parser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="data/synthetic", help="dataset root in the VOC layout")
-    p.add_argument("--run", "--name", dest="run", default="demo",
-                   help="run name: artifacts go to <outputs>/<run>/ (--name for torchrun, whose --run-path shadows --run)")
-    p.add_argument("--outputs", default="outputs", help="folder holding all runs")
+    runtime(p.add_argument("--run", "--name", dest="run", default="demo", type=safe_name,
+                           help="run name: artifacts go to <outputs>/<run>/ (--name for torchrun, whose "
+                                "--run-path shadows --run)"))
+    runtime(p.add_argument("--outputs", default="outputs", help="folder holding all runs"))
     p.add_argument("--train-split", default="train", help="list of training images (train_aug on VOC)")
     p.add_argument("--val-split", default="val")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    runtime(p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"]))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="data-loading / CRF worker processes")
-    p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+    runtime(p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                           help="data-loading / CRF worker processes"))
+    runtime(p.add_argument("--force", action="store_true",
+                           help="redo the stage in place: removes what it wrote before (and only that)"))
     return p
 
 
@@ -115,27 +175,6 @@ def setup_logging(stage_dir: Path, name: str) -> None:
         handlers.append(logging.FileHandler(stage_dir / f"{name}.log"))
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-
-
-def config_of(args, drop=("force", "workers", "outputs")) -> dict:
-    """The flags that decide a stage's artifacts (not those that only decide how fast it runs)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in drop}
-
-
-def begin_stage(args, stage: str, inputs: dict | None = None) -> tuple[Path, dict, float] | None:
-    """Set up a stage; return None when it is already complete with this config and these inputs."""
-    out = stage_dir(args, stage)
-    setup_logging(out, stage)
-    config = config_of(args)
-    log.info("%s config: %s", stage, config)
-    if not args.force and io.is_complete(out, config, inputs):
-        log.info("%s is complete in %s with this config; skipping (--force redoes it)", stage, out)
-        return None
-    if is_main_process():
-        io.invalidate(out)
-        io.write_json(out / "config.json", config)
-    seed_everything(args.seed)
-    return out, config, time.time()
 
 
 def process_pool(workers: int, **kwargs):

@@ -8,8 +8,8 @@ Layout of a stage folder: `outputs/RUN/stage3/` by default, `outputs/RUN/stage3-
 `--tag TAG`, so that variants (another method, `--masks gt`, an ablation) never overwrite each
 other; `stage3/pred` is the default product that `make eval` scores.
 
-    config.json, stage3.log, manifest.json (written last)
-    started.json            config + input fingerprints this folder's artifacts belong to
+    config.json, stage3.log, manifest.json (written last; `predictions` lists every pred folder)
+    stage.json              config + input fingerprints this folder's artifacts belong to (wsss.stage)
     psl/                    PSL net: checkpoint.pt, metrics.jsonl
     psl/train-crf/ID.png    PSL+ only: PSL predictions of the training images, restricted to their
                             labels, after the stage-2 dense CRF: what psl-plus/ retrains on
@@ -18,9 +18,10 @@ other; `stage3/pred` is the default product that `make eval` scores.
     stc/i/, stc/e/, stc/p/  STC nets; stc/i/pred and stc/e/pred hold their predictions of the
                             training images (restricted to the labels) that the next net trains on
     gt/                     --masks gt: the same net trained on the ground-truth masks
-    pred/ID.png             val predictions of the final net (palette PNGs)
+    pred/ID.png             val predictions of the final net (palette PNGs), default test-time flags
+    pred-SETTINGS/          the same with other test-time flags (`wsss.predict.pred_folder`)
     metrics.jsonl           every epoch of every net, with "net": its folder
-    eval.json               wsss.eval scores of pred/ against the val ground truth
+    eval.json               wsss.eval scores of pred/ against the val ground truth (eval-SETTINGS.json)
 
 Defaults (CPU, embedded dataset): efficientnet-lite0 + ASPP at output stride 16, 8 epochs of
 160 px crops, batch 8, lr 0.005 (head 0.05), one test scale. PSL then takes about 6 minutes on 2
@@ -29,14 +30,14 @@ simple images only. The papers' setting (output stride 8, more iterations,
 multi-scale test) is a matter of flags on a GPU.
 
 Resume: each training resumes from its checkpoint (`wsss.train.fit`), finished trainings return at
-once, predictions already written are kept. If the config or the inputs differ from those in
-started.json (or with --force), the folder is emptied first, so no stale checkpoint is resumed.
+once, predictions already written are kept. The test-time flags (--scales, --flip, --crf, --gate) are
+not config: a finished stage rerun with other ones keeps its nets byte for byte and only predicts
+and scores into another folder. Any other changed flag or input stops the stage (wsss.stage).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -47,17 +48,20 @@ import torch
 
 from wsss import io
 from wsss.data.transforms import normalize, train_augment
-from wsss.data.voc import IGNORE, DatasetError, VOCDataset, list_path
+from wsss.data.voc import DatasetError, VOCDataset
+from wsss.io import IGNORE
 from wsss.losses import cross_entropy
 from wsss.pseudo import stc_soft_target
-from wsss.run import barrier, begin_stage, is_main_process, log, resolve_device, run_dir
+from wsss.run import barrier, is_main_process, log, positive_int, resolve_device, run_dir, runtime, safe_name
+from wsss.stage import dataset_inputs, open_stage
 from wsss.train import fit, read_metrics, torch_device
 
-STARTED = "started.json"
 # transforms.train_augment pads masks with 255. To tell padding (outside the image) apart from a
 # map's own values, a map's 255 travels as 254: ignore of a hard mask (back to 255 after), or full
 # saliency of a grey map (so a grey map's probability is value / 254 after augmentation).
 PAD, SHIFTED = 255, 254
+WARMUP = 100  # iterations; see "Why these optimiser defaults" in the module docstring
+CLIP_GRAD = 5.0
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -67,18 +71,22 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masks", choices=["pseudo", "gt"], default="pseudo",
                    help="gt: train the same net, plain cross-entropy, on the training split's ground-truth "
                         "masks (the fully supervised upper bound; --method is then not used)")
-    p.add_argument("--tag", default="", help="write to outputs/RUN/stage3-TAG instead of stage3")
+    runtime(p.add_argument("--tag", default=None, type=safe_name,
+                           help="write to outputs/RUN/stage3-TAG instead of stage3"))
     p.add_argument("--backbone", default="efficientnet-lite0")
     p.add_argument("--head", default="auto", choices=["auto", "largefov", "aspp"])
     p.add_argument("--output-stride", type=int, default=16, choices=[8, 16],
                    help="16 keeps the CPU default in budget (output stride 8 costs about 4x per image on "
                         "efficientnet-lite0); the papers use 8, pass it on a GPU")
     p.add_argument("--weights", default="imagenet", help="backbone weights: imagenet, none, or a .pth path")
-    p.add_argument("--epochs", type=int, default=8, help="epochs of each training")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=positive_int, default=8, help="epochs of each training")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--lr", type=float, default=0.005,
                    help="backbone learning rate (the head gets 10x); 0.01 wrecked the pretrained features")
-    p.add_argument("--crop", type=int, default=160, help="training crop size")
+    p.add_argument("--crop", type=positive_int, default=160, help="training crop size")
+    p.add_argument("--warmup", type=int, default=WARMUP,
+                   help="iterations of linear learning-rate warm-up (see wsss/segment.py for why)")
+    p.add_argument("--clip-grad", type=float, default=CLIP_GRAD, help="max gradient norm (0: no clipping)")
     add_predict_args(p)
     g = p.add_argument_group("PSL (--method psl)")
     g.add_argument("--psl-online", choices=["on", "off"], default="on",
@@ -133,6 +141,19 @@ class SegmentationTrainSet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def constant_predictor_loss(self, most: int = 500) -> float | None:
+        """Cross-entropy of the best constant predictor (each class at its pixel frequency in the
+        targets, from up to `most` evenly spaced images): a net whose loss stays at this level has
+        learned nothing from the pixels. None for soft targets."""
+        if self.soft:
+            return None
+        counts = np.zeros(256, np.int64)
+        for id_ in self.ids[::max(1, len(self.ids) // most)]:
+            counts += np.bincount(self.target(id_).ravel(), minlength=256)
+        counts[IGNORE] = 0
+        freq = counts[counts > 0] / max(counts.sum(), 1)
+        return float(-(freq * np.log(freq)).sum())
+
     def target(self, id_: str) -> np.ndarray:
         if self.target_dir is None:
             return self.dataset.mask(id_)
@@ -178,6 +199,24 @@ def with_targets(ids, folder: Path, what: str) -> list[str]:
         log.warning("%s: %d of %d training images have no %s and are skipped (%s%s)", folder, len(missing),
                     len(ids), what, ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "")
     return kept
+
+
+def collapse_check(constant_loss: float | None, loss_key: str = "loss", class_names=None):
+    """`health` for wsss.train.fit: the net is dead when every pixel of every val image is one
+    class *and* its training cross-entropy has not left the constant predictor's level (both:
+    after a short first epoch a live net may still say background everywhere, and a loss alone
+    at that level can be a hard dataset)."""
+    def health(record: dict) -> str | None:
+        loss = record.get(loss_key, record.get("loss"))
+        if constant_loss is None or record.get("val_classes") != 1 or loss < 0.9 * constant_loss:
+            return None
+        name = record.get("val_class")
+        if class_names is not None and name is not None:
+            name = class_names[name]
+        return (f"the net has collapsed: it predicts '{name}' for every pixel of every val image, and its training "
+                f"loss {loss:.3f} is at the level of a constant predictor ({constant_loss:.3f}). The step size is too "
+                f"large for this data: lower --lr, raise --warmup or lower --clip-grad")
+    return health
 
 
 def ce_step(model, batch, epoch):
@@ -243,18 +282,22 @@ class Stage3:
     def stage2(self) -> Path:
         return run_dir(self.args) / "stage2"
 
-    def train_net(self, name: str, trainset, step_fn, cls_branch: bool = False, gate: bool = False):
-        """Train (or resume, or load when finished) the net in out/name; returns the bare module."""
+    def train_net(self, name: str, trainset, step_fn, cls_branch: bool = False, gate: bool = False,
+                  loss_key: str = "loss"):
+        """Train (or resume, or load when finished) the net in out/name; returns the bare module.
+        `loss_key`: the log entry holding the segmentation cross-entropy, for the collapse check."""
         torch.manual_seed(self.args.seed)  # the same initial head whether or not earlier nets ran here
         model = build_net(self.config, self.num_classes, cls_branch)
         log.info("%s: training on %d images", name, len(trainset))
+        health = collapse_check(trainset.constant_predictor_loss(), loss_key, self.train.class_names)
         return fit(model, trainset, step_fn, self.out / name, epochs=self.args.epochs,
                    batch_size=self.args.batch_size, lr=self.args.lr, device=self.device, seed=self.args.seed,
-                   workers=self.args.workers, param_groups=model.param_groups,
-                   evaluate=self.val_evaluator(gate), desc=name)
+                   workers=self.args.workers, param_groups=model.param_groups, warmup=self.args.warmup,
+                   clip_grad=self.args.clip_grad, evaluate=self.val_evaluator(gate), health=health, desc=name)
 
     def val_evaluator(self, gate: bool):
-        """evaluate(model) -> {"val_miou"} at one scale, or None when val has no ground truth."""
+        """evaluate(model) -> {"val_miou", "val_classes": how many classes it predicts anywhere,
+        "val_class": the most predicted one} at one scale, or None when val has no ground truth."""
         from wsss.eval import confusion_matrix, scores
         from wsss.predict import label_map, predict_masks
 
@@ -267,7 +310,9 @@ class Stage3:
             for id_, _, probs in predict_masks(model, self.val, ids, device=torch_device(self.device),
                                                gate=gate, desc="val"):
                 conf += confusion_matrix(self.val.mask(id_), label_map(probs), self.num_classes)
-            return {"val_miou": scores(conf)["miou"]}
+            predicted = conf.sum(0)
+            return {"val_miou": scores(conf)["miou"], "val_classes": int((predicted > 0).sum()),
+                    "val_class": int(predicted.argmax())}
 
         return evaluate
 
@@ -279,28 +324,6 @@ class Stage3:
         return predict_split(model, self.train, ids, out_dir, device=torch_device(self.device), restrict=True,
                              crf=crf_params is not None, crf_params=crf_params, workers=self.args.workers,
                              checkpoint=checkpoint, desc=desc)
-
-
-def _start_folder(out: Path, config: dict, inputs: dict, force: bool) -> None:
-    """Empty the stage folder unless its artifacts belong to this config and these inputs."""
-    state = {"config": config, "inputs": {k: io.fingerprint(v) for k, v in inputs.items()}}
-    state = _roundtrip(state)
-    path = out / STARTED
-    try:
-        same = io.read_json(path) == state
-    except (OSError, ValueError):
-        same = False
-    if force or not same:
-        for child in out.iterdir():
-            if child.name == "config.json" or child.suffix == ".log":
-                continue
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        io.write_json(path, state)
-
-
-def _roundtrip(obj):
-    """obj as it reads back from JSON (tuples -> lists, paths -> strings), for comparisons."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
 def train_gt(ctx: Stage3):
@@ -320,29 +343,33 @@ def _collect_metrics(out: Path) -> list[dict]:
 def run(args) -> dict | None:
     """Stage 3 end to end; returns the val scores (None when already complete)."""
     from wsss import psl, stc
+    from wsss.crf import check_crf
     from wsss.eval import evaluate, format_table
-    from wsss.predict import predict_split
+    from wsss.predict import net_crf, pred_folder, predict_split
     from wsss.train import init_distributed
 
     device = resolve_device(args.device)
     stage2 = run_dir(args) / "stage2"
+    train, val = open_dataset(args.data, args.train_split), open_dataset(args.data, args.val_split)
+    train.validate(need_mask=args.masks == "gt")
+    val.validate()
+    inputs = {**dataset_inputs(train, masks=args.masks == "gt"), **dataset_inputs(val, masks=True, prefix="val ")}
     if args.masks == "pseudo":
         if not (stage2 / io.MANIFEST).is_file():
             raise SystemExit(f"error: {stage2}: stage 2 is not complete (no {io.MANIFEST}); run stages/stage2.py first")
-        inputs = {"stage2": stage2}
-    else:
-        inputs = {"train_list": list_path(args.data, args.train_split)}
-    name = stage_name(args)
-    begun = begin_stage(args, name, inputs)
-    if begun is None:
+        inputs["stage2"] = stage2
+    if args.crf or (args.psl_plus and args.method == "psl" and args.masks == "pseudo"):
+        check_crf("stage 3", "no --crf" if args.crf else "no --psl-plus")
+    name, pred = stage_name(args), pred_folder(args.scales, args.flip, args.crf, args.gate)
+    stage = open_stage(args, name, inputs, owned=(*{n.split("/")[0] for n in NETS}, "pred", "pred-*", "eval*.json",
+                                                  "metrics.jsonl"),
+                       done=lambda manifest: pred in manifest.get("outputs", {}).get("predictions", {pred: 0}))
+    if stage is None:
         return None
-    out, config, t0 = begun
+    out, config = stage.path, stage.config
     init_distributed(device)
-    if is_main_process():
-        _start_folder(out, _roundtrip(config), inputs, args.force)
     barrier()
-    ctx = Stage3(args, config, out, device, open_dataset(args.data, args.train_split),
-                 open_dataset(args.data, args.val_split))
+    ctx = Stage3(args, config, out, device, train, val)
 
     if args.masks == "gt":
         model, has_cls = train_gt(ctx)
@@ -353,25 +380,29 @@ def run(args) -> dict | None:
 
     t_pred = time.time()
     checkpoint = out / final_net(config)[0] / "checkpoint.pt"
-    predict_split(model, ctx.val, ctx.val.ids, out / "pred", device=torch_device(device), scales=args.scales,
-                  flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf, workers=args.workers,
-                  checkpoint=checkpoint, desc="predict val")
+    predict_split(model, ctx.val, ctx.val.ids, out / pred, device=torch_device(device), scales=args.scales,
+                  flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),
+                  workers=args.workers, checkpoint=checkpoint, desc="predict val")
     if not is_main_process():
         return None
     records = _collect_metrics(out)
     io.write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
     outputs = {"final_net": final_net(config)[0], "predict_seconds": round(time.time() - t_pred, 1),
                "nets": _net_summary(records)}
+    prediction = {"scales": list(args.scales), "flip": args.flip, "crf": args.crf, "gate": args.gate}
     result = None
     if ctx.val.mask_dir is not None and all(ctx.val.has_mask(i) for i in ctx.val.ids):
-        result = evaluate(out / "pred", ctx.val.mask_dir, ctx.val.ids, ctx.num_classes,
+        result = evaluate(out / pred, ctx.val.mask_dir, ctx.val.ids, ctx.num_classes,
                           workers=args.workers, class_names=ctx.val.class_names)
-        io.write_json(out / "eval.json", result)
-        log.info("%s", format_table(result, title=f"== {name} val predictions: {out / 'pred'}"))
-        outputs["val_miou"] = result["miou"]
+        io.write_json(out / f"eval{pred[len('pred'):]}.json", result)
+        log.info("%s", format_table(result, title=f"== {name} val predictions: {out / pred}"))
+        outputs["val_miou"] = prediction["val_miou"] = result["miou"]
     else:
         log.info("no ground truth for every image of %s: val predictions are not scored", args.val_split)
-    io.write_manifest(out, config, inputs, outputs=outputs, started=t0)
+    if stage.manifest:  # the nets were finished before: keep their figures, add this prediction folder
+        outputs = {**stage.manifest["outputs"]}
+    outputs["predictions"] = {**outputs.get("predictions", {}), pred: prediction}
+    stage.finish(outputs)
     return result
 
 

@@ -1,9 +1,17 @@
 """The training loop shared by stage 1 (classifier) and stage 3 (segmentation nets).
 
 One loop, so every network gets the same guarantees: SGD with poly learning rate (DeepLab,
-IRN), bf16 autocast on CUDA, DistributedDataParallel when launched by torchrun, a checkpoint
-after every epoch written atomically, and resume from it after a kill (an interrupted epoch is
-redone from the last finished one, with the same data order as an uninterrupted run).
+IRN) after a linear warm-up, gradient-norm clipping, bf16 autocast on CUDA, DistributedDataParallel
+when launched by torchrun, a checkpoint after every epoch written atomically, and resume from it
+after a kill (an interrupted epoch is redone from the last finished one, with the same data order
+as an uninterrupted run).
+
+Training never fails silently: a non-finite loss or gradient stops it at once, and after each
+epoch `health(record)` (the caller's test for a dead net, e.g. `wsss.segment`'s "every val pixel
+is one class while the loss sits at the constant predictor's level") may stop it with
+`TrainingCollapsed`, after the epoch's line is written so the collapse can be seen.
+`metrics.jsonl` holds one line per epoch and, every `log_every` iterations, a line with "iter"
+(loss, learning rate, gradient norm before clipping): the moment a net dies is visible there.
 
 Under torchrun, `batch_size` stays the global batch: each of W processes takes batch_size / W
 images, and DistributedSampler deals out the same permutation (randperm seeded with seed + epoch)
@@ -36,6 +44,11 @@ from wsss.run import distributed, is_main_process, rank_world
 log = logging.getLogger("wsss")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+LOG_EVERY = 10  # iterations between the "iter" lines of metrics.jsonl
+
+
+class TrainingCollapsed(RuntimeError):
+    """The net stopped learning (see `fit`'s `health`); the message says what was seen and which flags to look at."""
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -61,8 +74,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
-    return base_lr * (1 - step / max(total, 1)) ** power
+def scheduled_lr(base_lr: float, step: int, total: int, warmup: int = 0, power: float = 0.9) -> float:
+    """Poly decay (DeepLab) times a linear warm-up over the first `warmup` iterations: the new head
+    starts at a tiny step, so its first updates cannot push every unit of the head's ReLU layer
+    negative before the features have been seen (the collapse described in `wsss.segment`)."""
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return warm * base_lr * (1 - step / max(total, 1)) ** power
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -92,11 +109,14 @@ class EpochSeeded(Dataset):
 
 def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: float, device: str,
         seed: int, workers: int = 0, param_groups=None, evaluate=None, desc: str = "train",
-        weight_decay: float = 5e-4, momentum: float = 0.9):
+        weight_decay: float = 5e-4, momentum: float = 0.9, warmup: int = 0, clip_grad: float = 0.0,
+        health=None, log_every: int = LOG_EVERY):
     """Train `model` on `dataset` (items from `dataset.item(index, rng)`); see the module docstring.
 
     `step_fn(model, batch, epoch) -> (loss, {name: float})`; `evaluate(model) -> {name: float}`
-    runs on rank 0 after each epoch. Returns the bare trained module.
+    runs on rank 0 after each epoch; `health(record) -> message or None` after it (rank 0).
+    `warmup`: iterations of linear warm-up; `clip_grad`: max gradient norm (0: no clipping).
+    Returns the bare trained module.
     """
     out_dir = Path(out_dir)
     init_distributed(device)
@@ -146,23 +166,34 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
         net.train()
         sums: dict[str, float] = {}
         t0 = time.time()
+        iterations: list[dict] = []
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not is_main_process(), leave=False)
         for it, batch in enumerate(bar):
             step = epoch * iters_per_epoch + it
             torch.manual_seed(step_seed(seed, step))  # dropout / stochastic depth: the same after a resume
             for g in optimizer.param_groups:
-                g["lr"] = poly_lr(g["initial_lr"], step, total)
+                g["lr"] = scheduled_lr(g["initial_lr"], step, total, warmup)
             batch = to_device(batch, dev)
             with autocast:
                 loss, logs = step_fn(net, batch, epoch)
+            where = f"epoch {epoch + 1}, iteration {it + 1} of {iters_per_epoch}"
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, iteration {it}")
+                raise FloatingPointError(f"{desc}: the loss became {loss.item()} at {where}; "
+                                         f"lower --lr or raise --warmup")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], clip_grad if clip_grad > 0 else math.inf))
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(f"{desc}: the gradient norm became {grad_norm} at {where}; "
+                                         f"lower --lr or raise --warmup")
             optimizer.step()
             logs = {"loss": loss.item(), **logs}
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+            if step % log_every == 0:
+                iterations.append({"epoch": epoch + 1, "iter": step + 1, **logs,
+                                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm})
             bar.set_postfix(loss=f"{sums['loss'] / (it + 1):.4f}")
         if distributed():  # the epoch's figures over every rank's images, not rank 0's share
             totals = torch.tensor(list(sums.values()), dtype=torch.float64)
@@ -174,27 +205,32 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
             if evaluate is not None:
                 net.eval()
                 record.update(evaluate(model))
-            io.save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "epoch": epoch + 1})
-            _append_metrics(out_dir / METRICS, record)
+            problem = health(record) if health is not None else None
+            if problem is None:
+                io.save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                               "epoch": epoch + 1})
+            _append_metrics(out_dir / METRICS, iterations + [record])
             log.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs,
                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            if problem is not None:
+                raise TrainingCollapsed(f"{desc}: {problem} (after epoch {epoch + 1}; the loss per iteration is "
+                                        f"in {out_dir / METRICS})")
         if distributed():
             dist.barrier()
     return model
 
 
-def _append_metrics(path: Path, record: dict) -> None:
-    """Append an epoch's line; lines of epochs a resumed run redoes are replaced, not repeated."""
-    lines = []
-    if path.is_file():
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    lines = [r for r in lines if r.get("epoch", math.inf) < record["epoch"]] + [record]
+def _append_metrics(path: Path, records: list[dict]) -> None:
+    """Append an epoch's lines; lines of epochs a resumed run redoes are replaced, not repeated."""
+    epoch = records[-1]["epoch"]
+    lines = [r for r in read_metrics(path.parent, iterations=True) if r.get("epoch", math.inf) < epoch] + records
     io.write_bytes(path, "".join(json.dumps(r) + "\n" for r in lines).encode())
 
 
-def read_metrics(out_dir) -> list[dict]:
+def read_metrics(out_dir, iterations: bool = False) -> list[dict]:
+    """The epoch lines of out_dir/metrics.jsonl (with `iterations`, the "iter" lines too)."""
     path = Path(out_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return lines if iterations else [r for r in lines if "iter" not in r]

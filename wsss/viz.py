@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from wsss.io import PALETTE, read_image
+from wsss.io import IGNORE, PALETTE, read_image
 
-IGNORE = 255
 WHITE = (255, 255, 255)
 
 

@@ -52,12 +52,11 @@ from PIL import Image
 from scipy.ndimage import map_coordinates, maximum_filter, minimum_filter
 from tqdm import tqdm
 
-from wsss.io import read_json, write_bytes, write_json, write_mask, write_npy
+from wsss.io import IGNORE, read_json, write_bytes, write_json, write_mask, write_npy
 
 CLASS_NAMES = ("background", "beetle", "flower", "turtle", "car", "caterpillar", "fish")
 VERSION = 1  # bump when the drawing changes, so old folders are regenerated
 SPLITS = {"train": 0, "val": 1}
-IGNORE = 255
 IGNORE_WIDTH = 3  # pixels, straddling each border between two labels
 SIMPLE_FRACTION = 0.38  # one object on a clean background
 SINGLE_CLUTTER_FRACTION = 0.15  # one class (1-2 instances) on clutter; the rest hold 2-3 classes

@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from wsss.io import PALETTE, read_image, read_mask, write_mask
+from wsss.io import IGNORE, PALETTE, read_image, read_mask, write_mask
+from wsss.run import is_safe_name
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )
-IGNORE = 255
 MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")  # JPEGImages/ID.jpg first: VOC's own form
 __all__ = ["VOC_CLASSES", "IGNORE", "IMAGE_EXTS", "PALETTE", "DatasetError", "VOCDataset", "class_names",
@@ -93,10 +93,31 @@ def list_path(root, split: str) -> Path:
 
 
 def read_ids(root, split: str) -> list[str]:
+    """The ids of a split, one a line. Each must be a plain file name (wsss.run.is_safe_name), so
+    that ROOT/JPEGImages/ID.jpg and the artifacts OUTPUTS/RUN/STAGE/.../ID.png never leave their
+    folders, and appear once (a duplicate would be trained on twice)."""
     path = list_path(root, split)
     if not path.is_file():
         raise DatasetError(f"{path}: list file for split '{split}' not found")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise DatasetError(f"{path}: starts with a UTF-8 byte-order mark (BOM); save it as plain UTF-8 without one")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e})") from e
+    ids, seen = [], {}
+    for n, line in enumerate(text.splitlines(), 1):
+        id_ = line.strip()
+        if not id_:
+            continue
+        if not is_safe_name(id_):
+            raise DatasetError(f"{path}: line {n}: {id_!r} is not a plain image id (letters, digits and -_. "
+                               f"only: no spaces, no '/', no '..')")
+        if id_ in seen:
+            raise DatasetError(f"{path}: line {n}: '{id_}' is listed twice (first on line {seen[id_]})")
+        seen[id_] = n
+        ids.append(id_)
     if not ids:
         raise DatasetError(f"{path}: the list is empty")
     return ids
@@ -140,6 +161,7 @@ class VOCDataset:
         if not self.root.is_dir():
             raise DatasetError(f"{self.root}: dataset folder not found")
         self.split = split
+        self.list_path = list_path(root, split)
         self.ids = read_ids(root, split)
         self.class_names = class_names(root)
         self.num_classes = len(self.class_names)
@@ -172,7 +194,8 @@ class VOCDataset:
         try:
             return read_image(path)
         except ValueError as e:
-            raise DatasetError(str(e)) from e
+            raise DatasetError(f"{e} (python -m wsss.data.voc check --root {self.root} --split {self.split} "
+                               f"lists every bad file)") from e
 
     def has_mask(self, id_: str) -> bool:
         path = self.mask_path(id_)
@@ -200,6 +223,10 @@ class VOCDataset:
             if label.size != self.num_classes - 1:
                 raise DatasetError(f"{self.root / 'cls_labels.npy'}: labels of '{id_}' have {label.size} "
                                    f"entries, expected {self.num_classes - 1}")
+            bad = sorted(set(label.tolist()) - {0.0, 1.0})
+            if bad:
+                raise DatasetError(f"{self.root / 'cls_labels.npy'}: labels of '{id_}' hold {bad}; "
+                                   f"a label is 0 or 1")
             return label
         if self.has_mask(id_):
             return labels_from_mask(self.mask(id_), self.num_classes)
@@ -230,6 +257,16 @@ class VOCDataset:
         elif need_mask:
             self.mask(id_)  # raises "mask not found"
         self.labels(id_)
+
+    def validate(self, need_mask: bool = False) -> None:
+        """The fast part of `check`, run by every stage before any work: ids (read_ids), every
+        image's labels, every image (and mask) present. Decoding them stays in `check`."""
+        for id_ in self.ids:
+            self.labels(id_)
+            if not self.image_path(id_).is_file():
+                raise DatasetError(f"{self.image_path(id_)}: image not found (listed in {self.list_path})")
+            if need_mask and not self.has_mask(id_):
+                self.mask(id_)  # raises "mask not found"
 
     def check(self, need_mask: bool = False, workers: int = 8) -> None:
         """Scan the whole split; raise the first problem found (in list order)."""

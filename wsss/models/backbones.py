@@ -8,7 +8,9 @@ last stages, as DeepLab does, so the pretrained filters keep their receptive fie
 - `vgg16`: DeepLab-LargeFOV's VGG16 (DeepLab v1, used by AE-PSL): torchvision's 13 conv layers
   (same parameter names, so torchvision weights load as they are), 3x3 max pools with padding 1;
   for OS 8 pool4 and pool5 have stride 1 and conv5 dilation 2, for OS 16 pool4 keeps stride 2.
-  The FC layers are dropped (the LargeFOV head in `segnet.py` plays fc6/fc7).
+  VGG's FC layers are not part of the backbone: DeepLab-LargeFOV turns them into convs (`largefov_fc`)
+  initialised by decimating VGG16's (`decimate_vgg16_fc`), which the LargeFOV head of `segnet.py`
+  and the VGG16 CAM classifier of `classifier.py` both put after the backbone.
 - `resnet50`, `resnet101`: torchvision's definitions with `replace_stride_with_dilation`.
   ImageNet weights are `IMAGENET1K_V1`, the classic ones that DeepLab/IRN-style WSSS code fine-tunes.
 - `efficientnet-lite0` (the CPU default), `-lite1`, `-lite2`.
@@ -39,6 +41,7 @@ the ImageNet statistics around. A randomly initialised backbone trains its BN no
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from pathlib import Path
 
@@ -59,6 +62,11 @@ TORCHVISION_WEIGHTS = {
 }
 # parameters of the original ImageNet classifiers, ignored when loading a backbone
 HEAD_PREFIXES = ("classifier.", "fc.", "_fc.")
+VGG_FC6, VGG_FC7 = "classifier.0", "classifier.3"  # torchvision's names of VGG16's fc6 and fc7
+VGG_FC_WIDTH, VGG_POOL5 = 4096, (512, 7, 7)  # fc6 sees pool5's 512 x 7 x 7 (flattened C, H, W)
+FC6_KERNEL, FC6_DILATION = 3, 12  # DeepLab-LargeFOV's fc6: 3x3, dilation ("input stride") 12
+LARGEFOV_WIDTH = 1024  # DeepLab-LargeFOV's fc6/fc7 channels
+FC6_TAP_STEP = (VGG_POOL5[1] - 1) // (FC6_KERNEL - 1)  # 7x7 -> 3x3: rows/columns 0, 3, 6
 
 
 class Backbone(nn.Module):
@@ -220,17 +228,78 @@ def _load_backbone(backbone: Backbone, state_dict: dict[str, torch.Tensor], sour
     backbone.load_state_dict({k: state_dict[k] for k in own if k in state_dict})
 
 
-def build_backbone(name: str = "efficientnet-lite0", output_stride: int = 16,
-                   weights: str | Path | None = "imagenet") -> Backbone:
-    """Backbone by name. weights: "imagenet", a local `.pth` state dict, or None (random init, warned)."""
+def _build(name: str, output_stride: int, weights) -> tuple[Backbone, dict[str, torch.Tensor] | None, str]:
+    """(backbone, the state dict it was loaded from or None, its source)."""
     backbone = _architecture(name, output_stride)
     if weights is None:
         warnings.warn(f"{name}: no weights given, the backbone is randomly initialised "
-                      f"(use weights='imagenet' or --weights PATH for pretrained ones)", stacklevel=2)
-        return backbone
-    _load_backbone(backbone, *_read_state_dict(name, weights))
+                      f"(use weights='imagenet' or --weights PATH for pretrained ones)", stacklevel=3)
+        return backbone, None, ""
+    state_dict, source = _read_state_dict(name, weights)
+    _load_backbone(backbone, state_dict, source)
     backbone.freeze_bn()
-    return backbone
+    return backbone, state_dict, source
+
+
+def build_backbone(name: str = "efficientnet-lite0", output_stride: int = 16,
+                   weights: str | Path | None = "imagenet") -> Backbone:
+    """Backbone by name. weights: "imagenet", a local `.pth` state dict, or None (random init, warned)."""
+    return _build(name, output_stride, weights)[0]
+
+
+# ---------------------------------------------------------------- DeepLab-LargeFOV's fc6 / fc7
+
+def largefov_fc(in_channels: int, width: int = LARGEFOV_WIDTH, dropout: float = 0.5) -> list[nn.Module]:
+    """DeepLab-LargeFOV's fc6 (3x3 conv, dilation 12) and fc7 (1x1 conv), each with ReLU and dropout:
+    layers 0 and 3 of the list are fc6 and fc7 (`load_largefov_fc`)."""
+    return [nn.Conv2d(in_channels, width, FC6_KERNEL, padding=FC6_DILATION, dilation=FC6_DILATION),
+            nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Conv2d(width, width, 1), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+
+
+def decimate_vgg16_fc(state_dict: dict[str, torch.Tensor], width: int = LARGEFOV_WIDTH,
+                      source: str = "the weights") -> dict[str, torch.Tensor]:
+    """LargeFOV's fc6/fc7 (`largefov_fc` layers 0 and 3) from VGG16's fully connected fc6/fc7.
+
+    DeepLab v1 (Chen et al., "Semantic image segmentation with deep convolutional nets and fully
+    connected CRFs", ICLR 2015, sec. 3.1 and Table 2) turns VGG16's FC layers into convolutions and
+    shrinks them by "simple decimation": fc6 spatially from 7x7 to 4x4 or 3x3 (DeepLab-LargeFOV:
+    3x3 at input stride 12) and both layers from 4,096 to 1,024 channels. Decimation keeps every
+    k-th element from the first, the scheme the SSD port of the same conversion (Liu et al. 2016,
+    conv6/conv7 "subsampled from fc6 and fc7"; PyTorch ports such as sgrvinod's
+    a-PyTorch-Tutorial-to-Object-Detection, `decimate(fc6, m=[4, None, 3, 3])`) spells out:
+
+    - fc6: `classifier.0.weight` (4096, 25088) is (4096, 512, 7, 7) (torchvision flattens pool5's
+      C x H x W output, as Caffe did); keep filters 0, s, 2s, ... (s = 4096 / width, 4 for 1,024)
+      and taps 0, 3, 6 of each spatial axis -> (width, 512, 3, 3); bias filters 0, s, 2s, ...
+    - fc7: `classifier.3.weight` (4096, 4096) -> rows and columns 0, s, 2s, ... -> (width, width, 1, 1)
+      (the columns are fc6's kept filters); bias rows 0, s, 2s, ...
+    """
+    if width < 1 or VGG_FC_WIDTH % width:
+        raise ValueError(f"LargeFOV width {width} must divide VGG16's {VGG_FC_WIDTH} fc channels to decimate them")
+    step = VGG_FC_WIDTH // width
+    expected = {f"{VGG_FC6}.weight": (VGG_FC_WIDTH, math.prod(VGG_POOL5)), f"{VGG_FC6}.bias": (VGG_FC_WIDTH,),
+                f"{VGG_FC7}.weight": (VGG_FC_WIDTH, VGG_FC_WIDTH), f"{VGG_FC7}.bias": (VGG_FC_WIDTH,)}
+    wrong = [f"{k} {tuple(state_dict[k].shape) if k in state_dict else 'missing'} != {v}"
+             for k, v in expected.items() if k not in state_dict or tuple(state_dict[k].shape) != v]
+    if wrong:
+        raise ValueError(f"{source}: not VGG16's fc6/fc7 ({'; '.join(wrong)})")
+    fc6 = state_dict[f"{VGG_FC6}.weight"].view(VGG_FC_WIDTH, *VGG_POOL5)
+    fc7 = state_dict[f"{VGG_FC7}.weight"]
+    return {"0.weight": fc6[::step, :, ::FC6_TAP_STEP, ::FC6_TAP_STEP].clone(),
+            "0.bias": state_dict[f"{VGG_FC6}.bias"][::step].clone(),
+            "3.weight": fc7[::step, ::step, None, None].clone(),
+            "3.bias": state_dict[f"{VGG_FC7}.bias"][::step].clone()}
+
+
+def build_backbone_fc(name: str, output_stride: int, weights: str | Path | None,
+                      fc_width: int) -> tuple[Backbone, dict[str, torch.Tensor] | None]:
+    """`build_backbone`, and for vgg16 with weights also VGG16's fc6/fc7 decimated to `fc_width`
+    channels (`decimate_vgg16_fc`), for `largefov_fc` layers to start from; None otherwise."""
+    backbone, state_dict, source = _build(name, output_stride, weights)
+    if name != "vgg16" or state_dict is None:
+        return backbone, None
+    return backbone, decimate_vgg16_fc(state_dict, fc_width, source)
 
 
 class ImageNetClassifier(nn.Module):

@@ -1,0 +1,270 @@
+"""The life of a stage folder `OUTPUTS/RUN/STAGE`: open (lock, compare, resume or skip), finish.
+
+One rule for every stage, `wsss.predict` and the report, because a user's hours of work hang on it:
+
+- **Lock.** An advisory `fcntl` lock on `STAGE/.lock` (holding the owner's pid) for as long as the
+  stage runs: a second process on the same folder stops with the holder's pid. The kernel drops the
+  lock when its process dies, so a `kill -9` leaves no stale lock. Under torchrun only rank 0 locks:
+  the ranks of one job share the folder.
+- **Compare.** `stage.json` records the artifact config and the input fingerprints the folder's
+  artifacts belong to; it is written before the first artifact. Only *artifact* flags are config.
+  *Runtime* flags (device, workers, overlays, where the outputs go) and stage 3's *test-time* flags
+  (whose predictions go to a folder named by them) are declared as such where they are defined, with
+  `wsss.run.runtime(...)` / `test_time(...)`, and never invalidate anything.
+- **Never delete silently.** A different config or changed inputs stop the stage before it touches
+  anything, with the differences (old -> new) and what to do. `--force` removes, and names, only
+  the entries the stage itself writes (`owned` glob patterns); anything else in the folder stays.
+- **Resume or skip.** Same config and inputs: a finished stage (complete manifest) is skipped, an
+  unfinished one resumes from the artifacts already written.
+- **Finish.** The manifest (`io.write_manifest`) is written last, then the lock is released; a stage
+  that fails never reaches it.
+
+Input fingerprints: small files (lists, labels, class names, upstream manifests) by content; the
+images, masks and maps a stage reads by size + mtime, because hashing the 10,582 JPEGs of train_aug
+(1.3 GB) on every start costs tens of seconds while a stat each costs well under one, and an edited
+or replaced file gets a new mtime. Upstream stage folders are fingerprinted by their manifest, which
+carries its finishing time: a redone stage 1 invalidates stages 2 and 3.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wsss import io
+from wsss.data.voc import DatasetError
+from wsss.run import (
+    is_main_process,
+    is_safe_name,
+    run_dir,
+    seed_everything,
+    setup_logging,
+)
+
+log = logging.getLogger("wsss")
+STAMP = "stage.json"
+LOCK = ".lock"
+_held: dict[Path, int] = {}  # lock file -> open descriptor, for this process
+
+
+class StageError(RuntimeError):
+    """A stage cannot (or must not) go on; the message says why and what to do."""
+
+
+def flags(args) -> dict:
+    """Every flag of a run, as it reads back from JSON."""
+    return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if not k.startswith("_")},
+                                 default=str))
+
+
+def artifact_config(args) -> dict:
+    """The flags that decide a stage's artifacts: all but those declared runtime or test-time."""
+    kinds = getattr(args, "_kinds", {})
+    return {k: v for k, v in flags(args).items() if k not in kinds}
+
+
+# ---------------------------------------------------------------- fingerprints
+
+def stat_fingerprint(paths) -> str:
+    """Size + mtime of each file (see the module docstring for why not the contents)."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        except FileNotFoundError:
+            h.update(f"{p}:missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprints(inputs: dict) -> dict:
+    """{name: fingerprint}: a path by content (a folder by its manifest), a list of paths by stat."""
+    return {k: stat_fingerprint(v) if isinstance(v, list | tuple) else io.fingerprint(v)
+            for k, v in sorted(inputs.items())}
+
+
+def dataset_inputs(dataset, masks: bool = False, prefix: str = "") -> dict:
+    """What a stage reads of a split: list, labels file, class names, every image (and mask)."""
+    inputs = {f"{prefix}list": dataset.list_path, f"{prefix}labels": dataset.root / "cls_labels.npy",
+              f"{prefix}class names": dataset.root / "class_names.txt",
+              f"{prefix}images": [dataset.image_path(i) for i in dataset.ids]}
+    if masks and dataset.mask_dir is not None:
+        inputs[f"{prefix}masks"] = [dataset.mask_path(i) for i in dataset.ids]
+    return inputs
+
+
+# ---------------------------------------------------------------- the lock
+
+def lock(folder: Path, what: str) -> None:
+    """Hold folder/.lock for this process (see the module docstring); a held lock is an error."""
+    if not is_main_process():
+        return
+    path = Path(folder) / LOCK
+    release(folder)  # a lock this process already holds (an earlier stage run in the same process)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StageError(f"{folder}: {what} is already running here (pid {holder}); wait for it to finish, "
+                         f"or use another --run") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[path] = fd
+
+
+def release(folder: Path) -> None:
+    fd = _held.pop(Path(folder) / LOCK, None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+# ---------------------------------------------------------------- opening and finishing
+
+@dataclass
+class Stage:
+    """An open stage folder: its config, its inputs' fingerprints, and when it started."""
+
+    path: Path
+    config: dict
+    inputs: dict
+    started: float = field(default_factory=time.time)
+    manifest: dict | None = None  # the complete manifest of a finished stage (stage 3 adds predictions)
+
+    def finish(self, outputs: dict) -> dict:
+        """Write the manifest (the stage is complete) and release the lock."""
+        manifest = None
+        if is_main_process():
+            manifest = io.write_manifest(self.path, self.config, outputs=outputs, started=self.started,
+                                         fingerprints=self.inputs)
+        release(self.path)
+        return manifest
+
+
+def _read(path: Path):
+    try:
+        return io.read_json(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise StageError(f"{path}: unreadable ({e}); move it away or pass --force") from e
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    return [f"  --{k.replace('_', '-')}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def owned_entries(folder: Path, owned) -> list[Path]:
+    """The entries of `folder` the stage writes (its `owned` glob patterns)."""
+    legacy = ("state.json", "started.json")  # the stamps of versions before this module
+    found = {p for pattern in (*owned, STAMP, io.MANIFEST, "config.json", *legacy) for p in folder.glob(pattern)}
+    return sorted(found)
+
+
+def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage | None:
+    """Open OUTPUTS/RUN/name for a run with `args`; None when it is complete and `done()` agrees.
+
+    `inputs` {name: path or [paths]} (see fingerprints); `owned`: glob patterns of what the stage
+    writes (what --force removes); `done(manifest)`: for stage 3, whether this run's test-time
+    predictions are in the manifest too (a complete stage without them goes on, keeping its nets).
+    """
+    for flag in ("run", "tag"):
+        value = getattr(args, flag, "")
+        if value and not is_safe_name(value):
+            raise StageError(f"--{flag} {value!r}: use letters, digits and -_. only (no '/', no '..')")
+    out = run_dir(args) / name
+    main = is_main_process()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StageError(f"{out}: cannot create the stage folder ({e.strerror})") from e
+    lock(out, name)
+    try:
+        setup_logging(out, name)
+        opened = _compare(args, name, out, inputs, owned, done, main)
+    except BaseException:
+        release(out)
+        raise
+    if opened is None:
+        release(out)
+        return None
+    log.info("%s config: %s", name, opened.config)
+    if main:
+        io.write_json(out / STAMP, {"config": opened.config, "inputs": opened.inputs})
+        io.write_json(out / "config.json", flags(args))
+    seed_everything(args.seed)
+    return opened
+
+
+def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) -> Stage | None:
+    config, prints = artifact_config(args), fingerprints(inputs)
+    stamp = _read(out / STAMP)
+    manifest = _read(out / io.MANIFEST)
+    ours = owned_entries(out, owned)
+    if args.force:
+        if ours and main:
+            log.warning("--force: removing %s from %s", ", ".join(p.name for p in ours), out)
+            for p in ours:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        return Stage(out, config, prints)
+    if stamp is None:
+        if [p for p in ours if p.name != "config.json"]:
+            raise StageError(f"{out}: holds artifacts of an unknown config (no {STAMP}, made by an older "
+                             f"version?); nothing was changed. Pass --force to redo it in place (removes "
+                             f"{', '.join(p.name for p in ours)}), or use another --run")
+        return Stage(out, config, prints)
+    changed = differences(stamp.get("config", {}), config)
+    old_inputs = stamp.get("inputs", {})
+    moved = [f"  {k}" for k in sorted(set(old_inputs) | set(prints)) if old_inputs.get(k) != prints.get(k)]
+    if changed or moved:
+        what = "finished" if manifest and manifest.get("complete") else "started"
+        lines = [f"{out}: {name} was {what} with other settings or inputs; nothing was changed."]
+        if changed:
+            lines += ["Flags that differ (old -> new):", *changed]
+        if moved:
+            lines += ["Inputs changed since (an edited list, labels, class names, images or masks, "
+                      "or a redone earlier stage):", *moved]
+        lines.append(f"To redo it in place pass --force (removes {', '.join(p.name for p in ours)}); "
+                     f"to keep it, use another --run.")
+        raise StageError("\n".join(lines))
+    stage = Stage(out, config, prints)
+    if manifest and manifest.get("complete"):
+        stage.manifest = manifest
+        if done is None or done(manifest):
+            log.info("%s is complete in %s with this config and these inputs; skipping (--force redoes it)",
+                     name, out)
+            return None
+    return stage
+
+
+def error_line(e: BaseException) -> str | None:
+    """One line for a failure the user can fix (bad input, a full disk...), None for a bug."""
+    if isinstance(e, StageError | DatasetError):
+        text = str(e).strip()
+        # a DataLoader worker's error comes wrapped with its traceback; its last line is the message
+        return text if isinstance(e, StageError) else text.splitlines()[-1].split("DatasetError: ")[-1]
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+        return f"cannot write {e.filename or 'the outputs'}: {e.strerror or os.strerror(e.errno)}"
+    return None
+
+
+def main(run, parser: argparse.ArgumentParser, argv=None):
+    """Parse, run, and turn a failure the user can fix into one line on stderr (exit status 1)."""
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except Exception as e:
+        line = error_line(e)
+        if line is None:
+            raise
+        raise SystemExit(f"error: {line}") from e
