@@ -154,3 +154,26 @@ def test_regions_of_a_class_the_image_lacks_is_a_clear_error(setup):
     io.write_npz(path, **arrays)
     with pytest.raises(SystemExit, match="failed on 1 of 4 images"):
         run()
+
+
+def test_fusion_rule_is_an_option_named_in_the_manifest(setup):
+    data, stage, run = setup
+    with pytest.raises(SystemExit, match="--fg-threshold 0.05 is below --bg-threshold 0.1"):
+        run("--fusion", "saliency-first", "--fg-threshold", "0.05")
+    assert not (stage / "pseudo").exists()  # stopped before any work
+    run("--no-crf")
+    mined = io.read_json(stage / "manifest.json")["outputs"]
+    assert mined["fusion"] == "mined-first" and mined["crf"] is False
+    with pytest.raises(SystemExit, match="--fusion: mined-first -> saliency-first"):
+        run("--no-crf", "--fusion", "saliency-first")
+    run("--no-crf", "--fusion", "saliency-first", "--force")
+    salient = io.read_json(stage / "manifest.json")["outputs"]
+    assert salient["fusion"] == "saliency-first"
+    # the hand-made saliency covers whole objects while the mined regions are the objects shrunk by 2 px:
+    # saliency-first labels the objects' rims that mined-first leaves ignored
+    assert salient["fused"]["ignored_fraction"] < mined["fused"]["ignored_fraction"]
+    assert salient["fused"]["miou_labelled"] > 50
+    ds = VOCDataset(data, "train")
+    for id_ in ds.ids:
+        values = set(np.unique(io.read_mask(stage / "pseudo" / f"{id_}.png")).tolist())
+        assert values <= {0, 255} | set(ds.label_ids(id_).tolist())
