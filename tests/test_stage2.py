@@ -177,3 +177,30 @@ def test_fusion_rule_is_an_option_named_in_the_manifest(setup):
     for id_ in ds.ids:
         values = set(np.unique(io.read_mask(stage / "pseudo" / f"{id_}.png")).tolist())
         assert values <= {0, 255} | set(ds.label_ids(id_).tolist())
+
+
+def test_bench_fusion_scores_every_rule_and_reproduces_the_runs_own(setup, tmp_path, capsys):
+    from bench.bench_fusion import main as bench
+
+    data, stage, run = setup
+    outputs = stage.parent.parent
+    assert bench(["--outputs", str(outputs)]) == 0  # no --run and no demo run: skipped, nothing written
+    assert "skipped" in capsys.readouterr().err
+    run()  # mined-first with the CRF
+    manifest = io.read_json(stage / "manifest.json")["outputs"]
+    out = tmp_path / "fusion.json"
+    assert bench(["--run", "r", "--outputs", str(outputs), "--workers", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = io.read_json(out)
+    rows = {(r["rule"], r["crf"]): r for r in result["rows"]}
+    assert set(rows) == {(rule, crf) for rule in ("mined-first", "ae-psl", "saliency-first") for crf in (False, True)}
+    assert result["images"] == 4 and result["conflict"] == "score" and result["bg_threshold"] == 0.1
+    # the run's own rule, before and after its CRF, scores what stage 2 measured
+    assert rows["mined-first", False]["miou_labelled"] == manifest["fused"]["miou_labelled"]
+    assert rows["mined-first", True]["miou_labelled"] == manifest["pseudo"]["miou_labelled"]
+    assert rows["saliency-first", False]["ignored_percent"] < rows["mined-first", False]["ignored_percent"]
+    for r in result["rows"]:
+        assert 0 < r["miou"] <= 100 and 0 <= r["ignored_percent"] < 100
+    assert "saliency-first" in printed and "mIoU (ignore = bg)" in printed
+    with pytest.raises(SystemExit, match="stage2/config.json: not found"):
+        bench(["--run", "nothing", "--outputs", str(outputs)])

@@ -268,7 +268,7 @@ class Job:
 def settings_of(args, out: Path, num_classes: int) -> Settings:
     """A worker's Settings from stage 2's flags (parsed, or read back from its config.json)."""
     return Settings(out=out, num_classes=num_classes, fusion=fusion_of(vars(args)), bg_threshold=args.bg_threshold,
-                    fg_threshold=getattr(args, "fg_threshold", FG_THRESHOLD), conflict=args.conflict, crf=args.crf,
+                    fg_threshold=args.fg_threshold, conflict=args.conflict, crf=args.crf,
                     crf_mode=args.crf_mode, gt_prob=args.crf_gt_prob, confidence=args.crf_confidence,
                     soft=args.crf_soft,
                     crf_params={"iterations": args.crf_iterations, "gauss_sxy": args.crf_gauss_sxy,
@@ -367,7 +367,8 @@ def process_image(s: Settings, job: Job) -> dict:
 
 # ---------------------------------------------------------------- the stage
 
-def _jobs(dataset: VOCDataset, regions_dir: Path) -> tuple[list[Job], list[str], list[str]]:
+def image_jobs(dataset: VOCDataset, regions_dir: Path) -> tuple[list[Job], list[str], list[str]]:
+    """(jobs, ids without a label, labelled ids without a stage-1 regions file, which are skipped)."""
     jobs, unlabelled, no_regions = [], [], []
     for id_ in dataset.ids:
         label_ids = tuple(int(k) for k in dataset.label_ids(id_))
@@ -443,7 +444,7 @@ def run(args) -> dict | None:
     init_distributed("cpu")  # under torchrun the ranks share the images out (gloo, for the barriers)
     barrier()
 
-    jobs, unlabelled, no_regions = _jobs(dataset, stage1 / "regions")
+    jobs, unlabelled, no_regions = image_jobs(dataset, stage1 / "regions")
     if no_regions:
         log.warning("%d labelled images have no stage-1 regions file (e.g. %s): skipped",
                     len(no_regions), ", ".join(no_regions[:3]))
