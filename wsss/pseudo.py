@@ -7,13 +7,15 @@ ignored by stage 3); "low saliency" is saliency < `--bg-threshold`, "high" is >=
 - `mined-first` (this project's first reading of AE-PSL, Wei et al. CVPR 2017): a pixel in a mined
   region keeps its class even where saliency is low; saliency decides only the background among
   unmined pixels; the rest is ignored. Trusts the classifier's evidence over class-agnostic saliency.
-- `ae-psl` (AE-PSL as its talk states it: saliency supplies the background, the mined regions the
-  objects, unassigned pixels are ignored): as mined-first, except that a mined pixel of low saliency
-  is claimed by both sources, and the talk gives neither precedence, so it is ignored.
-- `saliency-first` (the saliency-guided pseudo-labels of OAA, Jiang et al. ICCV 2019, and EPS, Lee
-  et al. CVPR 2021): high saliency is foreground, its class the labelled class with the highest
-  normalised CAM score (stage 1's per-class "score", the max over the erasing steps); low saliency
-  is background; in between ignored. The mined regions are not used.
+- `ae-psl` (AE-PSL as its talk states it, quoted in issue 15: saliency supplies the background, the
+  mined regions the objects, unassigned pixels are ignored): as mined-first, except that a mined
+  pixel of low saliency is claimed by both sources, and the talk gives neither precedence, so it is
+  ignored.
+- `saliency-first` (after the saliency-guided pseudo-labels of later methods, e.g. OAA, Jiang et al.
+  ICCV 2019, and EPS, Lee et al. CVPR 2021; a plain per-pixel form, neither paper's exact
+  procedure): high saliency is foreground, its class the labelled class with the highest normalised
+  CAM score (stage 1's per-class "score", the max over the erasing steps; a tie goes to the class
+  listed first); low saliency is background; in between ignored. The mined regions are not used.
 
 Multi-label images and overlaps: in mined-first and ae-psl a pixel in the regions of two or more
 classes takes the one with the highest score (`--conflict score`, the rule of stage 1's
@@ -475,8 +477,8 @@ def run(args) -> dict | None:
         return None
     _contact_sheet(out, labelled, args.sample, args.seed)
 
-    outputs = {"fusion": settings.fusion, "crf": settings.crf, "images": len(jobs), "unlabelled_all_background": len(unlabelled),
-               "skipped_no_regions": len(no_regions),
+    outputs = {"fusion": settings.fusion, "crf": settings.crf, "images": len(jobs),
+               "unlabelled_all_background": len(unlabelled), "skipped_no_regions": len(no_regions),
                **_summary(figures, dataset.num_classes)}
     for name in ("seeds", "fused", "pseudo"):
         if name in outputs:
