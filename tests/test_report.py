@@ -93,11 +93,20 @@ def test_report_of_a_full_run_references_only_existing_pictures(tmp_path, tiny_v
     assert {"report/iou-stage3.png", "report/curves-stage1.png", "report/curves-stage3.png"} <= set(srcs)
     text = page.read_text()
     assert "not run" not in text
-    for column in ("CAM step 1", "CAM step 2", "mined union", "saliency", "fused", "pseudo-mask (CRF)",
+    for column in ("CAM step 1", "CAM step 2", "mined union", "saliency", "fused (mined-first)", "pseudo-mask (CRF)",
                    "ground truth", "prediction (stage3)"):
         assert f"<th>{column}</th>" in text
     assert sum(s.startswith("report/train/") for s in srcs) == 3 * 8  # 3 images x 8 panels
     assert sum(s.startswith("report/val/") for s in srcs) == 2 * 3  # the 2 val images x 3 panels
+
+
+def test_the_pseudo_mask_columns_name_the_fusion_rule_and_crf(tmp_path, tiny_voc):
+    run = fake_run(tmp_path / "outputs" / "demo", tiny_voc, stages=("stage1", "stage2"))
+    config = {**io.read_json(run / "stage2" / "config.json"), "fusion": "saliency-first", "crf": False}
+    io.write_json(run / "stage2" / "config.json", config)
+    io.write_manifest(run / "stage2", config, outputs={"fusion": "saliency-first"})
+    text = build(run, sample=1).read_text()
+    assert "<th>fused (saliency-first)</th>" in text and "<th>pseudo-mask (no CRF)</th>" in text
 
 
 def test_partial_run_shows_missing_stages_as_not_run(tmp_path, tiny_voc):

@@ -5,13 +5,13 @@
 It is built from the run's artifacts (the layout in README.md) and, for the images and the ground
 truth, from the dataset the stages' config names. For a sample of training images: the image, the
 CAM of every erasing step (over the image as that step saw it, earlier regions erased), the mined
-union, the saliency, the fused and the CRF pseudo-masks and the ground truth; for a sample of val
-images: the image, the prediction of every stage-3 folder and the ground truth; per-class IoU bars
-from each `eval.json`; where each stage-3 net fails on val (`wsss.image_scores`): its worst images
-by per-image IoU beside their ground truth, the confusion matrix as a picture and every image's
-scores in `report/scores-STAGE.json`; the training curves of every `metrics.jsonl`; the config and
-the summary figures of every stage's manifest. Tables of pictures fit a 1,400 px window (wider ones
-scroll in their own box).
+union, the saliency, the fused and the CRF pseudo-masks (titled with the fusion rule that made
+them) and the ground truth; for a sample of val images: the image, the prediction of every stage-3
+folder and the ground truth; per-class IoU bars from each `eval.json`; where each stage-3 net fails
+on val (`wsss.image_scores`): its worst images by per-image IoU beside their ground truth, the
+confusion matrix as a picture and every image's scores in `report/scores-STAGE.json`; the training
+curves of every `metrics.jsonl`; the config and the summary figures of every stage's manifest.
+Tables of pictures fit a 1,400 px window (wider ones scroll in their own box).
 
 Every picture is a PNG under `outputs/RUN/report/`, referenced by a path relative to the page, so
 the page opens from disk (no server, no script) and `report.html` + `report/` can be copied
@@ -40,6 +40,7 @@ from wsss import io
 from wsss.data.transforms import MEAN
 from wsss.data.voc import DatasetError, VOCDataset
 from wsss.image_scores import score_images
+from wsss.pseudo import fusion_of
 from wsss.run import safe_name
 from wsss.stage import StageError
 from wsss.viz import colorize, heatmap, resize, to_rgb
@@ -259,6 +260,8 @@ def _cam(stage1: Path, step: int, earlier: list[int], dataset: VOCDataset | None
 def train_columns(stages: dict[str, Stage], dataset: VOCDataset | None, why_no_data: str) -> list[Column]:
     s1, s2 = stages["stage1"], stages["stage2"]
     steps = sorted(int(p.parent.name[4:]) for p in s1.path.glob("step*/cam") if p.parent.name[4:].isdigit())
+    rule = fusion_of(s2.config) if s2.config else ""  # which fusion rule made the pseudo-masks
+    crf = ("CRF" if s2.config.get("crf", True) else "no CRF") if s2.config else ""
     columns = [_image_column(dataset, why_no_data)]
     if steps:
         columns += [Column(f"CAM step {k}", f"cam{k}", _cam(s1.path, k, steps[:i], dataset))
@@ -270,9 +273,10 @@ def train_columns(stages: dict[str, Stage], dataset: VOCDataset | None, why_no_d
                "" if s1.ran else "not run"),
         Column("saliency", "saliency", lambda i: _grey(s2.path / "saliency" / f"{i}.png"),
                "" if s2.ran else "not run"),
-        Column("fused", "fused", lambda i: _mask(s2.path / "fused" / f"{i}.png"), "" if s2.ran else "not run"),
-        Column("pseudo-mask (CRF)", "pseudo", lambda i: _mask(s2.path / "pseudo" / f"{i}.png"),
+        Column(f"fused ({rule})" if rule else "fused", "fused", lambda i: _mask(s2.path / "fused" / f"{i}.png"),
                "" if s2.ran else "not run"),
+        Column(f"pseudo-mask ({crf})" if crf else "pseudo-mask", "pseudo",
+               lambda i: _mask(s2.path / "pseudo" / f"{i}.png"), "" if s2.ran else "not run"),
         _gt_column(dataset, why_no_data),
     ]
     return columns
