@@ -93,11 +93,20 @@ def test_report_of_a_full_run_references_only_existing_pictures(tmp_path, tiny_v
     assert {"report/iou-stage3.png", "report/curves-stage1.png", "report/curves-stage3.png"} <= set(srcs)
     text = page.read_text()
     assert "not run" not in text
-    for column in ("CAM step 1", "CAM step 2", "mined union", "saliency", "fused", "pseudo-mask (CRF)",
+    for column in ("CAM step 1", "CAM step 2", "mined union", "saliency", "fused (mined-first)", "pseudo-mask (CRF)",
                    "ground truth", "prediction (stage3)"):
         assert f"<th>{column}</th>" in text
     assert sum(s.startswith("report/train/") for s in srcs) == 3 * 8  # 3 images x 8 panels
     assert sum(s.startswith("report/val/") for s in srcs) == 2 * 3  # the 2 val images x 3 panels
+
+
+def test_the_pseudo_mask_columns_name_the_fusion_rule_and_crf(tmp_path, tiny_voc):
+    run = fake_run(tmp_path / "outputs" / "demo", tiny_voc, stages=("stage1", "stage2"))
+    config = {**io.read_json(run / "stage2" / "config.json"), "fusion": "saliency-first", "crf": False}
+    io.write_json(run / "stage2" / "config.json", config)
+    io.write_manifest(run / "stage2", config, outputs={"fusion": "saliency-first"})
+    text = build(run, sample=1).read_text()
+    assert "<th>fused (saliency-first)</th>" in text and "<th>pseudo-mask (no CRF)</th>" in text
 
 
 def test_partial_run_shows_missing_stages_as_not_run(tmp_path, tiny_voc):
@@ -117,7 +126,7 @@ def test_rebuild_removes_pictures_no_longer_referenced(tmp_path, tiny_voc):
     build(run, sample=4)
     page = build(run, sample=1)
     on_disk = {p.relative_to(run).as_posix() for p in (run / "report").rglob("*") if p.is_file()}
-    assert on_disk == set(img_srcs(page))
+    assert on_disk == set(img_srcs(page)) | {"report/scores-stage3.json"}
 
 
 def test_stage3_gathered_metrics_are_not_drawn_twice(tmp_path, tiny_voc):
@@ -169,3 +178,34 @@ def test_unreadable_artifact_is_named_in_the_report(tmp_path, tiny_voc):
     bad.write_bytes(b"not a zip file")
     text = build(run, sample=4).read_text()
     assert "unreadable" in text and f"{bad}: cannot read CAM file" in text
+
+
+def test_worst_val_images_confusion_matrix_and_per_image_scores(tmp_path, tiny_voc):
+    run = fake_run(tmp_path / "outputs" / "demo", tiny_voc)
+    val = VOCDataset(tiny_voc, "val")
+    good, bad = val.ids
+    io.write_mask(run / "stage3" / "pred" / f"{bad}.png", np.zeros_like(val.mask(bad)))  # all background
+    page = build(run, sample=2, worst=1)
+    scores = io.read_json(run / "report" / "scores-stage3.json")["images"]
+    assert [r["id"] for r in scores] == [bad, good]  # worst first
+    gt = val.mask(bad)
+    fg = int(((gt > 0) & (gt < 255)).sum())
+    bg_iou = (gt == 0).sum() / ((gt == 0).sum() + fg)  # the object classes score 0
+    classes = np.unique(gt[gt < 255])
+    assert scores[0]["miou"] == round(bg_iou * 100 / len(classes), 2) and scores[0]["pred"] == ["background"]
+    assert scores[1]["miou"] == 100.0 and scores[1]["pixel_acc"] == 100.0
+    srcs = img_srcs(page)
+    assert "report/confusion-stage3.png" in srcs
+    worst = [s for s in srcs if s.startswith("report/worst-stage3/")]
+    assert worst == [f"report/worst-stage3/{bad}-{k}.png" for k in ("image", "stage3", "gt")]  # only the worst
+    assert f"IoU {scores[0]['miou']} %" in page.read_text()
+
+
+def test_report_tables_fit_a_1400_px_window(tmp_path, tiny_voc):
+    """No picture wider than the window (the confusion matrix of many classes included); image tables scroll."""
+    from PIL import Image
+
+    page = build(fake_run(tmp_path / "outputs" / "demo", tiny_voc), sample=2)
+    for src in img_srcs(page):
+        assert Image.open(page.parent / src).width <= 1400, src
+    assert '<div class="scroll"><table class="images">' in page.read_text()  # anything wider scrolls in its box

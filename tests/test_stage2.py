@@ -154,3 +154,53 @@ def test_regions_of_a_class_the_image_lacks_is_a_clear_error(setup):
     io.write_npz(path, **arrays)
     with pytest.raises(SystemExit, match="failed on 1 of 4 images"):
         run()
+
+
+def test_fusion_rule_is_an_option_named_in_the_manifest(setup):
+    data, stage, run = setup
+    with pytest.raises(SystemExit, match="--fg-threshold 0.05 is below --bg-threshold 0.1"):
+        run("--fusion", "saliency-first", "--fg-threshold", "0.05")
+    assert not (stage / "pseudo").exists()  # stopped before any work
+    run("--no-crf")
+    mined = io.read_json(stage / "manifest.json")["outputs"]
+    assert mined["fusion"] == "mined-first" and mined["crf"] is False
+    with pytest.raises(SystemExit, match="--fusion: mined-first -> saliency-first"):
+        run("--no-crf", "--fusion", "saliency-first")
+    run("--no-crf", "--fusion", "saliency-first", "--force")
+    salient = io.read_json(stage / "manifest.json")["outputs"]
+    assert salient["fusion"] == "saliency-first"
+    # the hand-made saliency covers whole objects while the mined regions are the objects shrunk by 2 px:
+    # saliency-first labels the objects' rims that mined-first leaves ignored
+    assert salient["fused"]["ignored_fraction"] < mined["fused"]["ignored_fraction"]
+    assert salient["fused"]["miou_labelled"] > 50
+    ds = VOCDataset(data, "train")
+    for id_ in ds.ids:
+        values = set(np.unique(io.read_mask(stage / "pseudo" / f"{id_}.png")).tolist())
+        assert values <= {0, 255} | set(ds.label_ids(id_).tolist())
+
+
+def test_bench_fusion_scores_every_rule_and_reproduces_the_runs_own(setup, tmp_path, capsys):
+    from bench.bench_fusion import main as bench
+
+    data, stage, run = setup
+    outputs = stage.parent.parent
+    assert bench(["--outputs", str(outputs)]) == 0  # no --run and no demo run: skipped, nothing written
+    assert "skipped" in capsys.readouterr().err
+    run()  # mined-first with the CRF
+    manifest = io.read_json(stage / "manifest.json")["outputs"]
+    out = tmp_path / "fusion.json"
+    assert bench(["--run", "r", "--outputs", str(outputs), "--workers", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = io.read_json(out)
+    rows = {(r["rule"], r["crf"]): r for r in result["rows"]}
+    assert set(rows) == {(rule, crf) for rule in ("mined-first", "ae-psl", "saliency-first") for crf in (False, True)}
+    assert result["images"] == 4 and result["conflict"] == "score" and result["bg_threshold"] == 0.1
+    # the run's own rule, before and after its CRF, scores what stage 2 measured
+    assert rows["mined-first", False]["miou_labelled"] == manifest["fused"]["miou_labelled"]
+    assert rows["mined-first", True]["miou_labelled"] == manifest["pseudo"]["miou_labelled"]
+    assert rows["saliency-first", False]["ignored_percent"] < rows["mined-first", False]["ignored_percent"]
+    for r in result["rows"]:
+        assert 0 < r["miou"] <= 100 and 0 <= r["ignored_percent"] < 100
+    assert "saliency-first" in printed and "mIoU (ignore = bg)" in printed
+    with pytest.raises(SystemExit, match="stage2/config.json: not found"):
+        bench(["--run", "nothing", "--outputs", str(outputs)])

@@ -1,4 +1,5 @@
-"""Predict label maps with a trained segmentation net: `python -m wsss.predict --run RUN --split val`.
+"""Predict label maps with a trained segmentation net: `python -m wsss.predict --run RUN --split val`,
+or of any folder of photos with `--images DIR --out OUT` (`predict_folder`).
 
 One path serves every use: val predictions at the end of stage 3 (`stage3/pred/ID.png`), the
 per-epoch val mIoU, and the training-set predictions that STC and PSL+ retrain on (restricted to
@@ -37,11 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from wsss import io
 from wsss.crf import TEST_CRF, net_crf_params
 from wsss.data.transforms import normalize
+from wsss.data.voc import DatasetError, find_images
+from wsss.viz import overlay_with_legend, resize
 
 log = logging.getLogger("wsss")
 SETTINGS = "settings.json"
@@ -157,7 +161,7 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
     from wsss.run import barrier, is_main_process, shard
 
     out_dir = Path(out_dir)
-    crf_params = dict(TEST_CRF["deeplab-v2-aspp-resnet101"] if crf_params is None else crf_params) if crf else None
+    crf_params = crf_settings(crf, crf_params)
     settings = {"scales": [float(s) for s in scales], "flip": bool(flip), "gate": bool(gate),
                 "restrict": bool(restrict), "crf": crf_params,
                 "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
@@ -198,11 +202,181 @@ def _run_crfs(jobs, params, workers, out_dir: Path) -> None:
         io.write_mask(out_dir / f"{id_}.png", mask)
 
 
+def crf_settings(crf: bool, crf_params=None) -> dict | None:
+    """The kernels a prediction's CRF runs with: None without `crf`; else `crf_params`, by default
+    DeepLab v2 ResNet-101's (`net_crf` gives a run's)."""
+    if not crf:
+        return None
+    return dict(TEST_CRF["deeplab-v2-aspp-resnet101"] if crf_params is None else crf_params)
+
+
 def net_crf(config: dict) -> dict:
     """The test-time CRF kernels published for a stage-3 run's net (`wsss.crf.net_crf_params`)."""
     from wsss.models.segnet import resolve_head
 
     return net_crf_params(config["backbone"], resolve_head(config["backbone"], config["head"]))
+
+
+# ---------------------------------------------------------------- any folder of photos
+
+MASKS, OVERLAYS, INDEX = "masks", "overlays", "masks.json"  # the layout of OUT (see predict_folder)
+
+
+def bounded(image: np.ndarray, max_side: int) -> np.ndarray:
+    """The image scaled down so that its longer side is at most `max_side` (unchanged if it is)."""
+    h, w = image.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return image
+    return resize(image, (max(1, round(h * scale)), max(1, round(w * scale))))
+
+
+def predict_image(model, image: np.ndarray, device, *, scales=(1.0,), flip=False, gate=False,
+                  crf_params=None, max_side: int = 1024) -> np.ndarray:
+    """uint8 label mask (H, W) of one RGB photo of any size."""
+    h, w = image.shape[:2]
+    small = bounded(image, max_side)
+    probs = predict_probs(model, small, device, scales, flip, gate)
+    if crf_params is None and small is image:
+        return label_map(probs)
+    present = _present(probs)
+    sub = probs[torch.as_tensor(present, device=probs.device)]
+    if crf_params is not None:
+        from wsss.stage import StageError
+
+        try:
+            mask = _crf_job(crf_params, (None, small, sub.cpu().numpy(), present))
+        except Exception as e:  # noqa: BLE001 - any failure of the CRF: a mask left unrefined would pass for a refined one
+            raise StageError(f"the dense CRF failed ({type(e).__name__}: {e}); rerun without --crf to predict "
+                             f"without it") from e
+        return resize(mask, (h, w), nearest=True)
+    full = F.interpolate(sub[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    return present[label_map(full)].astype(np.uint8)
+
+
+def mask_name(rel: Path) -> Path:
+    return rel.with_suffix(".png")
+
+
+def check_apart(out: Path, folders: dict[str, Path]) -> None:
+    """Refuse an OUT that is, contains or lies inside one of `folders` ({what: folder}): writing
+    there could overwrite a photo, the dataset, or a stage's artifacts."""
+    b = Path(out).resolve()
+    for what, folder in folders.items():
+        a = Path(folder).resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise DatasetError(f"--out {out} and {what} {folder} overlap; write the masks to a separate folder")
+
+
+def plan(images: Path, out: Path) -> list[Path]:
+    """The photos' relative paths; errors for a missing folder, overlapping folders, clashing names."""
+    if not images.is_dir():
+        raise DatasetError(f"{images}: image folder not found")
+    check_apart(out, {"--images": images})
+    rels = [p.relative_to(images) for p in find_images(images)]
+    if not rels:
+        raise DatasetError(f"{images}: no images (.jpg, .jpeg, .png, .webp) found")
+    seen = {}
+    for rel in rels:
+        name = mask_name(rel)
+        if name in seen:
+            raise DatasetError(f"{images / seen[name]} and {images / rel}: both would write "
+                               f"{out / MASKS / name}; rename one of them")
+        seen[name] = rel
+    for rel in rels:  # header only: a file that is not an image is reported before any work starts
+        try:
+            with Image.open(images / rel) as img:
+                img.size  # noqa: B018
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{images / rel}: cannot read image ({e})") from e
+    return rels
+
+
+def _prepare_out(out: Path, settings: dict) -> None:
+    path = out / SETTINGS
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            same = io.read_json(path) == settings
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise DatasetError(f"{out}: not empty and holds no predictions with these settings; choose another "
+                               f"--out (nothing in it is deleted)")
+        return
+    io.write_json(path, settings)
+
+
+def mask_summary(mask: np.ndarray, names) -> dict:
+    ids, counts = np.unique(mask, return_counts=True)
+    return {(names[c] if c < len(names) else "ignore" if c == 255 else str(c)): round(n / mask.size, 4)
+            for c, n in zip(ids.tolist(), counts.tolist(), strict=True)}
+
+
+def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=False, gate=False, crf=False,
+                   crf_params=None, max_side: int = 1024, overlay=False, checkpoint=None) -> dict:
+    """Masks for any folder of photos: `python -m wsss.predict --run RUN --images DIR --out OUT`.
+
+    No image labels are needed: a PSL net's classification branch gates the class maps (`--gate`),
+    as at val time. Every photo under DIR (jpg/jpeg/png/webp, nested) is predicted by the run's final
+    stage-3 net (wsss.predict, steps 1, 2 and 4) and written with its relative path:
+
+        OUT/masks/REL.png       palette PNG at the photo's full size (0 background, 1..C-1 the classes)
+        OUT/overlays/REL.png    with --overlay: the photo (at most --max-side) blended with its mask,
+                                a legend of the classes found below
+        OUT/masks.json          each photo's mask, size, and its classes with their pixel fractions
+        OUT/settings.json       the settings the masks were made with
+
+    `crf`: dense CRF with `crf_params` (default as predict_split; the CLI passes the run's `net_crf`);
+    a CRF that fails is an error naming the photo (the masks already written are kept).
+
+    A photo larger than --max-side is predicted at that size (the net was trained near the dataset's
+    scale, and memory stays bounded); the probabilities of the classes found are then resized
+    bilinearly to the full size before the argmax (after a CRF, the labels nearest-neighbour).
+
+    Resume: rerun with the same settings and the photos already done are kept. OUT is never emptied:
+    an OUT that is not empty and holds no predictions with these settings is an error, as is an OUT
+    inside DIR (or DIR inside OUT), so no photo can be overwritten. The CLI also keeps OUT apart from
+    the dataset and the stage folder, and holds the stage folder's lock while it predicts.
+
+    Returns the masks.json index.
+    """
+    from wsss.stage import StageError
+
+    images, out = Path(images), Path(out)
+    rels = plan(images, out)
+    crf_params = crf_settings(crf, crf_params)
+    settings = {"scales": [float(s) for s in scales], "flip": bool(flip), "gate": bool(gate), "crf": crf_params,
+                "max_side": int(max_side), "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
+    _prepare_out(out, settings)
+    index = {}
+    for rel in tqdm(rels, desc="predict", leave=False):
+        mask_path = out / MASKS / mask_name(rel)
+        overlay_path = out / OVERLAYS / mask_name(rel)
+        image = None
+        if mask_path.is_file():
+            mask = io.read_mask(mask_path)
+        else:
+            try:
+                image = io.read_image(images / rel)
+            except (OSError, ValueError) as e:
+                raise DatasetError(str(e)) from e
+            try:
+                mask = predict_image(model, image, device, scales=scales, flip=flip, gate=gate,
+                                     crf_params=crf_params, max_side=max_side)
+            except StageError as e:
+                raise StageError(f"{images / rel}: {e}") from e
+            io.write_mask(mask_path, mask)
+        if overlay and not overlay_path.is_file():
+            image = io.read_image(images / rel) if image is None else image
+            small = bounded(image, max_side)
+            io.write_png(overlay_path, overlay_with_legend(small, resize(mask, small.shape[:2], nearest=True), names))
+        index[rel.as_posix()] = {"mask": f"{MASKS}/{mask_name(rel).as_posix()}",
+                                 "overlay": f"{OVERLAYS}/{mask_name(rel).as_posix()}" if overlay else None,
+                                 "size": [int(mask.shape[1]), int(mask.shape[0])],
+                                 "classes": mask_summary(mask, names)}
+    result = {"classes": list(names), "images": index}
+    io.write_json(out / INDEX, result)
+    return result
 
 
 # ---------------------------------------------------------------- command line
@@ -216,7 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, type=safe_name, help="split to predict (default: the run's --val-split)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder inside OUTPUTS/RUN (default: STAGE/pred_folder(), with the split's name "
-                        "after 'pred' for another split than val)")
+                        "after 'pred' for another split than val); with --images, any folder outside the "
+                        "dataset, DIR and the stage folder (required)")
+    g = p.add_argument_group("any folder of photos (see predict_folder in wsss/predict.py)")
+    g.add_argument("--images", type=Path, default=None,
+                   help="predict every photo under this folder (nested; jpg/jpeg/png/webp) instead of a split; "
+                        "needs --out")
+    g.add_argument("--overlay", action="store_true", help="also write each photo blended with its mask, with a legend")
+    g.add_argument("--max-side", type=int, default=1024,
+                   help="predict larger photos at this longer side (the mask is returned at full size)")
     add_predict_args(p)
     return p
 
@@ -253,7 +435,10 @@ def main(argv=None) -> int:
     from wsss.run import resolve_device, run_dir, setup_logging
     from wsss.stage import StageError, error_line, lock, release
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.images is not None and args.out is None:
+        parser.error("--images needs --out (the folder the masks go to)")
     stage = segment.stage_path(args)
     try:
         config = io.read_json(stage / "config.json")
@@ -264,7 +449,9 @@ def main(argv=None) -> int:
     out = args.out or stage / pred_folder(args.scales, args.flip, args.crf, args.gate,
                                           "" if split == config["val_split"] else split)
     try:
-        if not Path(out).resolve().is_relative_to(run_dir(args).resolve()):
+        if args.images is not None:  # the user's own folder for their photos: anywhere apart from these
+            check_apart(out, {"--images": args.images, "the dataset": Path(config["data"]), "the stage folder": stage})
+        elif not Path(out).resolve().is_relative_to(run_dir(args).resolve()):
             raise StageError(f"--out {out}: outside the run's folder {run_dir(args)}")
         if args.crf:
             check_crf("predict", "no --crf")
@@ -272,6 +459,8 @@ def main(argv=None) -> int:
         setup_logging(stage, "predict")
         device = resolve_device(args.device)
         model, checkpoint, has_cls = segment.load_final_net(stage, config, device)
+        if args.images is not None:
+            return _predict_folder(args, model, checkpoint, has_cls, config, device)
         dataset = segment.open_dataset(config["data"], split)
         dataset.validate()
         predict_split(model, dataset, dataset.ids, out, device=device, scales=args.scales, flip=args.flip,
@@ -283,6 +472,18 @@ def main(argv=None) -> int:
     finally:
         release(stage)
     print(f"wrote {len(dataset.ids)} predictions to {out}")
+    return 0
+
+
+def _predict_folder(args, model, checkpoint, has_cls, config, device) -> int:
+    from wsss.data.voc import class_names
+
+    result = predict_folder(model, args.images, args.out, class_names(config["data"]), device=device,
+                            scales=args.scales, flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf,
+                            crf_params=net_crf(config), max_side=args.max_side, overlay=args.overlay,
+                            checkpoint=checkpoint)
+    print(f"wrote {len(result['images'])} masks to {args.out / 'masks'}"
+          + (f" and overlays to {args.out / 'overlays'}" if args.overlay else "") + f", index {args.out / 'masks.json'}")
     return 0
 
 

@@ -1,28 +1,43 @@
 """Stage 2: mined object regions + saliency -> fused pseudo-masks -> dense CRF -> pseudo-masks.
 
-The fusion rule (AE-PSL, Wei et al. 2017), per pixel, in this order:
-  1. in the mined region of exactly one of the image's classes: that class;
-  2. in the regions of two or more classes: the class with the highest normalised CAM score
-     (`conflict="score"`, the same rule stage 1 uses for regions/ID.png), or 255 (`"ignore"`);
-  3. in no region and saliency below `bg_threshold`: background (0);
-  4. anything else (salient but not mined, or neither clearly): 255, ignored by stage 3.
-Object regions come first: a mined pixel keeps its class even where saliency is low, because
-the classifier's evidence is about the labelled classes while saliency is class-agnostic and
-often misses parts of objects (AE-PSL takes the object regions first and saliency only for the
-background).
+The fusion rule is a named option (`--fusion`, the plug-ins of `FUSION_RULES`; the default is the
+one constant `FUSION_DEFAULT`). Per pixel, with the image's classes only (0 = background, 255 =
+ignored by stage 3); "low saliency" is saliency < `--bg-threshold`, "high" is >= `--fg-threshold`:
+
+- `mined-first` (this project's first reading of AE-PSL, Wei et al. CVPR 2017): a pixel in a mined
+  region keeps its class even where saliency is low; saliency decides only the background among
+  unmined pixels; the rest is ignored. Trusts the classifier's evidence over class-agnostic saliency.
+- `ae-psl` (AE-PSL as its talk states it, quoted in issue 15: saliency supplies the background, the
+  mined regions the objects, unassigned pixels are ignored): as mined-first, except that a mined
+  pixel of low saliency is claimed by both sources, and the talk gives neither precedence, so it is
+  ignored.
+- `saliency-first` (after the saliency-guided pseudo-labels of later methods, e.g. OAA, Jiang et al.
+  ICCV 2019, and EPS, Lee et al. CVPR 2021; a plain per-pixel form, neither paper's exact
+  procedure): high saliency is foreground, its class the labelled class with the highest normalised
+  CAM score (stage 1's per-class "score", the max over the erasing steps; a tie goes to the class
+  listed first); low saliency is background; in between ignored. The mined regions are not used.
+
+Multi-label images and overlaps: in mined-first and ae-psl a pixel in the regions of two or more
+classes takes the one with the highest score (`--conflict score`, the rule of stage 1's
+regions/ID.png) or is ignored (`--conflict ignore`); in saliency-first every salient pixel takes its
+highest-scoring class (there is no overlap to resolve; `--conflict` does not apply). A salient
+region that misses every CAM is ignored by every rule: unmined in mined-first and ae-psl, every
+labelled class's score 0 (the CAMs are ReLU'd, so 0 means no evidence) in saliency-first.
 
 The CRF step (`wsss.crf.crf_labels`, over background + the image's classes) then checks the fused
 labels against the image: by default ("agree") a fused label is kept where the CRF gives the same
 label and becomes 255 where it does not; ignore pixels stay ignored (wsss.crf says why).
+`bench/bench_fusion.py` scores every rule, with and without the CRF, on a finished run.
 
 The STC form (`stc_soft_target`): for a simple (single-class) image the saliency map is the soft
 foreground probability of the image's class, 1 - saliency that of background.
 
 Outputs under outputs/RUN/stage2/: saliency/ID.png (grey, cached), fused/ID.png (before CRF),
-pseudo/ID.png (after CRF, what stage 3 trains on), overlay/ID.png (image | saliency | fused | CRF),
-contact_sheet.png (a sample of overlays), manifest.json (ignored and background fractions; with
-ground-truth masks also the mIoU over labelled pixels of the stage-1 seeds, the fused masks and the
-pseudo-masks, as `python -m wsss.eval --run RUN --stage stage2` computes it). Images already written are not redone
+pseudo/ID.png (after CRF, what stage 3 trains on), overlay/ID.png (image | saliency | fused, titled
+with the rule | CRF), contact_sheet.png (a sample of overlays), manifest.json (the rule, ignored and
+background fractions; with ground-truth masks also the mIoU over labelled pixels of the stage-1
+seeds, the fused masks and the pseudo-masks, as `python -m wsss.eval --run RUN --stage stage2`
+computes it). Images already written are not redone
 on a rerun with the same config and inputs; a different config stops (wsss.stage), --force starts afresh.
 A CRF that cannot run (pydensecrf missing, a crashed worker) fails the stage unless --no-crf: a
 pseudo-mask silently left unrefined would pass for a refined one.
@@ -52,19 +67,25 @@ OVERLAY_HEIGHT = 240  # overlay panels are scaled to this height: one PNG per im
 
 # ---------------------------------------------------------------- the fusion rule
 
-def regions_label_map(regions: np.ndarray, keys, score: np.ndarray, conflict: str = "score") -> np.ndarray:
-    """uint8 HxW: the class of the region that holds the pixel, overlaps by score (or 255), else 0."""
+def _checked(regions, keys, score, conflict: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(regions bool, keys int64, score float32), or a ValueError saying which shape is off."""
     regions = np.asarray(regions, dtype=bool)
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    score = np.asarray(score, dtype=np.float32)
     if regions.ndim != 3 or len(keys) != regions.shape[0]:
         raise ValueError(f"regions must be (n, H, W) with n = len(keys) = {len(keys)}, got {regions.shape}")
-    if conflict not in ("score", "ignore"):
-        raise ValueError(f"conflict must be 'score' or 'ignore', got {conflict!r}")
-    if len(keys) == 0:
-        return np.zeros(regions.shape[1:], np.uint8)
-    score = np.asarray(score, dtype=np.float32)
     if score.shape != regions.shape:
         raise ValueError(f"score shape {score.shape} differs from regions shape {regions.shape}")
+    if conflict not in ("score", "ignore"):
+        raise ValueError(f"conflict must be 'score' or 'ignore', got {conflict!r}")
+    return regions, keys, score
+
+
+def regions_label_map(regions: np.ndarray, keys, score: np.ndarray, conflict: str = "score") -> np.ndarray:
+    """uint8 HxW: the class of the region that holds the pixel, overlaps by score (or 255), else 0."""
+    regions, keys, score = _checked(regions, keys, score, conflict)
+    if len(keys) == 0:
+        return np.zeros(regions.shape[1:], np.uint8)
     claims = regions.sum(axis=0)
     best = np.argmax(np.where(regions, score, -np.inf), axis=0)
     out = np.where(claims > 0, keys[best], 0).astype(np.uint8)
@@ -73,20 +94,66 @@ def regions_label_map(regions: np.ndarray, keys, score: np.ndarray, conflict: st
     return out
 
 
+FUSION_DEFAULT = "mined-first"  # issue 15: the lead sets it from bench/bench_fusion.py's measurements
+BG_THRESHOLD = 0.1
+FG_THRESHOLD = 0.5
+FUSION_BEFORE_OPTIONS = "mined-first"  # the rule of runs made before --fusion existed (no "fusion" in config)
+
+
+def fuse_mined_first(regions, keys, score, saliency, *, bg_threshold, fg_threshold, conflict) -> np.ndarray:
+    """Mined regions first (module docstring): a mined pixel keeps its class whatever its saliency."""
+    out = regions_label_map(regions, keys, score, conflict)
+    out[~regions.any(axis=0) & (saliency >= bg_threshold)] = IGNORE
+    return out
+
+
+def fuse_ae_psl(regions, keys, score, saliency, *, bg_threshold, fg_threshold, conflict) -> np.ndarray:
+    """AE-PSL as its talk states it (module docstring): a mined pixel of low saliency is ignored."""
+    out = fuse_mined_first(regions, keys, score, saliency, bg_threshold=bg_threshold, fg_threshold=fg_threshold,
+                           conflict=conflict)
+    out[regions.any(axis=0) & (saliency < bg_threshold)] = IGNORE
+    return out
+
+
+def fuse_saliency_first(regions, keys, score, saliency, *, bg_threshold, fg_threshold, conflict) -> np.ndarray:
+    """Saliency first (OAA, EPS; module docstring): the foreground from saliency, its class from the CAMs."""
+    if fg_threshold < bg_threshold:
+        raise ValueError(f"fg_threshold {fg_threshold} is below bg_threshold {bg_threshold}")
+    out = np.full(saliency.shape, IGNORE, np.uint8)
+    out[saliency < bg_threshold] = 0
+    if len(keys):
+        salient = (saliency >= fg_threshold) & (score.max(axis=0) > 0)
+        out[salient] = keys[np.argmax(score, axis=0)][salient]
+    return out
+
+
+# name -> rule(regions bool (n, H, W), keys int64 (n,), score float32 (n, H, W) normalised CAM,
+# saliency float32 (H, W) in [0, 1], *, bg_threshold, fg_threshold, conflict) -> uint8 (H, W) with
+# 0 = background, a key, or 255 = ignore. A rule uses the arguments it needs; the inputs come
+# checked (shapes agree) from fuse_with_saliency.
+FUSION_RULES = {
+    "mined-first": fuse_mined_first,
+    "ae-psl": fuse_ae_psl,
+    "saliency-first": fuse_saliency_first,
+}
+
+
 def fuse_with_saliency(regions: np.ndarray, keys, score: np.ndarray, saliency: np.ndarray,
-                       bg_threshold: float = 0.1, conflict: str = "score") -> np.ndarray:
-    """The AE-PSL rule of the module docstring: uint8 HxW, 0 = background, keys, 255 = ignore.
+                       bg_threshold: float = BG_THRESHOLD, conflict: str = "score", *,
+                       rule: str = FUSION_DEFAULT, fg_threshold: float = FG_THRESHOLD) -> np.ndarray:
+    """The fusion `rule` of the module docstring: uint8 HxW, 0 = background, keys, 255 = ignore.
 
     regions bool (n, H, W) mined region per class, keys (n,) their mask ids, score float (n, H, W)
-    normalised CAM (decides overlaps), saliency float HxW in [0, 1].
+    normalised CAM, saliency float HxW in [0, 1].
     """
+    if rule not in FUSION_RULES:
+        raise ValueError(f"fusion rule must be one of {sorted(FUSION_RULES)}, got {rule!r}")
+    regions, keys, score = _checked(regions, keys, score, conflict)
     saliency = np.asarray(saliency, dtype=np.float32)
-    if saliency.shape != np.asarray(regions).shape[1:]:
-        raise ValueError(f"saliency shape {saliency.shape} differs from the regions' {np.asarray(regions).shape[1:]}")
-    out = regions_label_map(regions, keys, score, conflict)
-    claimed = np.asarray(regions, dtype=bool).any(axis=0)
-    out[~claimed & (saliency >= bg_threshold)] = IGNORE
-    return out
+    if saliency.shape != regions.shape[1:]:
+        raise ValueError(f"saliency shape {saliency.shape} differs from the regions' {regions.shape[1:]}")
+    return FUSION_RULES[rule](regions, keys, score, saliency, bg_threshold=bg_threshold, fg_threshold=fg_threshold,
+                              conflict=conflict)
 
 
 def soft_scores(score: np.ndarray, saliency: np.ndarray) -> np.ndarray:
@@ -119,13 +186,22 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("stage 2: saliency fusion and dense CRF")
     g.add_argument("--saliency", default="builtin",
                    help="builtin (unsupervised, wsss.saliency) or a folder of grey ID.png maps (DSS, DRFI...)")
-    g.add_argument("--bg-threshold", type=float, default=0.1,
-                   help="unmined pixels with saliency below this are background. Low, as AE-PSL takes only "
+    g.add_argument("--fusion", choices=sorted(FUSION_RULES), default=FUSION_DEFAULT,
+                   help="how mined regions and saliency make the pseudo-masks (wsss/pseudo.py): mined-first (a "
+                        "mined pixel keeps its class, saliency only decides the background), ae-psl (as "
+                        "mined-first, but a mined pixel of low saliency is ignored), saliency-first (high "
+                        "saliency is foreground, classed by the highest CAM score among the image's labels)")
+    g.add_argument("--bg-threshold", type=float, default=BG_THRESHOLD,
+                   help="pixels with saliency below this are background (in mined-first and ae-psl only the "
+                        "unmined ones). Low, as AE-PSL takes only "
                         "clearly non-salient pixels; with the built-in maps on the 48 real VOC photos 89%% of "
                         "the pixels below 0.1 are background and they hold 80%% of it (0.5: 86%% and 89%%)")
+    g.add_argument("--fg-threshold", type=float, default=FG_THRESHOLD,
+                   help="saliency-first: pixels with saliency at or above this are foreground (at least "
+                        "--bg-threshold; equal to it: no ignore band)")
     g.add_argument("--conflict", choices=["score", "ignore"], default="score",
-                   help="a pixel mined for two classes: the higher normalised CAM wins (the rule of stage 1's "
-                        "regions/ID.png), or it is ignored")
+                   help="mined-first, ae-psl: a pixel mined for two classes: the higher normalised CAM wins (the "
+                        "rule of stage 1's regions/ID.png), or it is ignored")
     g.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True,
                    help="check the fused masks with a dense CRF over the image's own labels")
     g.add_argument("--crf-mode", choices=["agree", "fill"], default="agree",
@@ -151,10 +227,16 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def crf_params_of(args) -> dict:
-    return {"iterations": args.crf_iterations, "gauss_sxy": args.crf_gauss_sxy,
-            "gauss_compat": args.crf_gauss_compat, "bi_sxy": args.crf_bi_sxy,
-            "bi_srgb": args.crf_bi_srgb, "bi_compat": args.crf_bi_compat}
+def check_thresholds(fusion: str, bg_threshold: float, fg_threshold: float) -> None:
+    """Thresholds a rule cannot use stop before any work, with the flags to fix."""
+    if fusion == "saliency-first" and fg_threshold < bg_threshold:
+        raise SystemExit(f"error: --fg-threshold {fg_threshold} is below --bg-threshold {bg_threshold}: "
+                         f"saliency-first needs fg >= bg")
+
+
+def fusion_of(config: dict) -> str:
+    """The rule a stage-2 config made its pseudo-masks with."""
+    return config.get("fusion", FUSION_BEFORE_OPTIONS)
 
 
 # ---------------------------------------------------------------- one image (in a worker process)
@@ -164,7 +246,9 @@ class Settings:
     """What a worker needs to process an image (small, picklable)."""
     out: Path
     num_classes: int
+    fusion: str
     bg_threshold: float
+    fg_threshold: float
     conflict: str
     crf: bool
     crf_mode: str
@@ -181,6 +265,17 @@ class Job:
     regions: Path | None  # None: the image has no label, its pseudo-mask is all background
     gt: Path | None
     label_ids: tuple[int, ...]
+
+
+def settings_of(args, out: Path, num_classes: int) -> Settings:
+    """A worker's Settings from stage 2's flags (parsed, or read back from its config.json)."""
+    return Settings(out=out, num_classes=num_classes, fusion=fusion_of(vars(args)), bg_threshold=args.bg_threshold,
+                    fg_threshold=args.fg_threshold, conflict=args.conflict, crf=args.crf,
+                    crf_mode=args.crf_mode, gt_prob=args.crf_gt_prob, confidence=args.crf_confidence,
+                    soft=args.crf_soft,
+                    crf_params={"iterations": args.crf_iterations, "gauss_sxy": args.crf_gauss_sxy,
+                                "gauss_compat": args.crf_gauss_compat, "bi_sxy": args.crf_bi_sxy,
+                                "bi_srgb": args.crf_bi_srgb, "bi_compat": args.crf_bi_compat})
 
 
 def load_regions(path: Path, label_ids, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -207,11 +302,19 @@ def _read_image(path: Path) -> np.ndarray:
         raise DatasetError(str(e)) from e
 
 
-def _overlay(image, saliency, fused, pseudo, id_, crf: bool):
+def _overlay(image, saliency, fused, pseudo, id_, s: Settings):
     from wsss.viz import colorize, side_by_side
 
     return side_by_side([image, saliency, colorize(fused), colorize(pseudo)],
-                        [id_, "saliency", "fused", "after CRF" if crf else "pseudo (no CRF)"], height=OVERLAY_HEIGHT)
+                        [id_, "saliency", f"fused: {s.fusion}", "after CRF" if s.crf else "pseudo (no CRF)"],
+                        height=OVERLAY_HEIGHT)
+
+
+def pseudo_mask(image, keys, masks, score, saliency, s: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """(fused, pseudo-mask) of one image by the rule and CRF of `s`."""
+    fused = fuse_with_saliency(masks, keys, score, saliency, s.bg_threshold, s.conflict, rule=s.fusion,
+                               fg_threshold=s.fg_threshold)
+    return fused, refine(image, fused, keys, score, saliency, s) if s.crf else fused
 
 
 def refine(image, fused, keys, score, saliency, s: Settings) -> np.ndarray:
@@ -245,11 +348,10 @@ def process_image(s: Settings, job: Job) -> dict:
             if saliency.shape != image.shape[:2]:
                 raise DatasetError(f"{s.out / 'saliency' / (job.id + '.png')}: saliency {saliency.shape} "
                                    f"differs from image size {image.shape[:2]}")
-            fused = fuse_with_saliency(masks, keys, score, saliency, s.bg_threshold, s.conflict)
-            pseudo = refine(image, fused, keys, score, saliency, s) if s.crf else fused
+            fused, pseudo = pseudo_mask(image, keys, masks, score, saliency, s)
             io.write_mask(paths["fused"], fused)
             io.write_mask(paths["pseudo"], pseudo)
-            io.write_png(paths["overlay"], _overlay(image, saliency, fused, pseudo, job.id, s.crf))  # last: marks done
+            io.write_png(paths["overlay"], _overlay(image, saliency, fused, pseudo, job.id, s))  # last: marks done
     figures = {"pixels": fused.size}
     for name, mask in (("fused", fused), ("pseudo", pseudo)):
         figures[f"{name}_ignored"] = int((mask == IGNORE).sum())
@@ -267,7 +369,8 @@ def process_image(s: Settings, job: Job) -> dict:
 
 # ---------------------------------------------------------------- the stage
 
-def _jobs(dataset: VOCDataset, regions_dir: Path) -> tuple[list[Job], list[str], list[str]]:
+def image_jobs(dataset: VOCDataset, regions_dir: Path) -> tuple[list[Job], list[str], list[str]]:
+    """(jobs, ids without a label, labelled ids without a stage-1 regions file, which are skipped)."""
     jobs, unlabelled, no_regions = [], [], []
     for id_ in dataset.ids:
         label_ids = tuple(int(k) for k in dataset.label_ids(id_))
@@ -322,6 +425,7 @@ def run(args) -> dict | None:
     from wsss.saliency import ensure_saliency
     from wsss.train import init_distributed
 
+    check_thresholds(args.fusion, args.bg_threshold, args.fg_threshold)
     stage1 = stage_dir(args, "stage1")
     if not (stage1 / io.MANIFEST).is_file():
         raise SystemExit(f"error: {stage1}: stage 1 is not complete (no {io.MANIFEST}); run stage 1 first")
@@ -342,7 +446,7 @@ def run(args) -> dict | None:
     init_distributed("cpu")  # under torchrun the ranks share the images out (gloo, for the barriers)
     barrier()
 
-    jobs, unlabelled, no_regions = _jobs(dataset, stage1 / "regions")
+    jobs, unlabelled, no_regions = image_jobs(dataset, stage1 / "regions")
     if no_regions:
         log.warning("%d labelled images have no stage-1 regions file (e.g. %s): skipped",
                     len(no_regions), ", ".join(no_regions[:3]))
@@ -354,10 +458,7 @@ def run(args) -> dict | None:
                          f"split '{args.train_split}'")
     ensure_saliency(dataset, shard(labelled), out / "saliency", args.saliency, args.workers)
 
-    settings = Settings(out=out, num_classes=dataset.num_classes, bg_threshold=args.bg_threshold,
-                        conflict=args.conflict, crf=args.crf, crf_mode=args.crf_mode,
-                        gt_prob=args.crf_gt_prob, confidence=args.crf_confidence, soft=args.crf_soft,
-                        crf_params=crf_params_of(args))
+    settings = settings_of(args, out, dataset.num_classes)
     figures, failed = [], []
     for job, result, error in parallel_map(partial(process_image, settings), shard(jobs), args.workers, "stage 2"):
         if isinstance(error, BrokenProcessPool):  # the worker died, twice: a crash in the CRF's native code
@@ -376,8 +477,8 @@ def run(args) -> dict | None:
         return None
     _contact_sheet(out, labelled, args.sample, args.seed)
 
-    outputs = {"images": len(jobs), "unlabelled_all_background": len(unlabelled),
-               "skipped_no_regions": len(no_regions),
+    outputs = {"fusion": settings.fusion, "crf": settings.crf, "images": len(jobs),
+               "unlabelled_all_background": len(unlabelled), "skipped_no_regions": len(no_regions),
                **_summary(figures, dataset.num_classes)}
     for name in ("seeds", "fused", "pseudo"):
         if name in outputs:

@@ -1,14 +1,17 @@
 """The run report: one static page, `outputs/RUN/report.html`, showing what a run made.
 
-    python -m wsss.report --run NAME [--outputs outputs] [--sample 12]
+    python -m wsss.report --run NAME [--outputs outputs] [--sample 12] [--worst 8]
 
 It is built from the run's artifacts (the layout in README.md) and, for the images and the ground
 truth, from the dataset the stages' config names. For a sample of training images: the image, the
 CAM of every erasing step (over the image as that step saw it, earlier regions erased), the mined
-union, the saliency, the fused and the CRF pseudo-masks and the ground truth; for a sample of val
-images: the image, the prediction of every stage-3 folder and the ground truth; per-class IoU bars
-from each `eval.json`; the training curves of every `metrics.jsonl`; the config and the summary
-figures of every stage's manifest.
+union, the saliency, the fused and the CRF pseudo-masks (titled with the fusion rule that made
+them) and the ground truth; for a sample of val images: the image, the prediction of every stage-3
+folder and the ground truth; per-class IoU bars from each `eval.json`; where each stage-3 net fails
+on val (`wsss.image_scores`): its worst images by per-image IoU beside their ground truth, the
+confusion matrix as a picture and every image's scores in `report/scores-STAGE.json`; the training
+curves of every `metrics.jsonl`; the config and the summary figures of every stage's manifest.
+Tables of pictures fit a 1,400 px window (wider ones scroll in their own box).
 
 Every picture is a PNG under `outputs/RUN/report/`, referenced by a path relative to the page, so
 the page opens from disk (no server, no script) and `report.html` + `report/` can be copied
@@ -36,6 +39,8 @@ from tqdm import tqdm
 from wsss import io
 from wsss.data.transforms import MEAN
 from wsss.data.voc import DatasetError, VOCDataset
+from wsss.image_scores import score_images
+from wsss.pseudo import fusion_of
 from wsss.run import safe_name
 from wsss.stage import StageError
 from wsss.viz import colorize, heatmap, resize, to_rgb
@@ -179,6 +184,9 @@ class Pictures:
         plt.close(fig)
         return self._write(name, lambda path: io.write_bytes(path, buf.getvalue()))
 
+    def data(self, name: str, obj) -> str:
+        return self._write(name, lambda path: io.write_json(path, obj))
+
     def _write(self, name: str, write: Callable[[Path], None]) -> str:
         path = self.root / name
         write(path)
@@ -252,6 +260,8 @@ def _cam(stage1: Path, step: int, earlier: list[int], dataset: VOCDataset | None
 def train_columns(stages: dict[str, Stage], dataset: VOCDataset | None, why_no_data: str) -> list[Column]:
     s1, s2 = stages["stage1"], stages["stage2"]
     steps = sorted(int(p.parent.name[4:]) for p in s1.path.glob("step*/cam") if p.parent.name[4:].isdigit())
+    rule = fusion_of(s2.config) if s2.config else ""  # which fusion rule made the pseudo-masks
+    crf = ("CRF" if s2.config.get("crf", True) else "no CRF") if s2.config else ""
     columns = [_image_column(dataset, why_no_data)]
     if steps:
         columns += [Column(f"CAM step {k}", f"cam{k}", _cam(s1.path, k, steps[:i], dataset))
@@ -263,9 +273,10 @@ def train_columns(stages: dict[str, Stage], dataset: VOCDataset | None, why_no_d
                "" if s1.ran else "not run"),
         Column("saliency", "saliency", lambda i: _grey(s2.path / "saliency" / f"{i}.png"),
                "" if s2.ran else "not run"),
-        Column("fused", "fused", lambda i: _mask(s2.path / "fused" / f"{i}.png"), "" if s2.ran else "not run"),
-        Column("pseudo-mask (CRF)", "pseudo", lambda i: _mask(s2.path / "pseudo" / f"{i}.png"),
+        Column(f"fused ({rule})" if rule else "fused", "fused", lambda i: _mask(s2.path / "fused" / f"{i}.png"),
                "" if s2.ran else "not run"),
+        Column(f"pseudo-mask ({crf})" if crf else "pseudo-mask", "pseudo",
+               lambda i: _mask(s2.path / "pseudo" / f"{i}.png"), "" if s2.ran else "not run"),
         _gt_column(dataset, why_no_data),
     ]
     return columns
@@ -360,6 +371,29 @@ def iou_figure(result: dict, title: str):
     return fig
 
 
+def confusion_figure(conf: np.ndarray, names, title: str):
+    """The confusion matrix as a picture: each ground-truth row as percent of its pixels, at most ~1,300 px wide."""
+    plt = _pyplot()
+    n = len(names)
+    rows = conf.sum(1, keepdims=True)
+    share = np.divide(conf * 100.0, rows, out=np.zeros(conf.shape), where=rows > 0)
+    size = min(12.5, 2.5 + 0.42 * n)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+    if n <= 25:
+        for i, j in zip(*np.nonzero(share >= 0.5), strict=True):
+            ax.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=6 if n > 12 else 8,
+                    color="white" if share[i, j] > 60 else "black")
+    ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the ground-truth class's pixels")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def curves_figure(sources: dict[str, list[dict]], title: str):
     """One subplot per logged quantity (loss, seg_loss, val_mAP, val_miou...), one line per training,
     and the loss every few iterations (the "iter" lines), where a net that dies shows the moment."""
@@ -410,18 +444,20 @@ def curves_figure(sources: dict[str, list[dict]], title: str):
 # ---------------------------------------------------------------- HTML
 
 STYLE = """
-body { font-family: sans-serif; margin: 1.5em; color: #222; }
+body { font-family: sans-serif; margin: 1.5em; color: #222; max-width: 1360px; }
+img { max-width: 100%; }
+.scroll { overflow-x: auto; max-width: 100%; }
 h1 { margin-bottom: 0.2em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.2em; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; vertical-align: top; font-size: 13px; }
 th { background: #f0f0f0; }
 table.images td { padding: 2px; text-align: center; vertical-align: middle; }
-table.images img { display: block; }
+table.images img { display: block; max-width: 128px; height: auto; }
 td.note { color: #999; font-style: italic; min-width: 90px; }
 .status-complete { color: #176f2c; } .status-unfinished { color: #b36b00; } .status-not-run { color: #999; }
 .swatch { display: inline-block; width: 12px; height: 12px; border: 1px solid #666; margin: 0 3px 0 10px; }
 .problems { background: #fff3f3; border: 1px solid #d99; padding: 0.5em 1em; }
-code, .value { font-family: monospace; white-space: pre-wrap; }
+code, .value { font-family: monospace; white-space: pre-wrap; overflow-wrap: anywhere; }
 """
 
 
@@ -493,7 +529,44 @@ def images_table(columns: list[Column], rows) -> str:
         tds = "".join(f"<td>{img(c.src, c.src)}</td>" if c.src else f'<td class="note">{esc(c.note)}</td>'
                       for c in cells)
         body.append(f"<tr><th>{esc(id_)}<br><small>{esc(labels)}</small></th>{tds}</tr>")
-    return f'<table class="images">{head}{"".join(body)}</table>'
+    return f'<div class="scroll"><table class="images">{head}{"".join(body)}</table></div>'
+
+
+def failures_section(stages: dict[str, Stage], val: VOCDataset | None, why_no_val: str, pictures: Pictures,
+                     problems: list[str], worst: int) -> str:
+    """For each stage-3 folder with val predictions: its worst images, confusion matrix and per-image scores."""
+    parts = []
+    for s in stages.values():
+        if not s.name.startswith("stage3") or not (s.path / "pred").is_dir():
+            continue
+        head = f"<h3>{esc(s.name)}</h3>"
+        if val is None:
+            parts.append(f'{head}<p class="status-not-run">{esc(why_no_val)}</p>')
+            continue
+        try:
+            rows, conf = score_images(s.path / "pred", val)
+        except (OSError, ValueError) as e:  # DatasetError and EvalError are ValueErrors
+            problems.append(f"{s.name}, per-image scores: {e}")
+            continue
+        if not rows:
+            parts.append(f'{head}<p class="status-not-run">no val image has both a ground truth and a prediction</p>')
+            continue
+        scores_src = pictures.data(f"scores-{s.name}.json", {"stage": s.name, "images": rows})
+        matrix_src = pictures.figure(f"confusion-{s.name}.png",
+                                     confusion_figure(conf, val.class_names, f"{s.name}: confusion matrix (val)"))
+        columns = [_image_column(val, ""), Column(f"prediction ({s.name})", s.name,
+                                                  lambda i, s=s: _mask(s.path / "pred" / f"{i}.png")),
+                   _gt_column(val, "")]
+        by_id = {r["id"]: r for r in rows}
+        table = [(id_, f"IoU {by_id[id_]['miou']} % · {labels}", cells) for id_, labels, cells in
+                 image_rows(pictures, f"worst-{s.name}", [r["id"] for r in rows[:worst]], columns, val, problems)]
+        ious = [r["miou"] for r in rows if r["miou"] is not None]
+        median = f"{np.median(ious):.1f} %" if ious else "n/a"
+        parts.append(f"{head}<p>{len(rows)} val images scored one by one (mIoU over the classes in the image's ground "
+                     f"truth or prediction): median {median}, the {len(table)} worst below; every "
+                     f'image\'s scores in <a href="{esc(quote(scores_src))}">{esc(scores_src)}</a>.</p>'
+                     f"{images_table(columns, table)}{img(matrix_src, matrix_src)}")
+    return "".join(parts) or '<p class="status-not-run">no stage-3 val predictions</p>'
 
 
 def stage_section(stage: Stage) -> str:
@@ -514,7 +587,7 @@ def stage_section(stage: Stage) -> str:
 
 # ---------------------------------------------------------------- the page
 
-def build(run: Path, sample: int = 12) -> Path:
+def build(run: Path, sample: int = 12, worst: int = 8) -> Path:
     """Write run/report.html and its pictures; return the page's path. Two reports of one run at
     once would remove each other's pictures: the run folder is locked for it (wsss.stage)."""
     from wsss.stage import lock, release
@@ -523,12 +596,12 @@ def build(run: Path, sample: int = 12) -> Path:
         raise FileNotFoundError(f"{run}: run folder not found")
     lock(run, "the report")  # outputs/RUN/.lock: the stages lock their own folders
     try:
-        return _build(run, sample)
+        return _build(run, sample, worst)
     finally:
         release(run)
 
 
-def _build(run: Path, sample: int) -> Path:
+def _build(run: Path, sample: int, worst: int) -> Path:
     stages = {name: read_stage(run, name) for name in stage_names(run)}
     pictures = Pictures(run)
     problems: list[str] = []
@@ -559,6 +632,8 @@ def _build(run: Path, sample: int) -> Path:
             note = "not run" if not s.ran else "no eval.json (not finished, or val has no ground truth)"
             score_parts.append(f"<h3>{esc(s.name)}</h3><p class=\"status-not-run\">{esc(note)}</p>")
 
+    failures_html = failures_section(stages, val, why_no_val, pictures, problems, worst)
+
     curve_parts = []
     metrics = read_metrics(run)
     for s in stages.values():
@@ -584,6 +659,8 @@ def _build(run: Path, sample: int) -> Path:
 {problems_html}
 <h2>Validation scores</h2>
 {"".join(score_parts)}
+<h2>Where stage 3 fails (val)</h2>
+{failures_html}
 <h2>Training curves</h2>
 {"".join(curve_parts)}
 <h2>Training images: stages 1 and 2</h2>
@@ -616,10 +693,11 @@ def main(argv=None) -> int:
     p.add_argument("--run", default="demo", type=safe_name, help="run name")
     p.add_argument("--outputs", type=Path, default=Path("outputs"), help="folder holding all runs")
     p.add_argument("--sample", type=int, default=12, help="training images and val images shown")
+    p.add_argument("--worst", type=int, default=8, help="worst val images (per-image IoU) shown per stage-3 folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        path = build(args.outputs / args.run, args.sample)
+        path = build(args.outputs / args.run, args.sample, args.worst)
     except (FileNotFoundError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

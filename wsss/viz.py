@@ -134,3 +134,34 @@ def contact_sheet(items, cols: int = 4, cell_width: int | None = None, titles=No
             x += cell_width + pad
         y += rh + pad
     return sheet
+
+
+def legend(entries, width: int, row_height: int = 16) -> np.ndarray:
+    """A white strip of (class id, text) entries, each a palette-coloured swatch and its text,
+    wrapped into rows `width` px wide: the key to an overlay's colours."""
+    font = _font()
+    placed, x, y = [], 4, 0
+    for cls, text in entries:
+        text_width = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(str(text), font=font))
+        item = 12 + 4 + text_width + 12
+        if x > 4 and x + item > width:
+            x, y = 4, y + row_height
+        placed.append((x, y, cls, str(text)))
+        x += item
+    strip = Image.new("RGB", (width, y + row_height), WHITE)
+    draw = ImageDraw.Draw(strip)
+    for x, y, cls, text in placed:
+        draw.rectangle([x, y + 2, x + 11, y + 13], fill=tuple(int(c) for c in colorize(np.array([[cls]]))[0, 0]),
+                       outline=(80, 80, 80))
+        draw.text((x + 16, y + 2), text, fill=(0, 0, 0), font=font)
+    return np.asarray(strip)
+
+
+def overlay_with_legend(image: np.ndarray, mask: np.ndarray, names, alpha: float = 0.5) -> np.ndarray:
+    """`overlay` with a legend below naming each class in the mask and its share of the pixels."""
+    picture = overlay(image, mask, alpha)
+    mask = resize(np.asarray(mask, dtype=np.uint8), picture.shape[:2], nearest=True)
+    ids, counts = np.unique(mask, return_counts=True)
+    entries = [(int(c), f"{names[c] if c < len(names) else 'ignore' if c == IGNORE else c} {n / mask.size:.0%}")
+               for c, n in zip(ids, counts, strict=True)]
+    return np.concatenate([picture, legend(entries, picture.shape[1])], axis=0)

@@ -1,9 +1,10 @@
 """Datasets in the PASCAL VOC 2012 (+ SBD) layout.
 
-    ROOT/JPEGImages/ID.jpg
+    ROOT/JPEGImages/ID.jpg            (or ID.jpeg, ID.png, ID.webp)
     ROOT/SegmentationClassAug/ID.png  (or SegmentationClass/) palette PNG, 0 = bg, 1..C-1, 255 = ignore
     ROOT/ImageSets/Segmentation/{train_aug,train,val}.txt
-    ROOT/cls_labels.npy               dict id -> float[C-1] multi-hot (IRN/SEAM form), optional
+    ROOT/cls_labels.npy               dict id -> float[C-1] multi-hot, optional; SEAM's string ids or
+                                      IRN/PSA's integer ones (2007000032 for 2007_000032)
     ROOT/class_names.txt              one name a line, background first, optional (VOC names otherwise)
 
 Class ids are mask ids: 0 is background, 1..C-1 the object classes. Image labels are
@@ -11,11 +12,13 @@ multi-hot vectors over the C-1 object classes (label[i] is class i + 1).
 
 `python -m wsss.data.voc check --root DIR --split train` scans a split for bad input;
 `python -m wsss.data.voc prepare --voc DIR [--sbd DIR]` builds SegmentationClassAug,
-train_aug.txt and cls_labels.npy from the two official downloads.
+train_aug.txt and cls_labels.npy from the two official downloads; `python -m wsss.data.importer`
+builds the layout from any folder of photos and a file of tags.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +36,9 @@ VOC_CLASSES = (
     "train", "tvmonitor",
 )
 MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
-__all__ = ["VOC_CLASSES", "IGNORE", "PALETTE", "DatasetError", "VOCDataset", "class_names", "read_ids"]
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")  # JPEGImages/ID.jpg first: VOC's own form
+__all__ = ["VOC_CLASSES", "IGNORE", "IMAGE_EXTS", "PALETTE", "DatasetError", "VOCDataset", "class_names",
+           "find_images", "read_ids", "safe_id"]
 
 
 class DatasetError(ValueError):
@@ -48,6 +53,39 @@ def class_names(root) -> tuple[str, ...]:
     if len(names) < 2:
         raise DatasetError(f"{path}: needs background plus at least one class, found {len(names)} names")
     return names
+
+
+def safe_id(name: str) -> str:
+    """An image id that is safe as a file name and in a list file: [A-Za-z0-9_.-], every other
+    character (path separators, spaces, accents) as '_', no leading '.' or '-' (hidden files, flags)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".-")
+
+
+def label_key(key) -> str:
+    """A cls_labels.npy key as an image id: IRN/PSA store 2007_000032 as the integer 2007000032."""
+    if isinstance(key, (int, np.integer)):
+        text = str(int(key))
+        return f"{text[:4]}_{text[4:]}"
+    return str(key)
+
+
+def find_images(folder) -> list[Path]:
+    """The images (IMAGE_EXTS, any case) under `folder`, nested, sorted; hidden files and folders skipped."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def read_label_file(path) -> dict:
+    """cls_labels.npy as a dict image id -> multi-hot vector, whichever form of ids it uses (label_key)."""
+    try:
+        labels = np.load(path, allow_pickle=True).item()
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same bad input
+        raise DatasetError(f"{path}: cannot read image labels ({e})") from e
+    if not isinstance(labels, dict):
+        raise DatasetError(f"{path}: expected a dict id -> multi-hot labels, got {type(labels).__name__}")
+    return {label_key(k): v for k, v in labels.items()}
 
 
 def list_path(root, split: str) -> Path:
@@ -93,14 +131,18 @@ def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
     return label
 
 
-def labels_from_xml(path, names: tuple[str, ...]) -> np.ndarray:
+def xml_object_names(path) -> list[str]:
+    """The class names of the objects in a VOC annotation (Annotations/ID.xml)."""
     try:
         tree = ET.parse(path)
-    except ET.ParseError as e:
+    except (ET.ParseError, OSError) as e:
         raise DatasetError(f"{path}: cannot parse annotation ({e})") from e
+    return [obj.findtext("name", "").strip() for obj in tree.iter("object")]
+
+
+def labels_from_xml(path, names: tuple[str, ...]) -> np.ndarray:
     label = np.zeros(len(names) - 1, dtype=np.float32)
-    for obj in tree.iter("object"):
-        name = obj.findtext("name", "").strip()
+    for name in xml_object_names(path):
         if name not in names[1:]:
             raise DatasetError(f"{path}: unknown class name '{name}'")
         label[names.index(name) - 1] = 1
@@ -129,19 +171,18 @@ class VOCDataset:
 
     def _load_label_file(self):
         path = self.root / "cls_labels.npy"
-        if not path.is_file():
-            return None
-        try:
-            labels = np.load(path, allow_pickle=True).item()
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is the same bad input
-            raise DatasetError(f"{path}: cannot read image labels ({e})") from e
-        return labels
+        return read_label_file(path) if path.is_file() else None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def image_path(self, id_: str) -> Path:
-        return self.root / "JPEGImages" / f"{id_}.jpg"
+        folder = self.root / "JPEGImages"
+        for ext in IMAGE_EXTS:
+            path = folder / f"{id_}{ext}"
+            if path.is_file():
+                return path
+        return folder / f"{id_}{IMAGE_EXTS[0]}"  # missing: the error names VOC's form
 
     def mask_path(self, id_: str) -> Path | None:
         return None if self.mask_dir is None else self.mask_dir / f"{id_}.png"
