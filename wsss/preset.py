@@ -38,7 +38,7 @@ SMOKE = {
                "ae-steps": 2, "max-side": 128, "overlays": 2},
     "stage2": {"limit": 8, "sample": 2},
     "stage3": {"limit": 8, "epochs": 1, "batch-size": 2, "crop": 48, "weights": "none", "scales": [1.0],
-               "flip": False, "warmup": 1},
+               "flip": False, "warmup": 1, "collapse-check": False},
     "eval": {},
 }
 

@@ -98,6 +98,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=WARMUP,
                    help="iterations of linear learning-rate warm-up (see wsss/segment.py for why)")
     p.add_argument("--clip-grad", type=float, default=CLIP_GRAD, help="max gradient norm (0: no clipping)")
+    runtime(p.add_argument("--collapse-check", action=argparse.BooleanOptionalAction, default=True,
+                           help="stop a training whose net has collapsed (wsss.segment.collapse_check); off only "
+                                "for smoke runs, whose one epoch from random weights is expected to look collapsed"))
     add_predict_args(p)
     g = p.add_argument_group("PSL (--method psl)")
     g.add_argument("--psl-online", choices=["on", "off"], default="on",
@@ -305,7 +308,8 @@ class Stage3:
         torch.manual_seed(self.args.seed)  # the same initial head whether or not earlier nets ran here
         model = build_net(self.config, self.num_classes, cls_branch)
         log.info("%s: training on %d images", name, len(trainset))
-        health = collapse_check(trainset.constant_predictor_loss(), loss_key, self.train.class_names)
+        health = (collapse_check(trainset.constant_predictor_loss(), loss_key, self.train.class_names)
+                  if self.args.collapse_check else None)
         return fit(model, trainset, step_fn, self.out / name, epochs=self.args.epochs,
                    batch_size=self.args.batch_size, lr=self.args.lr, device=self.device, seed=self.args.seed,
                    workers=self.args.workers, param_groups=model.param_groups, warmup=self.args.warmup,
