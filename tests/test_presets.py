@@ -7,8 +7,8 @@ import json
 import pytest
 
 from stages import stage1, stage2, stage3
-from wsss import eval as wsss_eval
 from wsss import erasing, preset, pseudo, segment
+from wsss import eval as wsss_eval
 from wsss.run import common_parser
 from wsss.stage import artifact_config
 
