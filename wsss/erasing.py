@@ -51,18 +51,10 @@ float16 max normalised CAM over steps}, `regions/ID.png` and `overlay/ID.png`. I
 labels are skipped (counted in the log) and get empty CAM and region files.
 
 Defaults run the whole stage on the embedded synthetic dataset on 2 CPU cores in minutes.
-Presets for PASCAL VOC 2012 (train_aug, 10,582 images) on a GPU; check the seeds of a run with
-`python -m wsss.eval --run NAME --stage stage1` (step 1 vs the union, and a CAM threshold sweep)
-and adjust `--ae-threshold` to the data if the union does not beat step 1:
-
-    # the paper's setting: VGG16 (DeepLab-LargeFOV backbone), ImageNet init at every step
-    python stages/stage1.py --data data/VOCdevkit/VOC2012 --train-split train_aug --run voc_vgg \\
-        --backbone vgg16 --output-stride 8 --crop 321 --batch-size 16 --epochs 5 --lr 0.001 \\
-        --cam-scales 0.5,1.0,1.5,2.0 --ae-steps 3 --ae-init imagenet
-    # a ResNet setting (IRN's CAM network; several GPUs: torchrun --nproc_per_node N stages/stage1.py ...)
-    python stages/stage1.py --data data/VOCdevkit/VOC2012 --train-split train_aug --run voc_r50 \\
-        --backbone resnet50 --output-stride 16 --crop 512 --batch-size 16 --epochs 5 --lr 0.01 \\
-        --cam-scales 0.5,1.0,1.5,2.0 --ae-steps 3 --ae-init imagenet
+The settings for PASCAL VOC 2012 (train_aug, 10,582 images) on a GPU are the presets in `presets/`
+(`--preset voc-vgg16`: the paper's VGG16 with ImageNet init at every step; `voc-r101`). Check the
+seeds of a run with `python -m wsss.eval --run NAME --stage stage1` (step 1 vs the union, and a CAM
+threshold sweep) and adjust `--ae-threshold` to the data if the union does not beat step 1.
 """
 from __future__ import annotations
 
