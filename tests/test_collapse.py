@@ -72,12 +72,14 @@ def test_warmup_and_poly_schedule():
 
 
 def test_collapse_check_needs_both_one_class_and_a_constant_loss():
-    health = collapse_check(1.5, class_names=("background", "cat"))
-    assert health({"loss": 1.45, "val_classes": 2, "val_class": 0}) is None
-    assert health({"loss": 0.6, "val_classes": 1, "val_class": 0}) is None  # learning, not yet on val
-    message = health({"loss": 1.45, "val_classes": 1, "val_class": 0})
+    health = collapse_check(1.5, min_steps=100, class_names=("background", "cat"))
+    dead = {"steps": 100, "loss": 1.45, "val_classes": 1, "val_class": 0}
+    message = health(dead)
     assert "'background' for every pixel" in message and "--lr" in message and "--warmup" in message
-    assert collapse_check(None)({"loss": 9.0, "val_classes": 1, "val_class": 0}) is None  # soft targets
+    assert health({**dead, "val_classes": 2}) is None
+    assert health({**dead, "loss": 0.6}) is None  # learning, not yet on val
+    assert health({**dead, "steps": 99, "loss": 3.0}) is None  # still warming up
+    assert collapse_check(None, min_steps=100)(dead) is None  # soft targets
 
 
 def gt_bound(data: Path, outputs: Path, epochs: int) -> dict:

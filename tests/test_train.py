@@ -82,8 +82,11 @@ def test_metrics_one_line_per_epoch_after_resume(tmp_path):
     state_["epoch"] = 2
     torch.save(state_, out / CHECKPOINT)
     train(out, epochs=4, evaluate=lambda model: {"score": 1.0})
-    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    records = [r for r in lines if "iter" not in r]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    iterations = [r["iter"] for r in lines if "iter" in r]  # the "iter" lines of redone epochs are replaced too
+    assert iterations == sorted(set(iterations)) and iterations[0] == 1
     assert "score" not in records[1] and records[2]["score"] == 1.0 and records[3]["score"] == 1.0
     assert {"loss", "half_loss", "seconds"} <= set(records[3])
 

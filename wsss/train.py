@@ -222,7 +222,8 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
             totals = torch.tensor(list(sums.values()), dtype=torch.float64)
             dist.all_reduce(totals)
             sums = dict(zip(sums, (totals / world).tolist(), strict=True))
-        record = {"epoch": epoch + 1, **{k: v / iters_per_epoch for k, v in sums.items()},
+        record = {"epoch": epoch + 1, "steps": (epoch + 1) * iters_per_epoch,
+                  **{k: v / iters_per_epoch for k, v in sums.items()},
                   "seconds": round(time.time() - t0, 1)}
         if is_main_process():
             if evaluate is not None:
