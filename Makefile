@@ -1,6 +1,9 @@
 # wsss: `make demo` runs the whole pipeline on the embedded dataset; `make test` runs the tests.
-# Variables: DATA (dataset root, VOC layout), RUN (outputs/RUN), METHOD (psl|stc), DEVICE (auto|cpu|cuda),
-# ARGS (extra flags for the stage scripts), e.g. `make stage1 DATA=data/VOC2012 RUN=voc ARGS="--backbone resnet50"`.
+# `make voc PRESET=voc-vgg16 DATA=data/VOCdevkit/VOC2012 RUN=voc` runs stages 1-3 and eval with a preset
+# (presets/NAME.json); SMOKE=1 shrinks it to minutes on a CPU (wsss/preset.py).
+# Variables: DATA (dataset root, VOC layout), RUN (outputs/RUN), METHOD (psl|stc; not with PRESET),
+# DEVICE (auto|cpu|cuda), PRESET, SMOKE=1, ARGS (extra flags for every stage script), ARGS1/ARGS2/ARGS3
+# (for stage 1/2/3 only), e.g. `make stage1 DATA=data/VOCdevkit/VOC2012 RUN=voc ARGS1="--backbone resnet50"`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,18 +12,24 @@ RUN    ?= demo
 METHOD ?= psl
 DEVICE ?= auto
 ARGS   ?=
+ARGS1  ?=
+ARGS2  ?=
+ARGS3  ?=
+PRESET ?=
+SMOKE  ?=
 # OpenMP threads that spin while waiting make torch 10x slower on a small shared CPU; passive waiting costs little.
 export OMP_WAIT_POLICY ?= PASSIVE
-STAGE_FLAGS = --data $(DATA) --run $(RUN) --device $(DEVICE) $(ARGS)
+PRESET_FLAGS = $(if $(PRESET),--preset $(PRESET)) $(if $(SMOKE),--smoke)
+STAGE_FLAGS = $(PRESET_FLAGS) --data $(DATA) --run $(RUN) --device $(DEVICE) $(ARGS)
 
-.PHONY: setup data demo stage1 stage2 stage3 eval report check-report test lint bench clean
+.PHONY: setup data demo voc stage1 stage2 stage3 eval report check-report test lint bench gpu-check clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
 	touch $@
 
 data/synthetic/dataset.json: | setup
@@ -29,16 +38,27 @@ data/synthetic/dataset.json: | setup
 data: data/synthetic/dataset.json
 
 stage1: setup $(if $(filter data/synthetic,$(DATA)),data)
-	$(PY) stages/stage1.py $(STAGE_FLAGS)
+	$(PY) stages/stage1.py $(STAGE_FLAGS) $(ARGS1)
 
 stage2: setup
-	$(PY) stages/stage2.py $(STAGE_FLAGS)
+	$(PY) stages/stage2.py $(STAGE_FLAGS) $(ARGS2)
 
 stage3: setup
-	$(PY) stages/stage3.py $(STAGE_FLAGS) --method $(METHOD)
+	$(PY) stages/stage3.py $(STAGE_FLAGS) $(if $(PRESET),,--method $(METHOD)) $(ARGS3)
 
 eval: setup
-	$(PY) -m wsss.eval --run $(RUN)
+	$(PY) -m wsss.eval --run $(RUN) $(PRESET_FLAGS)
+
+# A preset from download to val mIoU: stages 1-3, then the seeds and pseudo-masks scored on VOC train
+# (IRN's protocol) and the val predictions.
+voc: setup
+	@test -n "$(PRESET)" || { echo "make voc: say which preset, e.g. PRESET=voc-vgg16 (see presets/)"; exit 2; }
+	$(PY) stages/stage1.py $(STAGE_FLAGS) $(ARGS1)
+	$(PY) stages/stage2.py $(STAGE_FLAGS) $(ARGS2)
+	$(PY) stages/stage3.py $(STAGE_FLAGS) $(ARGS3)
+	$(PY) -m wsss.eval --run $(RUN) --stage stage1 $(PRESET_FLAGS)
+	$(PY) -m wsss.eval --run $(RUN) --stage stage2 $(PRESET_FLAGS)
+	$(PY) -m wsss.eval --run $(RUN) --stage stage3 $(PRESET_FLAGS)
 
 demo: setup data stage1 stage2 stage3 eval
 	@echo "outputs: outputs/$(RUN)/ (stage1/ stage2/ stage3/; pseudo-masks in outputs/$(RUN)/stage2/pseudo/)"
@@ -64,6 +84,10 @@ lint: setup
 bench: setup .opencv-contrib/cv2
 	@export WSSS_OPENCV_CONTRIB=.opencv-contrib; \
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) -m bench.$$(basename $$b .py) || exit 1; done
+
+# Each preset in smoke size on a VOC-resolution synthetic set, under bf16 and fp16 (needs one CUDA GPU).
+gpu-check: setup
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf outputs/* data/synthetic

@@ -5,7 +5,7 @@ from wsss.stage import main as run_stage
 
 
 def main(argv=None):
-    return run_stage(erasing.run, erasing.add_args(common_parser(__doc__)), argv)
+    return run_stage(erasing.run, erasing.add_args(common_parser(__doc__, "stage1")), argv)
 
 
 if __name__ == "__main__":

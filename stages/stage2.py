@@ -5,7 +5,7 @@ from wsss.stage import main as run_stage
 
 
 def build_parser():
-    return pseudo.add_args(common_parser(__doc__))
+    return pseudo.add_args(common_parser(__doc__, "stage2"))
 
 
 def main(argv=None):

@@ -5,7 +5,7 @@ from wsss.stage import main as run_stage
 
 
 def main(argv=None):
-    parser = common_parser(__doc__)
+    parser = common_parser(__doc__, "stage3")
     segment.add_args(parser)
     return run_stage(segment.run, parser, argv)
 

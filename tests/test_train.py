@@ -96,3 +96,24 @@ def test_finished_training_returns_at_once(tmp_path):
     seen: list[int] = []
     train(tmp_path / "run", epochs=2, seen=seen)
     assert seen == []
+
+
+@pytest.mark.parametrize("cls_branch", [False, True])
+def test_every_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search(cls_branch):
+    """wsss.train runs DDP with find_unused_parameters=False: a net whose loss leaves a parameter
+    out would hang DDP's gradient reduction."""
+    import warnings
+
+    from wsss.models.classifier import build_classifier
+    from wsss.models.segnet import build_segnet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nets = [build_segnet("efficientnet-lite0", 4, cls_branch=cls_branch, weights=None)]
+        if not cls_branch:
+            nets.append(build_classifier("efficientnet-lite0", 3, weights=None))
+    for net in nets:
+        out = net(torch.randn(2, 3, 64, 64))
+        loss = out.sum() if torch.is_tensor(out) else sum(v.float().sum() for v in out.values())
+        loss.backward()
+        assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []

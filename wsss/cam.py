@@ -20,7 +20,6 @@ On disk a CAM is `ID.npz` {"cam": float16 (n, H, W), "keys": int64 (n,) mask ids
 from __future__ import annotations
 
 import zipfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from wsss import io
 from wsss.data.transforms import MEAN, STD
+from wsss.run import autocast
 
 SCALES = (0.5, 1.0, 1.5, 2.0)
 
@@ -51,11 +51,12 @@ def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
 
 
 def multiscale_cams_batch(model, images, keys_list, scales=SCALES, flip: bool = True,
-                          device="cpu") -> list[np.ndarray]:
+                          device="cpu", amp: str = "off") -> list[np.ndarray]:
     """CAMs of several images of the same size (on a GPU one forward per scale for all of them).
 
     `images`: RGB uint8 arrays (H, W, 3), all the same size; `keys_list`: for each image the mask
-    ids (1..C-1) of its labelled classes. Returns for each image float32 (n, H, W) in [0, 1].
+    ids (1..C-1) of its labelled classes; `amp`: a resolved --amp (the net runs under it, the
+    sums and normalisation in float32). Returns for each image float32 (n, H, W) in [0, 1].
     """
     if len(images) == 0:
         return []
@@ -69,7 +70,7 @@ def multiscale_cams_batch(model, images, keys_list, scales=SCALES, flip: bool = 
     model = getattr(model, "module", model)  # DDP-wrapped or not
     model.eval().to(dev, memory_format=torch.channels_last)
     n, size = len(batch), batch.shape[1:3]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    precision = autocast(amp, dev.type)
     with torch.inference_mode():
         x = to_input(batch, dev)
         sums = [None] * n
@@ -78,7 +79,7 @@ def multiscale_cams_batch(model, images, keys_list, scales=SCALES, flip: bool = 
                                                     align_corners=False)
             if flip:
                 xs = torch.cat([xs, xs.flip(-1)])
-            with autocast:
+            with precision:
                 raw = model.cams(xs).float()
             if flip:
                 raw = raw[:n] + raw[n:].flip(-1)
@@ -100,9 +101,9 @@ def multiscale_cams_batch(model, images, keys_list, scales=SCALES, flip: bool = 
 
 
 def multiscale_cams(model, image: np.ndarray, keys, scales=SCALES, flip: bool = True,
-                    device="cpu") -> np.ndarray:
+                    device="cpu", amp: str = "off") -> np.ndarray:
     """CAMs float32 (n, H, W) in [0, 1] of one RGB uint8 image for its labelled classes `keys`."""
-    return multiscale_cams_batch(model, [image], [keys], scales, flip, device)[0]
+    return multiscale_cams_batch(model, [image], [keys], scales, flip, device, amp)[0]
 
 
 def cam_path(directory, id_: str) -> Path:

@@ -51,18 +51,10 @@ float16 max normalised CAM over steps}, `regions/ID.png` and `overlay/ID.png`. I
 labels are skipped (counted in the log) and get empty CAM and region files.
 
 Defaults run the whole stage on the embedded synthetic dataset on 2 CPU cores in minutes.
-Presets for PASCAL VOC 2012 (train_aug, 10,582 images) on a GPU; check the seeds of a run with
-`python -m wsss.eval --run NAME --stage stage1` (step 1 vs the union, and a CAM threshold sweep)
-and adjust `--ae-threshold` to the data if the union does not beat step 1:
-
-    # the paper's setting: VGG16 (DeepLab-LargeFOV backbone), ImageNet init at every step
-    python stages/stage1.py --data data/VOCdevkit/VOC2012 --train-split train_aug --run voc_vgg \\
-        --backbone vgg16 --output-stride 8 --crop 321 --batch-size 16 --epochs 5 --lr 0.001 \\
-        --cam-scales 0.5,1.0,1.5,2.0 --ae-steps 3 --ae-init imagenet
-    # a ResNet setting (IRN's CAM network; several GPUs: torchrun --nproc_per_node N stages/stage1.py ...)
-    python stages/stage1.py --data data/VOCdevkit/VOC2012 --train-split train_aug --run voc_r50 \\
-        --backbone resnet50 --output-stride 16 --crop 512 --batch-size 16 --epochs 5 --lr 0.01 \\
-        --cam-scales 0.5,1.0,1.5,2.0 --ae-steps 3 --ae-init imagenet
+The settings for PASCAL VOC 2012 (train_aug, 10,582 images) on a GPU are the presets in `presets/`
+(`--preset voc-vgg16`: the paper's VGG16 with ImageNet init at every step; `voc-r101`). Check the
+seeds of a run with `python -m wsss.eval --run NAME --stage stage1` (step 1 vs the union, and a CAM
+threshold sweep) and adjust `--ae-threshold` to the data if the union does not beat step 1.
 """
 from __future__ import annotations
 
@@ -84,7 +76,16 @@ from wsss.cam import load_cams, multiscale_cams_batch, save_cams
 from wsss.data.transforms import MEAN, normalize, train_augment
 from wsss.data.voc import DatasetError, VOCDataset, list_path
 from wsss.models.classifier import build_classifier
-from wsss.run import barrier, is_main_process, positive_int, process_pool, resolve_device, runtime, shard
+from wsss.run import (
+    barrier,
+    is_main_process,
+    positive_int,
+    process_pool,
+    resolve_amp,
+    resolve_device,
+    runtime,
+    shard,
+)
 from wsss.stage import dataset_inputs, open_stage
 from wsss.train import CHECKPOINT, fit, init_distributed, read_metrics, torch_device
 
@@ -222,7 +223,8 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def classification_map(model, dataset: VOCDataset, ids: list[str], device) -> float:
-    """Mean average precision of the image labels on `ids` (whole images, one scale)."""
+    """Mean average precision of the image labels on `ids` (whole images, one scale; under the
+    caller's autocast: wsss.train.fit runs it under the training's)."""
     model.eval()
     scores, labels = [], []
     with torch.inference_mode():
@@ -269,6 +271,7 @@ class CamJob:
     flip: bool
     threshold: float
     max_side: int = 1024
+    amp: str = "off"  # a resolved --amp
 
 
 def fit_side(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -289,7 +292,7 @@ def write_cams(model, job: CamJob, ids: list[str], device: torch.device) -> int:
         if not pending:
             return
         cams = multiscale_cams_batch(model, [p[1] for p in pending], [p[2] for p in pending],
-                                     job.scales, job.flip, device)
+                                     job.scales, job.flip, device, job.amp if device.type == "cuda" else "off")
         for (id_, _, keys, shape), cam in zip(pending, cams, strict=True):
             if cam.shape[1:] != shape:  # a downscaled image: its CAM back at full size
                 cam = F.interpolate(torch.from_numpy(np.asarray(cam, np.float32))[None], size=shape,
@@ -345,7 +348,7 @@ def compute_step_cams(model, dataset: VOCDataset, ids: list[str], labelled: set[
     todo = [i for i in shard(ids)
             if not ((cam_dir / f"{i}.npz").is_file() and (region_dir / f"{i}.png").is_file())]
     job = CamJob(dataset, frozenset(labelled), step_dir, tuple(region_dirs), tuple(args.cam_scales),
-                 args.cam_flip, args.ae_threshold, args.max_side)
+                 args.cam_flip, args.ae_threshold, args.max_side, resolve_amp(args.amp, device.type))
     processes = min(args.workers, len(todo)) if device.type == "cpu" else 1
     chunks = [todo[i:i + CAM_CHUNK] for i in range(0, len(todo), CAM_CHUNK)]
     with tqdm(total=len(todo), desc=f"CAM {step_dir.name}", disable=not is_main_process(), leave=False) as bar:
@@ -384,7 +387,7 @@ def run_step(step: int, args, dataset, ids, labelled, out: Path, region_dirs, st
     model = fit(model, ErasedImages(dataset, train_ids, region_dirs, args.crop), classification_step, step_dir,
                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device,
                 seed=args.seed + 1000 * step, workers=args.workers, param_groups=model.param_groups,
-                evaluate=evaluate, desc=f"AE step {step}")
+                evaluate=evaluate, desc=f"AE step {step}", amp=resolve_amp(args.amp, device))
     final = read_metrics(step_dir)[-1]
     kept = final["loss"] <= stop_loss
     if kept:
@@ -405,7 +408,7 @@ def held_out(args) -> VOCDataset | None:
     """The labelled images of --val-split, for the classifier's mAP after each epoch (None if none)."""
     if not args.val_split or args.val_split == args.train_split or not list_path(args.data, args.val_split).is_file():
         return None
-    val = VOCDataset(args.data, args.val_split)
+    val = VOCDataset(args.data, args.val_split, limit=args.limit)
     val.ids = [i for i in val.ids if val.labels(i).any()]
     return val if val.ids else None
 
@@ -473,7 +476,7 @@ def run(args) -> dict | None:
     """Run stage 1 (see the module docstring); returns the manifest, or None when skipped."""
     device = resolve_device(args.device)
     init_distributed(device)
-    dataset = VOCDataset(args.data, args.train_split)
+    dataset = VOCDataset(args.data, args.train_split, limit=args.limit)
     dataset.validate()
     stage = open_stage(args, "stage1", dataset_inputs(dataset), owned=("step*", "regions", "overlay"))
     if stage is None:

@@ -422,8 +422,13 @@ STAGES = ("stage1", "stage2", "stage3")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m wsss.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from wsss import preset
+    from wsss.run import Parser
+
+    p = Parser(prog="python -m wsss.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.preset_section = "eval"
+    p.add_argument("--preset", metavar="NAME|FILE", help=f"the eval section of a preset as defaults: {preset.describe()}")
+    p.add_argument("--smoke", action="store_true", help="the smoke overrides of the eval section (wsss.preset)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--pred", type=Path, help="folder of ID.png predictions (palette or grey PNGs)")
     what.add_argument("--cam", type=Path, help="folder of ID.npz CAMs: background-threshold sweep")
@@ -472,6 +477,20 @@ def _list_path(root: Path, split: str) -> Path:
     return root / "ImageSets" / "Segmentation" / f"{split}.txt"
 
 
+def stage3_predictions(stage_dir: Path) -> str:
+    """The prediction folder of a stage-3 run to score: `pred` (the default test-time flags) when
+    there, else the one its manifest lists last (e.g. `pred-crf` of a preset with test-time CRF)."""
+    if (stage_dir / "pred").is_dir():
+        return "pred"
+    try:
+        listed = list(json.loads((stage_dir / "manifest.json").read_text())["outputs"]["predictions"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = []
+    if not listed:
+        raise EvalError(f"{stage_dir}: no predictions (has stage 3 finished?)")
+    return listed[-1]
+
+
 def protocol_ids(data: Path, run_split: str) -> tuple[list[str], str, str]:
     """(ids, split, why) of the images to score a run's stage-1/2 artifacts on: VOC `train` where
     the dataset has that list and the run trained on another split (the images of it in the run's
@@ -506,10 +525,20 @@ def _run_jobs(args) -> tuple[Path, str, list[tuple[str, str, Path, bool, str]], 
     if not data.is_dir():
         raise EvalError(f"{config_path}: dataset root {data} not found (run from the folder the stage ran in)")
     json_path = stage_dir / "eval.json"
+    limit = config.get("limit") or 0  # a --limit run has artifacts for the first `limit` images of each split
     if args.stage == "stage3":
-        jobs = [("pred", "pred", stage_dir / "pred", args.ignore_pred, "")]
-        return data, split, jobs, json_path, None, f"the run's val split '{split}'"
+        pred = stage3_predictions(stage_dir)
+        jobs = [("pred", "pred", stage_dir / pred, args.ignore_pred, "")]
+        json_path = stage_dir / f"eval{pred[len('pred'):]}.json"
+        ids = read_list(_list_path(data, split))[:limit] if limit else None
+        return data, split, jobs, json_path, ids, f"the run's val split '{split}'" + (
+            f", its first {limit} images (--limit)" if limit else "")
     ids, split, why = protocol_ids(data, split)
+    if limit:
+        kept = set(read_list(_list_path(data, config["train_split"]))[:limit])
+        ids, why = [i for i in ids if i in kept], f"{why}; the images of the run's first {limit} (--limit)"
+        if not ids:
+            raise EvalError(f"{config_path}: none of the run's {limit} images (--limit) is in split '{split}'")
     if args.stage == "stage2":
         jobs = [("pseudo", "pred", stage_dir / "pseudo", True, "")]
         if (stage_dir / "fused").is_dir():

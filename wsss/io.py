@@ -192,15 +192,17 @@ def _versions() -> dict:
 
 
 def write_manifest(stage_dir, config: dict, inputs: dict | None = None, outputs: dict | None = None,
-                   started: float | None = None, fingerprints: dict | None = None) -> dict:
+                   started: float | None = None, fingerprints: dict | None = None,
+                   environment: dict | None = None) -> dict:
     """Mark a stage complete: its config, input fingerprints (given, or of the `inputs` paths),
-    summary figures and versions."""
+    summary figures, versions and `environment` (wsss.run.environment: device, GPU, commit)."""
     now = time.time()
     manifest = {
         "config": config,
         "inputs": fingerprints if fingerprints is not None else {k: fingerprint(v) for k, v in (inputs or {}).items()},
         "outputs": outputs or {},
         "versions": _versions(),
+        "environment": environment,
         "started": started,
         "finished": now,
         "seconds": None if started is None else round(now - started, 1),

@@ -429,7 +429,7 @@ def run(args) -> dict | None:
     stage1 = stage_dir(args, "stage1")
     if not (stage1 / io.MANIFEST).is_file():
         raise SystemExit(f"error: {stage1}: stage 1 is not complete (no {io.MANIFEST}); run stage 1 first")
-    dataset = VOCDataset(args.data, args.train_split)
+    dataset = VOCDataset(args.data, args.train_split, limit=args.limit)
     dataset.validate()
     inputs = {"stage1": stage1, **dataset_inputs(dataset, masks=True)}
     if args.saliency != "builtin":

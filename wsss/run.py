@@ -4,10 +4,12 @@ The skip/resume rule of a stage folder lives in wsss.stage."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import numpy as np
 
 log = logging.getLogger("wsss")
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
 def runtime(action: argparse.Action) -> argparse.Action:
@@ -32,9 +35,20 @@ def test_time(action: argparse.Action) -> argparse.Action:
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose namespace carries each declared flag's kind (`args._kinds`, dest ->
     "runtime" | "test-time"), so that a stage tells its config from the rest by the flags' own
-    declarations (stage 2's --crf is config, stage 3's test-time --crf is not)."""
+    declarations (stage 2's --crf is config, stage 3's test-time --crf is not). With `--preset`
+    flags (`wsss.preset.add_args`), the preset's values become the defaults before the parse."""
+
+    preset_section: str | None = None
 
     def parse_known_args(self, args=None, namespace=None):
+        if self.preset_section is not None:
+            from wsss import preset
+
+            pre = preset.pre_parse(sys.argv[1:] if args is None else list(args))
+            try:
+                preset.apply(self, self.preset_section, pre.preset, pre.smoke)
+            except preset.PresetError as e:
+                self.error(str(e))
         namespace, rest = super().parse_known_args(args, namespace)
         namespace._kinds = {a.dest: a.kind for a in self._actions if hasattr(a, "kind")}
         return namespace, rest
@@ -74,10 +88,20 @@ def safe_name(text: str) -> str:
     return text
 
 
-def common_parser(description: str) -> argparse.ArgumentParser:
-    """Flags shared by every stage script; each stage adds its own."""
-    p = Parser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def common_parser(description: str, section: str | None = None) -> argparse.ArgumentParser:
+    """Flags shared by every stage script; each stage adds its own. `section` ("stage1"...): the
+    preset section the script reads (`--preset`, `--smoke`; see wsss.preset)."""
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if section is not None:  # see wsss.preset: the preset's name is runtime, its effective values are config
+        from wsss import preset
+
+        p.preset_section = section
+        runtime(p.add_argument("--preset", default=None, metavar="NAME|FILE",
+                               help=f"flags of a published setting as defaults (explicit flags override): "
+                                    f"{preset.describe()}"))
+        runtime(p.add_argument("--smoke", action="store_true",
+                               help="shrink the run to minutes on a CPU (few images, 1 epoch, small crops, random "
+                                    "weights, one scale): checks a preset end to end, says nothing of quality"))
     p.add_argument("--data", default="data/synthetic", help="dataset root in the VOC layout")
     runtime(p.add_argument("--run", "--name", dest="run", default="demo", type=safe_name,
                            help="run name: artifacts go to <outputs>/<run>/ (--name for torchrun, whose "
@@ -85,7 +109,16 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     runtime(p.add_argument("--outputs", default="outputs", help="folder holding all runs"))
     p.add_argument("--train-split", default="train", help="list of training images (train_aug on VOC)")
     p.add_argument("--val-split", default="val")
-    runtime(p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"]))
+    p.add_argument("--limit", type=int, default=0,
+                   help="use only the first N images of each split (0: all; smoke runs)")
+    runtime(p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                           help="auto: cuda when it works, else cpu (the log says which and why)"))
+    runtime(p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                           help="mixed precision on CUDA for training, CAMs and predictions: auto = bf16 where "
+                                "the GPU supports it, else fp16 with a gradient scaler; always off on a CPU"))
+    runtime(p.add_argument("--deterministic", action="store_true",
+                           help="deterministic cuDNN algorithms on a GPU (slower; CPU runs are deterministic "
+                                "anyway)"))
     p.add_argument("--seed", type=int, default=0)
     runtime(p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                            help="data-loading / CRF worker processes"))
@@ -102,17 +135,95 @@ def stage_dir(args, stage: str) -> Path:
     return run_dir(args) / stage
 
 
+def cuda_problem() -> str | None:
+    """Why CUDA cannot be used here (None when it can): a CPU-only torch build, no driver or a
+    driver too old for the build, no visible device."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA wheel (README, 'GPU')"
+    if torch.cuda.is_available():
+        return None
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 - torch's own message is the cause (no driver, too old...)
+        return f"CUDA cannot start: {str(e).strip().splitlines()[0]}"
+    if torch.cuda.device_count() == 0:
+        return f"no CUDA device is visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+    return "torch.cuda.is_available() is False"
+
+
+def device_choice(name: str) -> tuple[str, str]:
+    """(device, why) for --device; `cuda` without a working CUDA is an error naming the cause."""
+    if name == "cpu":
+        return "cpu", "--device cpu"
+    problem = cuda_problem()
+    if name == "cuda":
+        if problem:
+            raise SystemExit(f"error: --device cuda: {problem}")
+        return "cuda", "--device cuda"
+    return ("cpu", f"--device auto: {problem}") if problem else ("cuda", "--device auto: CUDA works")
+
+
 def resolve_device(name: str) -> str:
+    return device_choice(name)[0]
+
+
+
+def resolve_amp(name: str, device: str) -> str:
+    """The precision of --amp on `device`: "bf16", "fp16" or "off" (always off on a CPU)."""
+    if name not in AMP_CHOICES:
+        raise ValueError(f"--amp {name!r}: choose one of {', '.join(AMP_CHOICES)}")
+    if device != "cuda" or name == "off":
+        return "off"
     import torch
 
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name == "bf16" and not torch.cuda.is_bf16_supported():
+        raise SystemExit(f"error: --amp bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
+                         f"use --amp fp16 or auto")
     return name
 
 
-def seed_everything(seed: int) -> None:
+def autocast(amp: str, device_type: str = "cuda"):
+    """The autocast context of a resolved --amp ("off": none)."""
+    if amp == "off" or device_type != "cuda":
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def environment(args) -> dict:
+    """Where a stage runs, for its log and manifest: device (and why), precision, GPU, versions, commit."""
+    import torch
+
+    device, why = device_choice(args.device)
+    env = {"device": device, "device_reason": why, "amp": resolve_amp(getattr(args, "amp", "off"), device),
+           "deterministic": bool(getattr(args, "deterministic", False)), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
+           "git_commit": git_commit()}
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["gpus"] = torch.cuda.device_count()
+    return env
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs (with "+dirty" for uncommitted changes); None outside a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
@@ -122,8 +233,8 @@ def seed_everything(seed: int) -> None:
         return
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False  # images of many sizes: autotuning each shape costs more than it saves
+    torch.backends.cudnn.deterministic = deterministic
 
 
 def rank_world() -> tuple[int, int]:

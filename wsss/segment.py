@@ -63,11 +63,13 @@ from wsss.io import IGNORE
 from wsss.losses import cross_entropy
 from wsss.pseudo import stc_soft_target
 from wsss.run import (
+    autocast,
     barrier,
     is_main_process,
     log,
     positive_float,
     positive_int,
+    resolve_amp,
     resolve_device,
     run_dir,
     runtime,
@@ -107,6 +109,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=WARMUP,
                    help="iterations of linear learning-rate warm-up (see wsss/segment.py for why)")
     p.add_argument("--clip-grad", type=float, default=CLIP_GRAD, help="max gradient norm (0: no clipping)")
+    runtime(p.add_argument("--collapse-check", action=argparse.BooleanOptionalAction, default=True,
+                           help="stop a training whose net has collapsed (wsss.segment.collapse_check); off only "
+                                "for smoke runs, whose one epoch from random weights is expected to look collapsed"))
     add_predict_args(p)
     g = p.add_argument_group("PSL (--method psl)")
     g.add_argument("--psl-online", choices=["on", "off"], default="on",
@@ -137,8 +142,8 @@ def stage_path(args) -> Path:
     return run_dir(args) / stage_name(args)
 
 
-def open_dataset(root, split: str, mask_dir=None) -> VOCDataset:
-    return VOCDataset(root, split, mask_dir=mask_dir)
+def open_dataset(root, split: str, mask_dir=None, limit: int = 0) -> VOCDataset:
+    return VOCDataset(root, split, mask_dir=mask_dir, limit=limit)
 
 
 # ---------------------------------------------------------------- training crops
@@ -300,6 +305,11 @@ class Stage3:
         return self.train.num_classes
 
     @property
+    def amp(self) -> str:
+        """The resolved --amp: training, the per-epoch val and every prediction pass run under it."""
+        return resolve_amp(self.args.amp, self.device)
+
+    @property
     def stage2(self) -> Path:
         return run_dir(self.args) / "stage2"
 
@@ -310,12 +320,13 @@ class Stage3:
         torch.manual_seed(self.args.seed)  # the same initial head whether or not earlier nets ran here
         model = build_net(self.config, self.num_classes, cls_branch)
         log.info("%s: training on %d images", name, len(trainset))
-        health = collapse_check(trainset.constant_predictor_loss(), max(self.args.warmup, 1), loss_key,
-                                self.train.class_names)
+        health = (collapse_check(trainset.constant_predictor_loss(), max(self.args.warmup, 1), loss_key,
+                                 self.train.class_names) if self.args.collapse_check else None)
         return fit(model, trainset, step_fn, self.out / name, epochs=self.args.epochs,
                    batch_size=self.args.batch_size, lr=self.args.lr, device=self.device, seed=self.args.seed,
                    workers=self.args.workers, param_groups=model.param_groups, warmup=self.args.warmup,
-                   clip_grad=self.args.clip_grad, evaluate=self.val_evaluator(gate), health=health, desc=name)
+                   clip_grad=self.args.clip_grad, evaluate=self.val_evaluator(gate), health=health, desc=name,
+                   amp=self.amp)
 
     def val_evaluator(self, gate: bool):
         """evaluate(model) -> {"val_miou", "val_classes": how many classes it predicts anywhere,
@@ -343,9 +354,10 @@ class Stage3:
         targets of the next net: STC's E- and P-DCNN, PSL+), optionally through a dense CRF."""
         from wsss.predict import predict_split
 
-        return predict_split(model, self.train, ids, out_dir, device=torch_device(self.device), restrict=True,
-                             crf=crf_params is not None, crf_params=crf_params, workers=self.args.workers,
-                             checkpoint=checkpoint, desc=desc)
+        with autocast(self.amp, torch_device(self.device).type):
+            return predict_split(model, self.train, ids, out_dir, device=torch_device(self.device), restrict=True,
+                                 crf=crf_params is not None, crf_params=crf_params, workers=self.args.workers,
+                                 checkpoint=checkpoint, desc=desc)
 
 
 def train_gt(ctx: Stage3):
@@ -372,7 +384,8 @@ def run(args) -> dict | None:
 
     device = resolve_device(args.device)
     stage2 = run_dir(args) / "stage2"
-    train, val = open_dataset(args.data, args.train_split), open_dataset(args.data, args.val_split)
+    train = open_dataset(args.data, args.train_split, limit=args.limit)
+    val = open_dataset(args.data, args.val_split, limit=args.limit)
     train.validate(need_mask=args.masks == "gt")
     val.validate()
     inputs = {**dataset_inputs(train, masks=args.masks == "gt"), **dataset_inputs(val, masks=True, prefix="val ")}
@@ -402,9 +415,10 @@ def run(args) -> dict | None:
 
     t_pred = time.time()
     checkpoint = out / final_net(config)[0] / "checkpoint.pt"
-    predict_split(model, ctx.val, ctx.val.ids, out / pred, device=torch_device(device), scales=args.scales,
-                  flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),
-                  workers=args.workers, checkpoint=checkpoint, desc="predict val")
+    with autocast(ctx.amp, torch_device(device).type):
+        predict_split(model, ctx.val, ctx.val.ids, out / pred, device=torch_device(device), scales=args.scales,
+                      flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),
+                      workers=args.workers, checkpoint=checkpoint, desc="predict val")
     if not is_main_process():
         return None
     records = _collect_metrics(out)

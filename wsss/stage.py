@@ -42,6 +42,7 @@ from pathlib import Path
 from wsss import io
 from wsss.data.voc import DatasetError
 from wsss.run import (
+    environment,
     is_main_process,
     is_safe_name,
     run_dir,
@@ -139,13 +140,14 @@ class Stage:
     inputs: dict
     started: float = field(default_factory=time.time)
     manifest: dict | None = None  # the complete manifest of a finished stage (stage 3 adds predictions)
+    environment: dict | None = None  # wsss.run.environment: device, GPU, versions, commit
 
     def finish(self, outputs: dict) -> dict:
         """Write the manifest (the stage is complete) and release the lock."""
         manifest = None
         if is_main_process():
             manifest = io.write_manifest(self.path, self.config, outputs=outputs, started=self.started,
-                                         fingerprints=self.inputs)
+                                         fingerprints=self.inputs, environment=self.environment)
         release(self.path)
         return manifest
 
@@ -199,10 +201,14 @@ def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage |
         release(out)
         return None
     log.info("%s config: %s", name, opened.config)
+    opened.environment = environment(args)
+    log.info("%s runs on %s (%s), precision %s; %s", name, opened.environment.get("gpu", opened.environment["device"]),
+             opened.environment["device_reason"], opened.environment["amp"],
+             ", ".join(f"{k} {opened.environment[k]}" for k in ("torch", "cuda", "cudnn", "git_commit")))
     if main:
         io.write_json(out / STAMP, {"config": opened.config, "inputs": opened.inputs})
         io.write_json(out / "config.json", flags(args))
-    seed_everything(args.seed)
+    seed_everything(args.seed, getattr(args, "deterministic", False))
     return opened
 
 

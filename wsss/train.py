@@ -1,7 +1,8 @@
 """The training loop shared by stage 1 (classifier) and stage 3 (segmentation nets).
 
 One loop, so every network gets the same guarantees: SGD with poly learning rate (DeepLab,
-IRN) after a linear warm-up, gradient-norm clipping, bf16 autocast on CUDA, DistributedDataParallel
+IRN) after a linear warm-up, gradient-norm clipping, mixed precision on CUDA (`--amp`: bf16, or fp16
+with a gradient scaler whose gradients are unscaled before clipping), DistributedDataParallel
 when launched by torchrun, a checkpoint after every epoch written atomically, and resume from it
 after a kill (an interrupted epoch is redone from the last finished one, with the same data order
 as an uninterrupted run).
@@ -12,6 +13,10 @@ is one class while the loss sits at the constant predictor's level") may stop it
 `TrainingCollapsed`, after the epoch's line is written so the collapse can be seen.
 `metrics.jsonl` holds one line per epoch and, every `log_every` iterations, a line with "iter"
 (loss, learning rate, gradient norm before clipping): the moment a net dies is visible there.
+
+DDP runs without `find_unused_parameters` (a second autograd pass over the graph each step): every
+net here uses all its parameters in its loss (tests/test_train.py checks it); a net that does not
+passes `find_unused=True`.
 
 Under torchrun, `batch_size` stays the global batch: each of W processes takes batch_size / W
 images, and DistributedSampler deals out the same permutation (randperm seeded with seed + epoch)
@@ -28,7 +33,6 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +43,13 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from wsss import io
-from wsss.run import distributed, is_main_process, rank_world
+from wsss.run import autocast, distributed, is_main_process, rank_world
 
 log = logging.getLogger("wsss")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 LOG_EVERY = 10  # iterations between the "iter" lines of metrics.jsonl
+MAX_SKIPPED = 20  # fp16: consecutive overflowing steps (each halves the loss scale) before training stops
 
 
 class TrainingCollapsed(RuntimeError):
@@ -110,12 +115,13 @@ class EpochSeeded(Dataset):
 def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: float, device: str,
         seed: int, workers: int = 0, param_groups=None, evaluate=None, desc: str = "train",
         weight_decay: float = 5e-4, momentum: float = 0.9, warmup: int = 0, clip_grad: float = 0.0,
-        health=None, log_every: int = LOG_EVERY):
+        health=None, log_every: int = LOG_EVERY, amp: str = "off", find_unused: bool = False):
     """Train `model` on `dataset` (items from `dataset.item(index, rng)`); see the module docstring.
 
     `step_fn(model, batch, epoch) -> (loss, {name: float})`; `evaluate(model) -> {name: float}`
     runs on rank 0 after each epoch; `health(record) -> message or None` after it (rank 0).
-    `warmup`: iterations of linear warm-up; `clip_grad`: max gradient norm (0: no clipping).
+    `warmup`: iterations of linear warm-up; `clip_grad`: max gradient norm (0: no clipping);
+    `amp`: a resolved --amp (wsss.run.resolve_amp), which `evaluate` runs under too.
     Returns the bare trained module.
     """
     out_dir = Path(out_dir)
@@ -127,12 +133,16 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
         g["initial_lr"] = g["lr"]
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
+    # fp16's narrow range: the loss is scaled up for backward, the gradients unscaled before clipping
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and dev.type == "cuda" else None
     start_epoch = 0
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.is_file():
         state = io.load_checkpoint(ckpt_path, map_location=dev)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"]
         if start_epoch >= epochs:
             return model
@@ -151,8 +161,9 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
     net = model
     if distributed():
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=find_unused)
+    precision = autocast(amp, dev.type)
+    skipped = 0
 
     for epoch in range(start_epoch, epochs):
         seeded.epoch = epoch
@@ -174,20 +185,32 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
             for g in optimizer.param_groups:
                 g["lr"] = scheduled_lr(g["initial_lr"], step, total, warmup)
             batch = to_device(batch, dev)
-            with autocast:
+            with precision:
                 loss, logs = step_fn(net, batch, epoch)
             where = f"epoch {epoch + 1}, iteration {it + 1} of {iters_per_epoch}"
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: the loss became {loss.item()} at {where}; "
                                          f"lower --lr or raise --warmup")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaler is None:
+                loss.backward()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             grad_norm = float(torch.nn.utils.clip_grad_norm_(
                 [p for g in optimizer.param_groups for p in g["params"]], clip_grad if clip_grad > 0 else math.inf))
-            if not math.isfinite(grad_norm):
+            if scaler is not None:  # an fp16 overflow skips the step and lowers the scale; only a run of them is fatal
+                skipped = 0 if math.isfinite(grad_norm) else skipped + 1
+                if skipped > MAX_SKIPPED:
+                    raise FloatingPointError(f"{desc}: the fp16 gradients overflowed {skipped} steps in a row at "
+                                             f"{where}; lower --lr, raise --warmup or use --amp bf16/off")
+                scaler.step(optimizer)
+                scaler.update()
+            elif not math.isfinite(grad_norm):
                 raise FloatingPointError(f"{desc}: the gradient norm became {grad_norm} at {where}; "
                                          f"lower --lr or raise --warmup")
-            optimizer.step()
+            else:
+                optimizer.step()
             logs = {"loss": loss.item(), **logs}
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -205,11 +228,14 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
         if is_main_process():
             if evaluate is not None:
                 net.eval()
-                record.update(evaluate(model))
+                with precision:
+                    record.update(evaluate(model))
             problem = health(record) if health is not None else None
             if problem is None:
-                io.save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                               "epoch": epoch + 1})
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}
+                if scaler is not None:
+                    state["scaler"] = scaler.state_dict()
+                io.save_checkpoint(ckpt_path, state)
             _append_metrics(out_dir / METRICS, iterations + [record])
             log.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs,
                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -156,13 +157,14 @@ class VOCDataset:
     ROOT/Annotations/ID.xml. `mask_dir` overrides where masks are read (e.g. pseudo-masks).
     """
 
-    def __init__(self, root, split: str = "train", mask_dir=None):
+    def __init__(self, root, split: str = "train", mask_dir=None, limit: int = 0):
+        """`limit` > 0: only the first `limit` ids of the list (the --limit of smoke runs)."""
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(f"{self.root}: dataset folder not found")
         self.split = split
         self.list_path = list_path(root, split)
-        self.ids = read_ids(root, split)
+        self.ids = read_ids(root, split)[:limit] if limit > 0 else read_ids(root, split)
         self.class_names = class_names(root)
         self.num_classes = len(self.class_names)
         self.mask_dir = Path(mask_dir) if mask_dir else next(
@@ -322,6 +324,36 @@ def prepare(voc: Path, sbd: Path | None = None) -> None:
           f"labels to {voc / 'cls_labels.npy'}")
 
 
+def subset(src: Path, out: Path, split: str) -> None:
+    """A small VOC-layout copy of the images of `src`'s `split` that have a JPEG: every list of
+    `src` restricted to them (train_aug included, so a VOC preset runs on it unchanged), their
+    masks, labels and class names. For smoke runs of the presets on real photos."""
+    src, out = Path(src), Path(out)
+    ids = [i for i in read_ids(src, split) if (src / "JPEGImages" / f"{i}.jpg").is_file()]
+    if not ids:
+        raise DatasetError(f"{list_path(src, split)}: none of its images is in {src / 'JPEGImages'}")
+    if out.exists() and any(out.iterdir()):
+        raise DatasetError(f"{out}: exists and is not empty; choose a new folder")
+    masks = next((src / d for d in MASK_DIRS if (src / d).is_dir()), None)
+    for sub_dir in ("JPEGImages", "ImageSets/Segmentation", *([masks.name] if masks else [])):
+        (out / sub_dir).mkdir(parents=True, exist_ok=True)
+    keep = set(ids)
+    for id_ in ids:
+        shutil.copyfile(src / "JPEGImages" / f"{id_}.jpg", out / "JPEGImages" / f"{id_}.jpg")
+        if masks is not None and (masks / f"{id_}.png").is_file():
+            shutil.copyfile(masks / f"{id_}.png", out / masks.name / f"{id_}.png")
+    for path in sorted((src / "ImageSets" / "Segmentation").glob("*.txt")):
+        kept = [i for i in read_ids(src, path.stem) if i in keep]
+        if kept:
+            (out / "ImageSets" / "Segmentation" / path.name).write_text("\n".join(kept) + "\n")
+    if (src / "cls_labels.npy").is_file():
+        labels = VOCDataset(src, split)._labels
+        np.save(out / "cls_labels.npy", {i: labels[i] for i in ids if i in labels})
+    if (src / "class_names.txt").is_file():
+        shutil.copyfile(src / "class_names.txt", out / "class_names.txt")
+    print(f"wrote {len(ids)} images of {src} ({split}) to {out}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wsss.data.voc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -329,6 +361,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("prepare", help="build SegmentationClassAug, train_aug and cls_labels.npy")
     p.add_argument("--voc", required=True, type=Path, help="VOCdevkit/VOC2012")
     p.add_argument("--sbd", type=Path, help="benchmark_RELEASE/dataset (SBD)")
+    s = sub.add_parser("subset", help="copy the images of a split that have a JPEG into a small VOC-layout folder")
+    s.add_argument("--src", required=True, type=Path, help="dataset root (e.g. ../shared/voc12)")
+    s.add_argument("--split", default="train_aug", help="the images to copy: those of this list with a JPEG")
+    s.add_argument("--out", required=True, type=Path, help="a new folder")
     c = sub.add_parser("check", help="scan a split for missing or corrupt files")
     c.add_argument("--root", required=True, type=Path)
     c.add_argument("--split", default="train")
@@ -337,6 +373,8 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "prepare":
             prepare(args.voc, args.sbd)
+        elif args.cmd == "subset":
+            subset(args.src, args.out, args.split)
         else:
             ds = VOCDataset(args.root, args.split)
             ds.check(need_mask=args.need_mask)

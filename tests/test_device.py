@@ -1,0 +1,44 @@
+"""Device and precision choice (wsss.run): never a silent fallback, never a wrong precision."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wsss.run import AMP_CHOICES, common_parser, device_choice, environment, resolve_amp, seed_everything
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+
+
+@no_cuda
+def test_device_cuda_without_cuda_is_an_error_naming_the_cause():
+    with pytest.raises(SystemExit) as e:
+        device_choice("cuda")
+    message = str(e.value)
+    assert message.startswith("error: --device cuda: ")
+    assert any(w in message for w in ("CPU-only build", "CUDA cannot start", "no CUDA device is visible"))
+
+
+@no_cuda
+def test_device_auto_says_why_it_chose_the_cpu():
+    device, why = device_choice("auto")
+    assert device == "cpu" and why.startswith("--device auto: ") and len(why) > len("--device auto: ")
+
+
+@pytest.mark.parametrize("amp", AMP_CHOICES)
+def test_mixed_precision_is_off_on_a_cpu(amp):
+    assert resolve_amp(amp, "cpu") == "off"
+
+
+def test_cudnn_determinism_is_a_flag_not_forced():
+    seed_everything(0)
+    assert not torch.backends.cudnn.deterministic
+    seed_everything(0, deterministic=True)
+    assert torch.backends.cudnn.deterministic
+    seed_everything(0)
+
+
+def test_the_environment_names_device_precision_versions_and_commit():
+    args = common_parser("test").parse_args(["--device", "cpu", "--amp", "bf16"])
+    env = environment(args)
+    assert env["device"] == "cpu" and env["amp"] == "off" and env["torch"] == torch.__version__
+    assert {"cuda", "cudnn", "git_commit", "device_reason", "deterministic"} <= set(env)
