@@ -10,6 +10,7 @@ from PIL import Image
 
 from wsss import io, predict, segment
 from wsss.data.voc import VOCDataset
+from wsss.methods import stc
 from wsss.run import common_parser
 from wsss.stage import StageError
 from wsss.train import read_metrics
@@ -113,17 +114,17 @@ def test_stc_end_to_end_and_gt_upper_bound(run, tiny_voc):
 
 def test_resume_after_a_kill_redoes_only_what_was_unfinished(run, monkeypatch):
     go, run_dir = run
-    real_step = segment.ce_step
+    real_step = stc.ce_step
 
     def killed_in_second_epoch_of_e(model, batch, epoch):
         if epoch == 1:
             raise KeyboardInterrupt
         return real_step(model, batch, epoch)
 
-    monkeypatch.setattr(segment, "ce_step", killed_in_second_epoch_of_e)
+    monkeypatch.setattr(stc, "ce_step", killed_in_second_epoch_of_e)
     with pytest.raises(KeyboardInterrupt):
         go("--method", "stc", "--stc-steps", "2")
-    monkeypatch.setattr(segment, "ce_step", real_step)
+    monkeypatch.setattr(stc, "ce_step", real_step)
     stage = run_dir / "stage3"
     done = {p: p.stat().st_mtime_ns for p in [stage / "stc" / "i" / "checkpoint.pt",
                                               *(stage / "stc" / "i" / "pred").glob("*.png")]}
@@ -182,3 +183,31 @@ def test_images_without_a_pseudo_mask_are_skipped(run, tiny_voc):
     log = (run_dir / "stage3" / "stage3.log").read_text()
     assert f"1 of 4 training images have no pseudo-mask and are skipped ({first})" in log
     assert "psl: training on 3 images" in log
+
+
+def test_a_registered_method_runs(run, tiny_voc, monkeypatch):
+    """A third party's method: one entry in wsss.methods.METHODS, no other change; --method offers it
+    and stage 3 runs it, predicts with its final net and scores it."""
+    from wsss.methods import METHODS
+    from wsss.segtrain import SegmentationTrainSet, ce_step
+
+    def one_epoch_on_gt(ctx):
+        trainset = SegmentationTrainSet(ctx.train, ctx.train.ids, ctx.args.crop)
+        ctx.train_net("mine/net", trainset, ce_step, epochs=ctx.args.mine_epochs)
+        return "mine/net"
+
+    def add_args(p):
+        p.add_argument("--mine-epochs", type=int, default=1)
+
+    monkeypatch.setitem(METHODS, "mine", {"train": one_epoch_on_gt, "args": add_args, "reads": "masks",
+                                          "folders": ("mine",)})
+    go, run_dir = run
+    result = go("--method", "mine", "--tag", "mine")
+    stage = run_dir / "stage3-mine"
+    assert metrics_by_net(stage) == {"mine/net": [1]}  # its own budget, not --epochs 2
+    assert io.read_json(stage / "manifest.json")["outputs"]["final_net"] == "mine/net"
+    assert io.read_json(stage / "eval.json")["miou"] == result["miou"]
+    check_predictions(stage / "pred", VOCDataset(tiny_voc, "val"))
+    with pytest.raises(SystemExit):  # without the entry, --method mine is not a choice
+        monkeypatch.delitem(METHODS, "mine")
+        go("--method", "mine")

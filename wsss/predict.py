@@ -430,7 +430,7 @@ def pred_folder(scales, flip: bool, crf: bool, gate: str, split: str = "") -> st
 
 
 def main(argv=None) -> int:
-    from wsss import segment
+    from wsss import nets
     from wsss.crf import check_crf
     from wsss.run import resolve_device, run_dir, setup_logging
     from wsss.stage import StageError, error_line, lock, release
@@ -439,7 +439,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.images is not None and args.out is None:
         parser.error("--images needs --out (the folder the masks go to)")
-    stage = segment.stage_path(args)
+    stage = nets.stage_path(args)
     try:
         config = io.read_json(stage / "config.json")
     except FileNotFoundError:
@@ -458,10 +458,10 @@ def main(argv=None) -> int:
         lock(stage, "stage 3 or wsss.predict")
         setup_logging(stage, "predict")
         device = resolve_device(args.device)
-        model, checkpoint, has_cls = segment.load_final_net(stage, config, device)
+        model, checkpoint, has_cls = nets.load_final_net(stage, config, device)
         if args.images is not None:
             return _predict_folder(args, model, checkpoint, has_cls, config, device)
-        dataset = segment.open_dataset(config["data"], split)
+        dataset = nets.open_dataset(config["data"], split)
         dataset.validate()
         predict_split(model, dataset, dataset.ids, out, device=device, scales=args.scales, flip=args.flip,
                       gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),

@@ -26,9 +26,26 @@ once on those masks instead of the stage-2 pseudo-masks.
 """
 from __future__ import annotations
 
+import argparse
+
 import torch
 
+from wsss.crf import CRF_DEFAULTS, check_crf
 from wsss.losses import IGNORE, cross_entropy, multilabel_soft_margin
+from wsss.segtrain import SegmentationTrainSet, with_targets
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("PSL (--method psl)")
+    g.add_argument("--psl-online", choices=["on", "off"], default="on",
+                   help="off: the ablation without the online (prohibitive) masks")
+    g.add_argument("--psl-online-weight", type=float, default=1.0, help="weight of the online-mask cross-entropy")
+    g.add_argument("--psl-online-start", type=int, default=None,
+                   help="first epoch (1-based, as in metrics.jsonl) with the online term; "
+                        "default: the second half of training, so the net first learns the pseudo-masks")
+    g.add_argument("--psl-cls-weight", type=float, default=1.0, help="weight of the classification loss")
+    g.add_argument("--psl-plus", action="store_true",
+                   help="PSL+: retrain once on the PSL net's CRF-refined predictions of the training images")
 
 
 def class_gates(cls_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,12 +96,11 @@ def make_step(args):
     return step
 
 
-def run(ctx):
-    """Train PSL (and PSL+) in the stage folder; returns (final net, True: it has the cls branch)."""
-    from wsss.crf import CRF_DEFAULTS
-    from wsss.segment import SegmentationTrainSet, with_targets
-
+def train(ctx) -> str:
+    """Train PSL (and PSL+) in the stage folder; returns the final net's folder."""
     args = ctx.args
+    if args.psl_plus:
+        check_crf("stage 3", "no --psl-plus")
     gate = args.gate == "on"
     step = make_step(args)
     pseudo = ctx.stage2 / "pseudo"
@@ -92,9 +108,13 @@ def run(ctx):
     trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=pseudo)
     model = ctx.train_net("psl", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss")
     if not args.psl_plus:
-        return model, True
+        return "psl"
     masks = ctx.out / "psl" / "train-crf"
     ctx.predict_train(model, ids, masks, crf_params=CRF_DEFAULTS, checkpoint=ctx.out / "psl" / "checkpoint.pt",
                       desc="PSL+ masks")
     trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=masks)
-    return ctx.train_net("psl-plus", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss"), True
+    ctx.train_net("psl-plus", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss")
+    return "psl-plus"
+
+
+methods = {"psl": {"train": train, "args": add_args, "reads": "pseudo", "folders": ("psl", "psl-plus")}}

@@ -30,12 +30,27 @@ built-in saliency, which is zero along the border by construction.
 """
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 from scipy import ndimage
 
 from wsss import io
 from wsss.losses import soft_cross_entropy
 from wsss.run import is_main_process, log
+from wsss.segtrain import SegmentationTrainSet, ce_step, with_targets
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("STC (--method stc)")
+    g.add_argument("--stc-steps", type=int, default=3, choices=[1, 2, 3],
+                   help="train I-DCNN (1), then E-DCNN (2), then P-DCNN (3)")
+    g.add_argument("--stc-saliency-threshold", type=float, default=0.5,
+                   help="saliency above this is salient (for the simple-image rule)")
+    g.add_argument("--stc-concentration", type=float, default=0.9,
+                   help="simple image: least fraction of the saliency mass inside the largest salient component")
+    g.add_argument("--stc-background", type=float, default=0.05,
+                   help="simple image: largest mean saliency outside that component (clean background)")
 
 
 def is_simple(saliency: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5,
@@ -63,8 +78,6 @@ def simple_ids(ctx) -> list[str]:
     path = ctx.out / "stc" / "simple.txt"
     if path.is_file():
         return path.read_text().split()
-    from wsss.segment import with_targets
-
     saliency = ctx.stage2 / "saliency"
     ids = [i for i in with_targets(ctx.train.ids, saliency, "saliency map")
            if is_simple(io.read_mask(saliency / f"{i}.png"), ctx.train.labels(i),
@@ -83,20 +96,22 @@ def soft_step(model, batch, epoch):
     return soft_cross_entropy(model(batch["image"])["seg"], batch["target"], batch["valid"]), {}
 
 
-def run(ctx):
-    """Train I-, E- and P-DCNN (a prefix with --stc-steps); returns (final net, False: no cls branch)."""
-    from wsss.segment import SegmentationTrainSet, ce_step
-
+def train(ctx) -> str:
+    """Train I-, E- and P-DCNN (a prefix with --stc-steps); returns the final net's folder."""
     args, out = ctx.args, ctx.out / "stc"
     simple = simple_ids(ctx)
     log.info("STC: %d of %d training images are simple", len(simple), len(ctx.train.ids))
     trainset = SegmentationTrainSet(ctx.train, simple, args.crop, target_dir=ctx.stage2 / "saliency", soft=True)
     model = ctx.train_net("stc/i", trainset, soft_step)
-    steps = [("e", "i", simple), ("p", "e", ctx.train.ids)][: args.stc_steps - 1]
-    for name, previous, ids in steps:
+    final = "stc/i"
+    for name, previous, ids in [("e", "i", simple), ("p", "e", ctx.train.ids)][: args.stc_steps - 1]:
         # the previous net's restricted predictions of the images this net trains on
         targets = ctx.predict_train(model, ids, out / previous / "pred", checkpoint=out / previous / "checkpoint.pt",
                                     desc=f"stc/{previous} predict")
         trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=targets)
-        model = ctx.train_net(f"stc/{name}", trainset, ce_step)
-    return model, False
+        final = f"stc/{name}"
+        model = ctx.train_net(final, trainset, ce_step)
+    return final
+
+
+methods = {"stc": {"train": train, "args": add_args, "reads": "pseudo", "folders": ("stc",)}}
