@@ -290,10 +290,14 @@ def settings_of(args, out: Path, num_classes: int) -> Settings:
     return Settings(out=out, num_classes=num_classes, fusion=fusion_of(vars(args)), bg_threshold=args.bg_threshold,
                     fg_threshold=args.fg_threshold, conflict=args.conflict, crf=args.crf,
                     crf_mode=args.crf_mode, gt_prob=args.crf_gt_prob, confidence=args.crf_confidence,
-                    soft=args.crf_soft,
-                    crf_params={"iterations": args.crf_iterations, "gauss_sxy": args.crf_gauss_sxy,
-                                "gauss_compat": args.crf_gauss_compat, "bi_sxy": args.crf_bi_sxy,
-                                "bi_srgb": args.crf_bi_srgb, "bi_compat": args.crf_bi_compat})
+                    soft=args.crf_soft, crf_params=crf_params_of(vars(args)))
+
+
+def crf_params_of(config: dict) -> dict:
+    """The dense-CRF kernels of a stage-2 config (its --crf-* flags; stage 2's defaults for a flag
+    it lacks, e.g. a config written before the flag existed)."""
+    return {k: float(config.get(f"crf_{k}", v)) if k != "iterations" else int(config.get("crf_iterations", v))
+            for k, v in LABEL_CRF_DEFAULTS.items()}
 
 
 def load_regions(path: Path, label_ids, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

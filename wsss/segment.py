@@ -101,6 +101,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="iterations of linear learning-rate warm-up (see the module docstring of wsss/segment.py for why)")
     p.add_argument("--clip-grad", type=float, default=CLIP_GRAD, help="max gradient norm (0: no clipping)")
     add_predict_args(p)
+    g = p.add_argument_group("self-training targets (PSL+, STC's E- and P-DCNN): a net's predictions of the "
+                             "training images that the next net trains on")
+    g.add_argument("--self-train-scales", type=positive_float, nargs="+", default=[0.75, 1.0, 1.25],
+                   help="scales whose probabilities are averaged (as at test time: a target should be the net's "
+                        "best guess, not its single-scale one; 3 scales + flip cost 6 forwards per image)")
+    g.add_argument("--self-train-flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="also average the mirrored image")
+    g.add_argument("--self-train-confidence", type=float, default=0.6,
+                   help="a target pixel is 255 (ignored) where the net's largest probability, over the image's "
+                        "own classes, is below this, and where PSL+'s CRF changes the net's label: an unsure "
+                        "pixel left as a confident label teaches the next net the error (0: only the CRF rule)")
     for method in METHODS.values():
         if method.get("args"):
             method["args"](p)

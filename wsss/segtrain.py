@@ -194,8 +194,12 @@ class Stage3:
         return evaluate
 
     def predict_train(self, model, ids, out_dir, *, checkpoint, crf_params=None, desc="predict"):
-        """Predictions of training images into out_dir, restricted to each image's labels (the
-        targets of the next net: STC's E- and P-DCNN, PSL+), optionally through a dense CRF."""
-        return predict_split(model, self.train, ids, out_dir, device=torch_device(self.device), restrict=True,
-                             crf=crf_params is not None, crf_params=crf_params, workers=self.args.workers,
-                             checkpoint=checkpoint, desc=desc)
+        """Self-training targets: predictions of training images into out_dir at --self-train-scales
+        (and flip), restricted to each image's labels, optionally through a dense CRF, 255 where the
+        net is unsure or the CRF disagrees with it (--self-train-confidence; `wsss.predict`, step 5)."""
+        args = self.args
+        return predict_split(model, self.train, ids, out_dir, device=torch_device(self.device),
+                             scales=args.self_train_scales, flip=args.self_train_flip, restrict=True,
+                             crf=crf_params is not None, crf_params=crf_params,
+                             ignore_below=args.self_train_confidence, workers=args.workers, checkpoint=checkpoint,
+                             desc=desc)

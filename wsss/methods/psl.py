@@ -19,10 +19,13 @@ online term starts in the second half of training by default, once the net has l
 pseudo-masks, so that its own early guesses do not become targets. At test time, when the labels
 are unknown, the gate is sigmoid(cls_c) alone (`wsss.predict`, --gate on).
 
-PSL+ (--psl-plus): the trained PSL net predicts the training images, restricted to their labels,
-refined by the stage-2 dense CRF (`wsss.crf.dense_crf` with stage 2's parameters, over background
-plus the image's labels); a fresh net (ImageNet backbone, same loss and schedule) is then trained
-once on those masks instead of the stage-2 pseudo-masks.
+PSL+ (--psl-plus): the trained PSL net predicts the training images (--self-train-scales, flip),
+restricted to their labels, refined by a dense CRF (`wsss.crf.dense_crf` over background plus the
+image's labels) with the kernels stage 2 used (its config's --crf-* flags, `wsss.pseudo.crf_params_of`;
+the PSA kernels of `CRF_DEFAULTS`, sxy 80 at ~250 px, would pull whole regions of similar colour to
+one label); pixels where the CRF changes the net's label or the net is unsure
+(--self-train-confidence) are ignored (255). A fresh net (ImageNet backbone, same loss and schedule)
+is then trained once on those masks instead of the stage-2 pseudo-masks.
 """
 from __future__ import annotations
 
@@ -30,8 +33,11 @@ import argparse
 
 import torch
 
-from wsss.crf import CRF_DEFAULTS, check_crf
+from wsss import io
+from wsss.crf import check_crf
 from wsss.losses import IGNORE, cross_entropy, multilabel_soft_margin
+from wsss.pseudo import crf_params_of
+from wsss.run import log
 from wsss.segtrain import SegmentationTrainSet, with_targets
 
 
@@ -96,6 +102,13 @@ def make_step(args):
     return step
 
 
+def stage2_crf(stage2) -> dict:
+    """The CRF kernels stage 2 ran with (from its manifest's config)."""
+    params = crf_params_of(io.read_json(stage2 / io.MANIFEST).get("config", {}))
+    log.info("PSL+: CRF kernels of stage 2: %s", params)
+    return params
+
+
 def train(ctx) -> str:
     """Train PSL (and PSL+) in the stage folder; returns the final net's folder."""
     args = ctx.args
@@ -110,8 +123,8 @@ def train(ctx) -> str:
     if not args.psl_plus:
         return "psl"
     masks = ctx.out / "psl" / "train-crf"
-    ctx.predict_train(model, ids, masks, crf_params=CRF_DEFAULTS, checkpoint=ctx.out / "psl" / "checkpoint.pt",
-                      desc="PSL+ masks")
+    ctx.predict_train(model, ids, masks, crf_params=stage2_crf(ctx.stage2),
+                      checkpoint=ctx.out / "psl" / "checkpoint.pt", desc="PSL+ masks")
     trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=masks)
     ctx.train_net("psl-plus", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss")
     return "psl-plus"
