@@ -19,7 +19,7 @@ other; `stage3/pred` is the default product that `make eval` scores.
     stc/simple.txt          the ids of the simple training images
     stc/i/, stc/e/, stc/p/  STC nets; stc/i/pred and stc/e/pred hold their predictions of the
                             training images (restricted to the labels) that the next net trains on
-    gt/                     --masks gt: the same net trained on the ground-truth masks
+    gt/                     --method gt (or --masks gt): the same net trained on the ground-truth masks
     pred/ID.png             val predictions of the final net (palette PNGs), default test-time flags
     pred-SETTINGS/          the same with other test-time flags (`wsss.predict.pred_folder`)
     metrics.jsonl           every epoch of every net, with "net": its folder
