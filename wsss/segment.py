@@ -14,7 +14,8 @@ other; `stage3/pred` is the default product that `make eval` scores.
     stage.json              config + input fingerprints this folder's artifacts belong to (wsss.stage)
     psl/                    PSL net: checkpoint.pt, metrics.jsonl
     psl/train-crf/ID.png    PSL+ only: PSL predictions of the training images, restricted to their
-                            labels, after the stage-2 dense CRF: what psl-plus/ retrains on
+                            labels, after a dense CRF with stage 2's kernels, 255 where unsure:
+                            what psl-plus/ retrains on
     psl-plus/               PSL+ net (--psl-plus)
     stc/simple.txt          the ids of the simple training images
     stc/i/, stc/e/, stc/p/  STC nets; stc/i/pred and stc/e/pred hold their predictions of the
@@ -27,8 +28,9 @@ other; `stage3/pred` is the default product that `make eval` scores.
 
 Defaults (CPU): efficientnet-lite0 + ASPP at output stride 16, 8 epochs of 160 px crops, batch 8,
 lr 0.0025 (head 10x) after a 100-iteration linear warm-up, gradient norm clipped at 5, one test
-scale. STC trains three nets, two of them on the simple images only. The papers' settings (output
-stride 8, more iterations, multi-scale test) are a matter of flags on a GPU.
+scale. STC trains three nets, two of them on the simple images only, each for the same number of
+SGD iterations (`wsss.methods.stc`). The papers' settings (output stride 8, more iterations,
+multi-scale test) are a matter of flags on a GPU.
 
 Why these optimiser defaults. The first defaults (lr 0.005, head 0.05, no warm-up, no clipping)
 were chosen on the embedded dataset alone; on a VOC-like one (`wsss.data.voclike`: real VOC layouts,
@@ -71,7 +73,7 @@ from wsss.run import (
     safe_name,
 )
 from wsss.segtrain import Stage3
-from wsss.stage import dataset_inputs, open_stage
+from wsss.stage import StageError, dataset_inputs, open_stage
 from wsss.train import CHECKPOINT, init_distributed, read_metrics, torch_device
 
 WARMUP = 100  # iterations; see "Why these optimiser defaults" in the module docstring
@@ -154,6 +156,9 @@ def run(args) -> dict | None:
     barrier()
     ctx = Stage3(args, config, out, device, train, val)
     final = method["train"](ctx)
+    if final not in ctx.nets:
+        raise StageError(f"method {method_name(args)!r} returned {final!r}, not the folder of a net it trained "
+                         f"with ctx.train_net ({', '.join(ctx.nets) or 'none'}); see wsss/methods/__init__.py")
     model, has_cls = ctx.nets[final]
 
     t_pred = time.time()
