@@ -17,7 +17,8 @@ import torch
 from wsss.eval import confusion_matrix, scores
 from wsss.losses import cross_entropy
 from wsss.predict import label_map, predict_masks
-from wsss.segment import SegmentationTrainSet, build_net, open_dataset
+from wsss.nets import build_net, open_dataset
+from wsss.segtrain import SegmentationTrainSet
 from wsss.train import EpochSeeded, scheduled_lr
 
 

@@ -1,4 +1,4 @@
-"""Stage 3: segmentation net (PSL or STC) on stage 2's pseudo-masks -> outputs/RUN/stage3/ (see wsss/segment.py)."""
+"""Stage 3: segmentation net (--method: PSL, STC or any registered in wsss.methods) on stage 2's pseudo-masks -> outputs/RUN/stage3/ (see wsss/segment.py)."""
 from wsss import segment
 from wsss.run import common_parser
 from wsss.stage import main as run_stage

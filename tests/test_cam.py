@@ -40,12 +40,39 @@ def test_single_scale_cam_equals_hand_computation():
     x = to_input(image[None], torch.device("cpu"))[0].numpy()  # (3, 32, 48) normalised
     pooled = x.reshape(3, 8, 4, 12, 4).mean((2, 4))  # (3, 8, 12)
     raw = np.einsum("kc,chw->khw", weight.numpy(), pooled)[[0, 2]]  # classes 1 and 3
-    up = F.interpolate(torch.from_numpy(raw)[None], (32, 48), mode="bilinear", align_corners=False)[0].numpy()
-    expected = np.maximum(up, 0)
+    relu = np.maximum(raw, 0)  # ReLU at the net's resolution, then upsampled (IRN's make_cam)
+    expected = F.interpolate(torch.from_numpy(relu)[None], (32, 48), mode="bilinear", align_corners=False)[0].numpy()
     expected /= expected.max(axis=(1, 2), keepdims=True) + 1e-5
     assert cam.shape == (2, 32, 48) and cam.dtype == np.float32
     np.testing.assert_allclose(cam, expected, atol=1e-5)
     assert cam.min() >= 0 and np.allclose(cam.max(axis=(1, 2)), 1, atol=1e-4)
+
+
+def test_each_view_is_relud_before_the_sum():
+    """Two scales, one flip: ReLU on each view's map, then the sum (PSA, IRN), by hand; where one
+    view is negative and another positive, a ReLU after the sum would lose the positive evidence."""
+    weight = torch.tensor([[1.0, -0.5, 0.25], [-1.0, 2.0, 0.0]])
+    model = PoolClassifier(weight)
+    image = random_image(32, 48, seed=3)
+    cam = multiscale_cams(model, image, keys=[1, 2], scales=(1.0, 0.5), flip=True)
+
+    x = to_input(image[None], torch.device("cpu"))
+    raws = []  # each view's class maps at the net's resolution, flip undone
+    for size in ((32, 48), (16, 24)):
+        xs = x if size == (32, 48) else F.interpolate(x, size, mode="bilinear", align_corners=False)
+        raws += [model.cams(xs), model.cams(xs.flip(-1)).flip(-1)]
+
+    def summed(maps):
+        return sum(F.interpolate(m, (32, 48), mode="bilinear", align_corners=False)[0] for m in maps).detach().numpy()
+
+    views = np.stack([summed([r]) for r in raws])  # (4, 2, 32, 48)
+    assert ((views < 0).any(0) & (views > 0).any(0)).any()  # somewhere one view says no, another yes
+    expected = summed([r.clamp(min=0) for r in raws])
+    expected /= expected.max(axis=(1, 2), keepdims=True) + 1e-5
+    np.testing.assert_allclose(cam, expected, atol=1e-5)
+    after_sum = np.maximum(views.sum(0), 0)
+    after_sum /= after_sum.max(axis=(1, 2), keepdims=True) + 1e-5
+    assert np.abs(cam - after_sum).max() > 0.05  # the two orders differ on this image
 
 
 def test_flip_is_undone():

@@ -19,7 +19,7 @@ from wsss import segment
 from wsss.data import synthetic, voclike
 from wsss.data.voc import IGNORE, VOCDataset
 from wsss.run import common_parser
-from wsss.segment import collapse_check
+from wsss.segtrain import collapse_check
 from wsss.train import TrainingCollapsed, fit, read_metrics
 
 torch.set_num_threads(2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wsss.losses import IGNORE, cross_entropy, multilabel_soft_margin
-from wsss.psl import class_gates, make_step, online_masks, online_start
+from wsss.methods.psl import class_gates, make_step, online_masks, online_start
 
 torch.set_num_threads(2)
 

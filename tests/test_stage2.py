@@ -204,3 +204,33 @@ def test_bench_fusion_scores_every_rule_and_reproduces_the_runs_own(setup, tmp_p
     assert "saliency-first" in printed and "mIoU (ignore = bg)" in printed
     with pytest.raises(SystemExit, match="stage2/config.json: not found"):
         bench(["--run", "nothing", "--outputs", str(outputs)])
+
+
+def test_seeds_from_any_folder_in_the_regions_format(setup, tmp_path):
+    """--seeds DIR: another seed source feeds stage 2 with no stage 1; the folder is checked up
+    front (a bad file is named before any work) and its files are an input of the stage."""
+    import shutil
+
+    data, stage, run = setup
+    seeds = tmp_path / "my-seeds"
+    shutil.copytree(stage.parent / "stage1" / "regions", seeds)
+    shutil.rmtree(stage.parent / "stage1")  # the seeds are all stage 2 needs
+    ds = VOCDataset(data, "train")
+    id_ = next(i for i in ds.ids if len(ds.label_ids(i)) == 1)
+    good = (seeds / f"{id_}.npz").read_bytes()
+    with np.load(seeds / f"{id_}.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    io.write_npz(seeds / f"{id_}.npz", **{**arrays, "score": arrays["score"][:, ::2]})  # not the image's size
+    with pytest.raises(SystemExit, match=rf"{id_}\.npz: masks .* do not fit"):
+        run("--seeds", str(seeds))
+    assert not (stage / "pseudo").exists()  # nothing done
+    (seeds / f"{id_}.npz").write_bytes(good)
+    run("--seeds", str(seeds))
+    manifest = io.read_json(stage / "manifest.json")
+    assert manifest["complete"] and manifest["outputs"]["skipped_no_regions"] == 0
+    assert manifest["outputs"]["pseudo"]["miou_labelled"] > 50
+    io.write_npz(seeds / f"{id_}.npz", **{**arrays, "masks": np.zeros_like(arrays["masks"])})  # new seeds
+    with pytest.raises(SystemExit, match=r"(?s)seeds.*--force"):
+        run("--seeds", str(seeds))
+    with pytest.raises(SystemExit, match="not a folder"):
+        run("--seeds", str(tmp_path / "nowhere"))

@@ -10,6 +10,7 @@ from PIL import Image
 
 from wsss import io, predict, segment
 from wsss.data.voc import VOCDataset
+from wsss.methods import stc
 from wsss.run import common_parser
 from wsss.stage import StageError
 from wsss.train import read_metrics
@@ -27,7 +28,7 @@ def make_stage2(root, run_dir):
         mask = ds.mask(id_)
         io.write_mask(stage2 / "pseudo" / f"{id_}.png", mask)
         io.write_png(stage2 / "saliency" / f"{id_}.png", np.where(mask > 0, 230, 0).astype(np.uint8))
-    io.write_manifest(stage2, {"hand-made": True})
+    io.write_manifest(stage2, {"hand-made": True, "crf_bi_sxy": 50.0, "crf_bi_srgb": 5.0})  # its CRF kernels
     return stage2
 
 
@@ -76,9 +77,12 @@ def test_psl_and_psl_plus_end_to_end(run, tiny_voc):
     assert metrics_by_net(stage) == {"psl": [1, 2], "psl-plus": [1, 2]}
     val, train = VOCDataset(tiny_voc, "val"), VOCDataset(tiny_voc, "train")
     check_predictions(stage / "pred", val)
-    for id_ in train.ids:  # PSL+ targets: only the image's own classes (and background)
+    for id_ in train.ids:  # PSL+ targets: only the image's own classes (and background, and ignore)
         mask = io.read_mask(stage / "psl" / "train-crf" / f"{id_}.png")
-        assert set(np.unique(mask)) <= {0, *train.label_ids(id_).tolist()}
+        assert set(np.unique(mask)) <= {0, 255, *train.label_ids(id_).tolist()}
+    targets = io.read_json(stage / "psl" / "train-crf" / "settings.json")
+    assert targets["crf"]["bi_sxy"] == 50.0 and targets["crf"]["bi_srgb"] == 5.0  # stage 2's kernels
+    assert targets["scales"] == [0.75, 1.0, 1.25] and targets["flip"] and targets["ignore_below"] == 0.6
     assert go("--psl-plus") is None  # complete: skipped
 
     # python -m wsss.predict on the finished run, other settings: another folder, named by them
@@ -101,8 +105,13 @@ def test_stc_end_to_end_and_gt_upper_bound(run, tiny_voc):
     assert sorted(p.stem for p in (stage / "stc" / "e" / "pred").glob("*.png")) == sorted(train.ids)
     for id_ in train.ids:
         mask = io.read_mask(stage / "stc" / "e" / "pred" / f"{id_}.png")
-        assert set(np.unique(mask)) <= {0, *train.label_ids(id_).tolist()}
-    assert metrics_by_net(stage) == {"stc/i": [1], "stc/e": [1], "stc/p": [1]}
+        assert set(np.unique(mask)) <= {0, 255, *train.label_ids(id_).tolist()}
+    # the same SGD budget for every net (--epochs 1 over the 4 training images, batch 2: 2 steps),
+    # so I and E, on the 3 simple images alone (1 step an epoch), get 2 epochs and P 1
+    assert len(simple) == 3
+    assert metrics_by_net(stage) == {"stc/i": [1, 2], "stc/e": [1, 2], "stc/p": [1]}
+    assert {net: read_metrics(stage / net)[-1]["steps"] for net in ("stc/i", "stc/e", "stc/p")} == \
+        {"stc/i": 2, "stc/e": 2, "stc/p": 2}
     check_predictions(stage / "pred", val)
     assert not (run_dir / "stage3").exists()  # a tagged variant leaves the default folder alone
 
@@ -113,24 +122,24 @@ def test_stc_end_to_end_and_gt_upper_bound(run, tiny_voc):
 
 def test_resume_after_a_kill_redoes_only_what_was_unfinished(run, monkeypatch):
     go, run_dir = run
-    real_step = segment.ce_step
+    real_step = stc.ce_step
 
     def killed_in_second_epoch_of_e(model, batch, epoch):
         if epoch == 1:
             raise KeyboardInterrupt
         return real_step(model, batch, epoch)
 
-    monkeypatch.setattr(segment, "ce_step", killed_in_second_epoch_of_e)
+    monkeypatch.setattr(stc, "ce_step", killed_in_second_epoch_of_e)
     with pytest.raises(KeyboardInterrupt):
-        go("--method", "stc", "--stc-steps", "2")
-    monkeypatch.setattr(segment, "ce_step", real_step)
+        go("--method", "stc", "--stc-steps", "2", "--stc-iters", "2")
+    monkeypatch.setattr(stc, "ce_step", real_step)
     stage = run_dir / "stage3"
     done = {p: p.stat().st_mtime_ns for p in [stage / "stc" / "i" / "checkpoint.pt",
                                               *(stage / "stc" / "i" / "pred").glob("*.png")]}
     e_epoch1 = (stage / "stc" / "e" / "metrics.jsonl").read_text()
     assert [r["epoch"] for r in read_metrics(stage / "stc" / "e")] == [1]
 
-    go("--method", "stc", "--stc-steps", "2")
+    go("--method", "stc", "--stc-steps", "2", "--stc-iters", "2")
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # I-DCNN and its predictions kept
     e_text = (stage / "stc" / "e" / "metrics.jsonl").read_text()
     assert e_text.startswith(e_epoch1)  # E resumed at epoch 2
@@ -182,3 +191,57 @@ def test_images_without_a_pseudo_mask_are_skipped(run, tiny_voc):
     log = (run_dir / "stage3" / "stage3.log").read_text()
     assert f"1 of 4 training images have no pseudo-mask and are skipped ({first})" in log
     assert "psl: training on 3 images" in log
+
+
+def test_a_registered_method_runs(run, tiny_voc, monkeypatch):
+    """A third party's method: one entry in wsss.methods.METHODS, no other change; --method offers it
+    and stage 3 runs it, predicts with its final net and scores it."""
+    from wsss.methods import METHODS
+    from wsss.segtrain import SegmentationTrainSet, ce_step
+
+    def one_epoch_on_gt(ctx):
+        trainset = SegmentationTrainSet(ctx.train, ctx.train.ids, ctx.args.crop)
+        ctx.train_net("mine/net", trainset, ce_step, epochs=ctx.args.mine_epochs)
+        return "mine/net"
+
+    def add_args(p):
+        p.add_argument("--mine-epochs", type=int, default=1)
+
+    monkeypatch.setitem(METHODS, "mine", {"train": one_epoch_on_gt, "args": add_args, "reads": "masks",
+                                          "folders": ("mine",)})
+    go, run_dir = run
+    result = go("--method", "mine", "--tag", "mine")
+    stage = run_dir / "stage3-mine"
+    assert metrics_by_net(stage) == {"mine/net": [1]}  # its own budget, not --epochs 2
+    assert io.read_json(stage / "manifest.json")["outputs"]["final_net"] == "mine/net"
+    assert io.read_json(stage / "eval.json")["miou"] == result["miou"]
+    check_predictions(stage / "pred", VOCDataset(tiny_voc, "val"))
+    with pytest.raises(SystemExit):  # without the entry, --method mine is not a choice
+        monkeypatch.delitem(METHODS, "mine")
+        go("--method", "mine")
+
+
+def test_self_training_targets_ignore_unsure_pixels_and_crf_changes(tiny_voc, tmp_path):
+    """predict_split(ignore_below=t): 255 where the net's largest probability over the image's classes
+    is below t, and with the CRF where the CRF changed the net's label; elsewhere the net's label."""
+    from wsss.models.segnet import build_segnet
+
+    torch.manual_seed(0)
+    model = build_segnet("efficientnet-lite0", 4, weights=None).eval()
+    train = VOCDataset(tiny_voc, "train")
+
+    def masks(name, **kw):
+        predict.predict_split(model, train, train.ids, tmp_path / name, device="cpu", restrict=True, **kw)
+        return {i: io.read_mask(tmp_path / name / f"{i}.png") for i in train.ids}
+
+    plain, sure, none = masks("plain"), masks("t0", ignore_below=0.0), masks("t1", ignore_below=1.01)
+    some = masks("t-mid", ignore_below=0.5)
+    for i in train.ids:
+        np.testing.assert_array_equal(sure[i], plain[i])  # no pixel is below 0
+        assert (none[i] == 255).all()  # every pixel is below 1.01
+        kept = some[i] != 255
+        np.testing.assert_array_equal(some[i][kept], plain[i][kept])
+    pytest.importorskip("pydensecrf.densecrf")
+    crf, agree = masks("crf", crf=True), masks("crf-t0", crf=True, ignore_below=0.0)
+    for i in train.ids:
+        np.testing.assert_array_equal(agree[i], np.where(crf[i] != plain[i], 255, plain[i]))

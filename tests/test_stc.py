@@ -8,8 +8,8 @@ import torch
 from wsss import io
 from wsss.data.voc import VOCDataset
 from wsss.losses import cross_entropy, soft_cross_entropy
-from wsss.segment import SegmentationTrainSet
-from wsss.stc import is_simple
+from wsss.methods.stc import is_simple
+from wsss.segtrain import SegmentationTrainSet
 
 torch.set_num_threads(2)
 ONE = np.array([0, 1, 0], np.float32)

@@ -2,7 +2,7 @@
 
 stage 1 (`wsss.erasing`): classifier, CAM, adversarial erasing -> mined object regions;
 stage 2 (`wsss.pseudo`): saliency fusion and dense CRF -> pseudo-masks;
-stage 3 (`wsss.stc`, `wsss.psl`): segmentation nets trained on them; `python -m wsss.eval` scores them.
+stage 3 (`wsss.methods`: STC, PSL, ...): segmentation nets trained on them; `python -m wsss.eval` scores them.
 Importing the package does no work and does not import torch.
 """
 __version__ = "0.1.0"

@@ -3,9 +3,11 @@
 The CAM of class c is the classifier's 1x1 conv for c applied to the feature map before global
 average pooling. As in PSA and IRN, the maps of the image at scales 0.5..2.0 and of its mirror
 image are added, so small objects get a response from the large scales and large objects a
-complete one from the small scales: each scale's map (flip undone) is upsampled bilinearly to
-the image size, the maps are summed, ReLU keeps the positive evidence, and each class is divided
-by its maximum (+1e-5) so that a threshold means the same for every class and image.
+complete one from the small scales: ReLU keeps each view's positive evidence (each scale, the
+image and its mirror, separately, as PSA's and IRN's make_cam do: summed raw scores would let one
+view's negative evidence cancel another's positive), each scale's map (flip undone) is upsampled
+bilinearly to the image size, the maps are summed, and each class is divided by its maximum
+(+1e-5) so that a threshold means the same for every class and image.
 
 Speed: `torch.inference_mode()`, `channels_last` tensors, only the image's labelled classes are
 upsampled, and a scale's image and its mirror go through the network in one batch (on 2 CPU
@@ -81,6 +83,7 @@ def multiscale_cams_batch(model, images, keys_list, scales=SCALES, flip: bool = 
                 xs = torch.cat([xs, xs.flip(-1)])
             with precision:
                 raw = model.cams(xs).float()
+            raw = F.relu(raw)  # per view, before the sum: no view's negative evidence cancels another's positive
             if flip:
                 raw = raw[:n] + raw[n:].flip(-1)
             num_classes = raw.shape[1]
@@ -94,7 +97,6 @@ def multiscale_cams_batch(model, images, keys_list, scales=SCALES, flip: bool = 
                 sums[i] = up if sums[i] is None else sums[i] + up
         out = []
         for cam in sums:
-            cam = F.relu(cam)
             cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-5)
             out.append(cam.cpu().numpy().astype(np.float32, copy=False))
     return out

@@ -305,7 +305,7 @@ def write_cams(model, job: CamJob, ids: list[str], device: torch.device) -> int:
 
     for id_ in ids:
         if id_ not in job.labelled:
-            w, h = image_size(job.dataset, id_)
+            w, h = job.dataset.image_size(id_)
             save_cams(cam_dir, id_, np.zeros((0, h, w), np.float16), np.zeros(0, np.int64))
             io.write_mask(region_dir / f"{id_}.png", np.zeros((h, w), np.uint8))
             continue
@@ -415,20 +415,10 @@ def held_out(args) -> VOCDataset | None:
 
 # ---------------------------------------------------------------- union and pictures
 
-def image_size(dataset: VOCDataset, id_: str) -> tuple[int, int]:
-    """(W, H) from the image header, without decoding it."""
-    path = dataset.image_path(id_)
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read image ({e})") from e
-
-
 def write_union(dataset: VOCDataset, ids: list[str], out: Path, steps: list[int], threshold: float) -> None:
     """regions/ID.npz and regions/ID.png: per class the union of the steps' regions (this rank's share)."""
     for id_ in tqdm(shard(ids), desc="union", disable=not is_main_process(), leave=False):
-        w, h = image_size(dataset, id_)
+        w, h = dataset.image_size(id_)
         cams, keys = [], None
         for k in steps:
             cam, step_keys = load_cams(out / f"step{k}" / "cam", id_, expected_shape=(h, w))

@@ -15,7 +15,9 @@ each image's labels). For one image:
 4. optional dense CRF (`wsss.crf.dense_crf`) over background + the classes still present, unary
    from those (renormalised) probabilities, with the kernels published for the net
    (`wsss.crf.net_crf_params`: DeepLab v1's for VGG16 LargeFOV, DeepLab v2's otherwise);
-5. argmax -> uint8 mask ids, written as a VOC palette PNG at the image's size.
+5. argmax -> uint8 mask ids, written as a VOC palette PNG at the image's size; for self-training
+   targets (`ignore_below`), 255 where the net is unsure (its largest probability, renormalised over
+   the image's classes, is below the threshold) or the CRF changed the net's label.
 
 Defaults: one scale (1.0), no flip, no CRF: fast, and what the per-epoch val mIoU measures; pass
 `--scales 0.5 1 1.5 --flip --crf` for the slower, usually better, test-time setting.
@@ -113,14 +115,28 @@ def label_map(probs) -> np.ndarray:
     return np.asarray(torch.as_tensor(probs).argmax(0).to(torch.uint8).cpu())
 
 
-def _crf_job(params: dict, job):
+def unsure(probs: np.ndarray, ignore_below: float | None) -> np.ndarray | None:
+    """Where a prediction is unsure: its largest probability (over the classes in `probs`,
+    renormalised) is below `ignore_below`; None when `ignore_below` is None."""
+    if ignore_below is None:
+        return None
+    probs = np.asarray(probs)
+    return probs.max(0) < ignore_below * np.maximum(probs.sum(0), 1e-8)
+
+
+def _crf_job(params: dict, job, ignore_below: float | None = None):
     """Dense CRF of one image over the labels `present` (picklable, for the process pool);
-    `probs` holds those labels' probabilities only."""
+    `probs` holds those labels' probabilities only. With `ignore_below` (self-training targets),
+    IGNORE where the CRF and the net disagree or the net is unsure."""
     from wsss.crf import dense_crf
 
     id_, image, probs, present = job
     probs = probs / np.maximum(probs.sum(0, keepdims=True), 1e-8)
-    return present[dense_crf(image, probs, **params).argmax(0)].astype(np.uint8)
+    crf = dense_crf(image, probs, **params).argmax(0)
+    mask = present[crf].astype(np.uint8)
+    if ignore_below is not None:
+        mask[(crf != probs.argmax(0)) | unsure(probs, ignore_below)] = io.IGNORE
+    return mask
 
 
 def _present(probs: torch.Tensor, restrict_ids=None) -> np.ndarray:
@@ -150,13 +166,15 @@ def _prepare_folder(out_dir: Path, settings: dict, ids) -> None:
 
 
 def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=False, gate=False,
-                  restrict=False, crf=False, crf_params=None, workers=1, checkpoint=None,
+                  restrict=False, crf=False, crf_params=None, ignore_below=None, workers=1, checkpoint=None,
                   desc="predict") -> Path:
     """Write out_dir/ID.png (palette) for `ids`, skipping those already there (see the docstring).
 
     `restrict`: keep only each image's labelled classes (training images); `crf`: dense CRF over
     the classes present, `crf_params` (default DeepLab v2 ResNet-101's; `net_crf` gives a run's) in a pool of `workers`
-    processes. Under torchrun each rank predicts its share of the ids. Returns out_dir.
+    processes; `ignore_below` (self-training targets): IGNORE where the net's largest probability
+    (renormalised over the classes present) is below it and, with `crf`, where the CRF changes the
+    net's label. Under torchrun each rank predicts its share of the ids. Returns out_dir.
     """
     from wsss.run import barrier, is_main_process, shard
 
@@ -165,6 +183,8 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
     settings = {"scales": [float(s) for s in scales], "flip": bool(flip), "gate": bool(gate),
                 "restrict": bool(restrict), "crf": crf_params,
                 "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
+    if ignore_below is not None:  # only then: the folders written before the option stay valid
+        settings["ignore_below"] = float(ignore_below)
     if is_main_process():
         _prepare_folder(out_dir, settings, ids)
     barrier()
@@ -175,27 +195,34 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
     pending = []
     for id_, image, probs in predict_masks(model, dataset, todo, device=device, scales=scales, flip=flip,
                                            gate=gate, restrict=restrict, desc=desc):
-        if crf_params is None:
+        if crf_params is None and ignore_below is None:
             io.write_mask(out_dir / f"{id_}.png", label_map(probs))
             continue
         present = _present(probs, dataset.label_ids(id_) if restrict else None)
-        pending.append((id_, image, probs[torch.as_tensor(present, device=probs.device)].cpu().numpy(), present))
+        sub = probs[torch.as_tensor(present, device=probs.device)].cpu().numpy()
+        if crf_params is None:
+            mask = label_map(probs)
+            mask[unsure(sub, ignore_below)] = io.IGNORE
+            io.write_mask(out_dir / f"{id_}.png", mask)
+            continue
+        pending.append((id_, image, sub, present))
         if len(pending) == CRF_CHUNK:
-            _run_crfs(pending, crf_params, workers, out_dir)
+            _run_crfs(pending, crf_params, workers, out_dir, ignore_below)
             pending = []
     if pending:
-        _run_crfs(pending, crf_params, workers, out_dir)
+        _run_crfs(pending, crf_params, workers, out_dir, ignore_below)
     barrier()
     return out_dir
 
 
-def _run_crfs(jobs, params, workers, out_dir: Path) -> None:
+def _run_crfs(jobs, params, workers, out_dir: Path, ignore_below=None) -> None:
     """CRF a chunk of predictions in a process pool; a CRF that fails fails the prediction (the
     images already written are kept, a rerun resumes)."""
     from wsss.crf import parallel_map
     from wsss.stage import StageError
 
-    for (id_, _, _, _), mask, error in parallel_map(partial(_crf_job, params), jobs, workers, desc="crf"):
+    crf = partial(_crf_job, params, ignore_below=ignore_below)
+    for (id_, _, _, _), mask, error in parallel_map(crf, jobs, workers, desc="crf"):
         if error is not None:
             raise StageError(f"{out_dir}: the dense CRF failed on {id_} ({type(error).__name__}: {error}); "
                              f"rerun without --crf to predict without it")
@@ -430,7 +457,7 @@ def pred_folder(scales, flip: bool, crf: bool, gate: str, split: str = "") -> st
 
 
 def main(argv=None) -> int:
-    from wsss import segment
+    from wsss import nets
     from wsss.crf import check_crf
     from wsss.run import resolve_device, run_dir, setup_logging
     from wsss.stage import StageError, error_line, lock, release
@@ -439,7 +466,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.images is not None and args.out is None:
         parser.error("--images needs --out (the folder the masks go to)")
-    stage = segment.stage_path(args)
+    stage = nets.stage_path(args)
     try:
         config = io.read_json(stage / "config.json")
     except FileNotFoundError:
@@ -458,10 +485,10 @@ def main(argv=None) -> int:
         lock(stage, "stage 3 or wsss.predict")
         setup_logging(stage, "predict")
         device = resolve_device(args.device)
-        model, checkpoint, has_cls = segment.load_final_net(stage, config, device)
+        model, checkpoint, has_cls = nets.load_final_net(stage, config, device)
         if args.images is not None:
             return _predict_folder(args, model, checkpoint, has_cls, config, device)
-        dataset = segment.open_dataset(config["data"], split)
+        dataset = nets.open_dataset(config["data"], split)
         dataset.validate()
         predict_split(model, dataset, dataset.ids, out, device=device, scales=args.scales, flip=args.flip,
                       gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),

@@ -42,17 +42,32 @@ on a rerun with the same config and inputs; a different config stops (wsss.stage
 A CRF that cannot run (pydensecrf missing, a crashed worker) fails the stage unless --no-crf: a
 pseudo-mask silently left unrefined would pass for a refined one.
 Images without any label get an all-background pseudo-mask (that is what the label says);
-labelled images without a stage-1 regions file are skipped with a warning.
+labelled images without a seeds file are skipped with a warning.
+
+Seeds: stage 2 reads its seeds through one format, stage 1's `regions/ID.npz` (written by
+`wsss.erasing.write_union`), one file per labelled training image, with three arrays:
+
+    keys   int (n,)           mask ids (1..C-1) of the image's labelled classes the seeds cover
+    masks  bool (n, H, W)     the seed region of each of those classes, at the image's size
+    score  float (n, H, W)    a per-class score in [0, 1] (stage 1: the normalised CAM, the max
+                              over the erasing steps): conflicts and saliency-first use it
+
+Any seed source in this format (another CAM method, an affinity-refined CAM, hand-drawn scribbles)
+feeds stage 2 with `--seeds DIR` instead of stage 1's regions, with no code change: the folder is
+checked up front (every file against its image's size and labels; an error names the file) and its
+files are an input of the stage (a changed file stops a rerun, as a changed stage 1 does).
 """
 from __future__ import annotations
 
 import argparse
+import zipfile
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from wsss import io
 from wsss.crf import LABEL_CRF_DEFAULTS, check_crf, crf_labels, parallel_map
@@ -186,6 +201,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("stage 2: saliency fusion and dense CRF")
     g.add_argument("--saliency", default="builtin",
                    help="builtin (unsupervised, wsss.saliency) or a folder of grey ID.png maps (DSS, DRFI...)")
+    g.add_argument("--seeds", type=Path, default=None,
+                   help="a folder of ID.npz seeds (keys, masks, score: the format of stage 1's regions, in the "
+                        "module docstring of wsss/pseudo.py) to use instead of stage 1's; stage 1 is then not needed")
     g.add_argument("--fusion", choices=sorted(FUSION_RULES), default=FUSION_DEFAULT,
                    help="how mined regions and saliency make the pseudo-masks (wsss/pseudo.py): mined-first (a "
                         "mined pixel keeps its class, saliency only decides the background), ae-psl (as "
@@ -272,19 +290,24 @@ def settings_of(args, out: Path, num_classes: int) -> Settings:
     return Settings(out=out, num_classes=num_classes, fusion=fusion_of(vars(args)), bg_threshold=args.bg_threshold,
                     fg_threshold=args.fg_threshold, conflict=args.conflict, crf=args.crf,
                     crf_mode=args.crf_mode, gt_prob=args.crf_gt_prob, confidence=args.crf_confidence,
-                    soft=args.crf_soft,
-                    crf_params={"iterations": args.crf_iterations, "gauss_sxy": args.crf_gauss_sxy,
-                                "gauss_compat": args.crf_gauss_compat, "bi_sxy": args.crf_bi_sxy,
-                                "bi_srgb": args.crf_bi_srgb, "bi_compat": args.crf_bi_compat})
+                    soft=args.crf_soft, crf_params=crf_params_of(vars(args)))
+
+
+def crf_params_of(config: dict) -> dict:
+    """The dense-CRF kernels of a stage-2 config (its --crf-* flags; stage 2's defaults for a flag
+    it lacks, e.g. a config written before the flag existed)."""
+    return {k: float(config.get(f"crf_{k}", v)) if k != "iterations" else int(config.get("crf_iterations", v))
+            for k, v in LABEL_CRF_DEFAULTS.items()}
 
 
 def load_regions(path: Path, label_ids, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(keys, masks, score) of a stage-1 regions file, checked against the image's labels and size."""
+    """(keys, masks, score) of a seeds file (the format in the module docstring), checked against
+    the image's labels and size."""
     try:
         with np.load(path) as data:
             keys, masks, score = data["keys"], data["masks"], data["score"]
-    except (OSError, ValueError, KeyError) as e:
-        raise DatasetError(f"{path}: cannot read stage-1 regions (keys, masks, score): {e}") from e
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path}: cannot read seeds (an .npz with keys, masks, score): {e}") from e
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
     if masks.shape != (len(keys),) + tuple(shape) or score.shape != masks.shape:
         raise DatasetError(f"{path}: masks {masks.shape} / score {score.shape} do not fit {len(keys)} keys "
@@ -292,7 +315,25 @@ def load_regions(path: Path, label_ids, shape) -> tuple[np.ndarray, np.ndarray, 
     stray = sorted(set(keys.tolist()) - set(label_ids))
     if stray:
         raise DatasetError(f"{path}: classes {stray} are not among the image's labels {list(label_ids)}")
+    if keys.size and (not np.issubdtype(score.dtype, np.floating) or score.min() < 0 or score.max() > 1):
+        raise DatasetError(f"{path}: score must be float in [0, 1], got {score.dtype} "
+                           f"in [{score.min()}, {score.max()}]")
     return keys, masks.astype(bool), score.astype(np.float32)
+
+
+def check_seeds(dataset: VOCDataset, folder: Path) -> None:
+    """Every seeds file of a --seeds folder, read and checked against its image before any work starts."""
+    if not folder.is_dir():
+        raise DatasetError(f"--seeds {folder}: not a folder")
+    found = 0
+    for id_ in tqdm(dataset.ids, desc="check seeds", leave=False, disable=not is_main_process()):
+        path, label_ids = folder / f"{id_}.npz", dataset.label_ids(id_)
+        if label_ids.size and path.is_file():
+            w, h = dataset.image_size(id_)
+            load_regions(path, [int(k) for k in label_ids], (h, w))
+            found += 1
+    if not found:
+        raise DatasetError(f"--seeds {folder}: no ID.npz for any labelled image of split '{dataset.split}'")
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -370,7 +411,7 @@ def process_image(s: Settings, job: Job) -> dict:
 # ---------------------------------------------------------------- the stage
 
 def image_jobs(dataset: VOCDataset, regions_dir: Path) -> tuple[list[Job], list[str], list[str]]:
-    """(jobs, ids without a label, labelled ids without a stage-1 regions file, which are skipped)."""
+    """(jobs, ids without a label, labelled ids without a seeds file, which are skipped)."""
     jobs, unlabelled, no_regions = [], [], []
     for id_ in dataset.ids:
         label_ids = tuple(int(k) for k in dataset.label_ids(id_))
@@ -426,12 +467,17 @@ def run(args) -> dict | None:
     from wsss.train import init_distributed
 
     check_thresholds(args.fusion, args.bg_threshold, args.fg_threshold)
-    stage1 = stage_dir(args, "stage1")
-    if not (stage1 / io.MANIFEST).is_file():
-        raise SystemExit(f"error: {stage1}: stage 1 is not complete (no {io.MANIFEST}); run stage 1 first")
     dataset = VOCDataset(args.data, args.train_split, limit=args.limit)
+    if args.seeds is None:
+        stage1 = stage_dir(args, "stage1")
+        if not (stage1 / io.MANIFEST).is_file():
+            raise SystemExit(f"error: {stage1}: stage 1 is not complete (no {io.MANIFEST}); run stage 1 first")
+        seeds, inputs = stage1 / "regions", {"stage1": stage1}
     dataset.validate()
-    inputs = {"stage1": stage1, **dataset_inputs(dataset, masks=True)}
+    if args.seeds is not None:
+        check_seeds(dataset, args.seeds)
+        seeds, inputs = args.seeds, {"seeds": [args.seeds / f"{i}.npz" for i in dataset.ids]}
+    inputs.update(dataset_inputs(dataset, masks=True))
     if args.saliency != "builtin":
         if not Path(args.saliency).is_dir():
             raise SystemExit(f"error: --saliency {args.saliency}: not 'builtin' and not a folder")
@@ -446,15 +492,15 @@ def run(args) -> dict | None:
     init_distributed("cpu")  # under torchrun the ranks share the images out (gloo, for the barriers)
     barrier()
 
-    jobs, unlabelled, no_regions = image_jobs(dataset, stage1 / "regions")
+    jobs, unlabelled, no_regions = image_jobs(dataset, seeds)
     if no_regions:
-        log.warning("%d labelled images have no stage-1 regions file (e.g. %s): skipped",
-                    len(no_regions), ", ".join(no_regions[:3]))
+        log.warning("%d labelled images have no seeds file in %s (e.g. %s): skipped", len(no_regions), seeds,
+                    ", ".join(no_regions[:3]))
     if unlabelled:
         log.info("%d images have no label: their pseudo-masks are all background", len(unlabelled))
     labelled = [j.id for j in jobs if j.regions is not None]
     if not labelled:
-        raise SystemExit(f"error: {stage1 / 'regions'}: no regions file for any labelled image of "
+        raise SystemExit(f"error: {seeds}: no seeds file for any labelled image of "
                          f"split '{args.train_split}'")
     ensure_saliency(dataset, shard(labelled), out / "saliency", args.saliency, args.workers)
 

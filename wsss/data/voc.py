@@ -199,6 +199,17 @@ class VOCDataset:
             raise DatasetError(f"{e} (python -m wsss.data.voc check --root {self.root} --split {self.split} "
                                f"lists every bad file)") from e
 
+    def image_size(self, id_: str) -> tuple[int, int]:
+        """(W, H) from the image header, without decoding it."""
+        from PIL import Image
+
+        path = self.image_path(id_)
+        try:
+            with Image.open(path) as img:
+                return img.size
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{path}: cannot read image ({e})") from e
+
     def has_mask(self, id_: str) -> bool:
         path = self.mask_path(id_)
         return path is not None and path.is_file()

@@ -19,16 +19,39 @@ online term starts in the second half of training by default, once the net has l
 pseudo-masks, so that its own early guesses do not become targets. At test time, when the labels
 are unknown, the gate is sigmoid(cls_c) alone (`wsss.predict`, --gate on).
 
-PSL+ (--psl-plus): the trained PSL net predicts the training images, restricted to their labels,
-refined by the stage-2 dense CRF (`wsss.crf.dense_crf` with stage 2's parameters, over background
-plus the image's labels); a fresh net (ImageNet backbone, same loss and schedule) is then trained
-once on those masks instead of the stage-2 pseudo-masks.
+PSL+ (--psl-plus): the trained PSL net predicts the training images (--self-train-scales, flip),
+restricted to their labels, refined by a dense CRF (`wsss.crf.dense_crf` over background plus the
+image's labels) with the kernels stage 2 used (its config's --crf-* flags, `wsss.pseudo.crf_params_of`;
+the PSA kernels of `CRF_DEFAULTS`, sxy 80 at ~250 px, would pull whole regions of similar colour to
+one label); pixels where the CRF changes the net's label or the net is unsure
+(--self-train-confidence) are ignored (255). A fresh net (ImageNet backbone, same loss and schedule)
+is then trained once on those masks instead of the stage-2 pseudo-masks.
 """
 from __future__ import annotations
 
+import argparse
+
 import torch
 
+from wsss import io
+from wsss.crf import check_crf
 from wsss.losses import IGNORE, cross_entropy, multilabel_soft_margin
+from wsss.pseudo import crf_params_of
+from wsss.run import log
+from wsss.segtrain import SegmentationTrainSet, with_targets
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("PSL (--method psl)")
+    g.add_argument("--psl-online", choices=["on", "off"], default="on",
+                   help="off: the ablation without the online (prohibitive) masks")
+    g.add_argument("--psl-online-weight", type=float, default=1.0, help="weight of the online-mask cross-entropy")
+    g.add_argument("--psl-online-start", type=int, default=None,
+                   help="first epoch (1-based, as in metrics.jsonl) with the online term; "
+                        "default: the second half of training, so the net first learns the pseudo-masks")
+    g.add_argument("--psl-cls-weight", type=float, default=1.0, help="weight of the classification loss")
+    g.add_argument("--psl-plus", action="store_true",
+                   help="PSL+: retrain once on the PSL net's CRF-refined predictions of the training images")
 
 
 def class_gates(cls_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,12 +102,18 @@ def make_step(args):
     return step
 
 
-def run(ctx):
-    """Train PSL (and PSL+) in the stage folder; returns (final net, True: it has the cls branch)."""
-    from wsss.crf import CRF_DEFAULTS
-    from wsss.segment import SegmentationTrainSet, with_targets
+def stage2_crf(stage2) -> dict:
+    """The CRF kernels stage 2 ran with (from its manifest's config)."""
+    params = crf_params_of(io.read_json(stage2 / io.MANIFEST).get("config", {}))
+    log.info("PSL+: CRF kernels of stage 2: %s", params)
+    return params
 
+
+def train(ctx) -> str:
+    """Train PSL (and PSL+) in the stage folder; returns the final net's folder."""
     args = ctx.args
+    if args.psl_plus:
+        check_crf("stage 3", "no --psl-plus")
     gate = args.gate == "on"
     step = make_step(args)
     pseudo = ctx.stage2 / "pseudo"
@@ -92,9 +121,13 @@ def run(ctx):
     trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=pseudo)
     model = ctx.train_net("psl", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss")
     if not args.psl_plus:
-        return model, True
+        return "psl"
     masks = ctx.out / "psl" / "train-crf"
-    ctx.predict_train(model, ids, masks, crf_params=CRF_DEFAULTS, checkpoint=ctx.out / "psl" / "checkpoint.pt",
-                      desc="PSL+ masks")
+    ctx.predict_train(model, ids, masks, crf_params=stage2_crf(ctx.stage2),
+                      checkpoint=ctx.out / "psl" / "checkpoint.pt", desc="PSL+ masks")
     trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=masks)
-    return ctx.train_net("psl-plus", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss"), True
+    ctx.train_net("psl-plus", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss")
+    return "psl-plus"
+
+
+methods = {"psl": {"train": train, "args": add_args, "reads": "pseudo", "folders": ("psl", "psl-plus")}}
