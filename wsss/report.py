@@ -50,7 +50,7 @@ PAGE = "report.html"
 FOLDER = "report"
 THUMB_HEIGHT = 128  # panels are written at this height: small files, a row of 9 panels fits a screen
 MEAN_PIXEL = np.round(MEAN * 255).astype(np.uint8)  # what stage 1 paints erased pixels with
-NOT_CURVES = {"epoch", "seconds", "net"}  # metrics.jsonl keys that are not training curves
+NOT_CURVES = {"epoch", "seconds", "net", "steps", "val_classes", "val_class"}  # metrics.jsonl keys that are not training curves
 
 
 # ---------------------------------------------------------------- the run on disk
