@@ -41,7 +41,7 @@ negative until almost none fire, and the net then gives the same logits everywhe
 that layer does not save it (the gradient norm then spikes and the backbone features go constant):
 the step is too large, not the layer badly scaled. A lower rate, a warm-up (the new head's first
 steps are small) and clipping (one bad batch cannot throw the weights far) keep the units alive on
-both datasets; the figures are in the README. `collapse_check` stops a run that dies anyway.
+both datasets; the figures are in docs/results.md. `collapse_check` stops a run that dies anyway.
 
 Resume: each training resumes from its checkpoint (`wsss.train.fit`), finished trainings return at
 once, predictions already written are kept. The test-time flags (--scales, --flip, --crf, --gate) are
