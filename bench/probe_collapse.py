@@ -16,8 +16,8 @@ import torch
 
 from wsss.eval import confusion_matrix, scores
 from wsss.losses import cross_entropy
-from wsss.predict import label_map, predict_masks
 from wsss.nets import build_net, open_dataset
+from wsss.predict import label_map, predict_masks
 from wsss.segtrain import SegmentationTrainSet
 from wsss.train import EpochSeeded, scheduled_lr
 
