@@ -303,16 +303,21 @@ def test_stage2_out_of_range_ground_truth_names_the_file(s2):
     assert not (stage / "manifest.json").exists()
 
 
-def test_full_disk_is_one_clear_line(s2, monkeypatch):
-    data, stage, run = s2
+def disk_full_for(monkeypatch, name: str) -> None:
+    """Make every write of a file whose path holds `name` fail as on a full disk (at its fsync)."""
     real = os.fsync
 
     def full(fd):
-        if "pseudo" in os.readlink(f"/proc/self/fd/{fd}"):
+        if name in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", full)
+
+
+def test_full_disk_is_one_clear_line(s2, monkeypatch):
+    data, stage, run = s2
+    disk_full_for(monkeypatch, "pseudo")
     with pytest.raises(SystemExit, match=r"^error: .*cannot write \S*pseudo/tiny_\d+\.png: No space left on device"):
         run()
     assert not (stage / "manifest.json").exists()
@@ -322,14 +327,7 @@ def test_stage1_on_a_full_disk_names_the_checkpoint_and_the_cause(tmp_path, tiny
     from test_stage1 import run_stage1
 
     data = tiny_voc_factory("data", n_train=2, n_val=0)
-    real = os.fsync
-
-    def full(fd):
-        if "checkpoint.pt" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", full)
+    disk_full_for(monkeypatch, "checkpoint.pt")
     with pytest.raises(SystemExit, match=r"^error: cannot write \S*step1/checkpoint\.pt: No space left on device$"):
         run_stage1(data, tmp_path / "out", "--ae-steps", "1")
     assert not (tmp_path / "out" / "r" / "stage1" / "manifest.json").exists()
