@@ -106,23 +106,29 @@ def test_batched_images_equal_one_at_a_time():
 
 
 def test_save_load_roundtrip_and_wrong_shape_raises(tmp_path):
-    cam = np.random.default_rng(0).random((2, 10, 14)).astype(np.float32)
-    path = save_cams(tmp_path, "a", cam, [3, 7])
-    assert path.name == "a.npz"
-    with np.load(path) as f:
-        assert f["cam"].dtype == np.float16 and f["keys"].dtype == np.int64
-    loaded, keys = load_cams(tmp_path, "a", expected_shape=(10, 14))
-    np.testing.assert_allclose(loaded, cam, atol=1e-3)
+    # a CAM is a stride-16 feature map upsampled bilinearly to the image
+    features = torch.rand((1, 2, 3, 4), generator=torch.Generator().manual_seed(0))
+    cam = torch.nn.functional.interpolate(features, size=(30, 42), mode="bilinear", align_corners=False)[0].numpy()
+    returned = save_cams(tmp_path, "a", cam.astype(np.float32), [3, 7])
+    with np.load(tmp_path / "a.npz") as f:  # a quarter of the size, in steps of 1/255
+        assert f["cam"].dtype == np.uint8 and f["cam"].shape == (2, 8, 11) and f["keys"].dtype == np.int64
+    loaded, keys = load_cams(tmp_path, "a", expected_shape=(30, 42))
+    np.testing.assert_array_equal(loaded, returned)  # what the writer mines is what readers get
+    assert np.abs(loaded - cam).mean() < 0.02
+    assert ((loaded > 0.5) == (cam > 0.5)).mean() > 0.97  # a region mined from it is (nearly) the same
     assert keys.tolist() == [3, 7]
     with pytest.raises(CAMFileError, match=r"a\.npz.*differs from the image size"):
-        load_cams(tmp_path, "a", expected_shape=(14, 10))
+        load_cams(tmp_path, "a", expected_shape=(42, 30))
     with pytest.raises(CAMFileError, match="not found"):
-        load_cams(tmp_path, "missing")
+        load_cams(tmp_path, "missing", expected_shape=(30, 42))
+    # a float map at the image's size (the first format, another CAM method's) is read as it is
+    np.savez(tmp_path / "f.npz", cam=cam.astype(np.float16), keys=np.array([3, 7], np.int64))
+    np.testing.assert_allclose(load_cams(tmp_path, "f", expected_shape=(30, 42))[0], cam, atol=1e-3)
     np.savez(tmp_path / "b.npz", cam=cam.astype(np.float16), keys=np.array([1], np.int64))
     with pytest.raises(CAMFileError, match=r"b\.npz.*does not fit"):
-        load_cams(tmp_path, "b")
+        load_cams(tmp_path, "b", expected_shape=(30, 42))
     (tmp_path / "c.npz").write_bytes(b"garbage")
     with pytest.raises(CAMFileError, match=r"c\.npz.*cannot read"):
-        load_cams(tmp_path, "c")
+        load_cams(tmp_path, "c", expected_shape=(30, 42))
     with pytest.raises(ValueError):
         save_cams(tmp_path, "d", cam, [1])

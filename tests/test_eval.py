@@ -275,7 +275,7 @@ def test_cam_errors(tmp_path):
     result = ev.evaluate_cams(tmp_path / "cam", gt_dir, ["a", "b"], 3, allow_missing=True)
     assert result["missing"] == 1 and result["iou"][0] == pytest.approx(100 * 2 / 5)
     write_cams(tmp_path / "bad", {"a": (np.zeros((1, 3, 2)), [1])})
-    with pytest.raises(ev.EvalError, match="bad/a.npz: cam has shape"):
+    with pytest.raises(ev.EvalError, match="bad/a.npz: map size 2x3 differs from the image size 3x2"):
         ev.evaluate_cams(tmp_path / "bad", gt_dir, ["a"], 3)
     write_cams(tmp_path / "keys", {"a": (np.zeros((1, 2, 3)), [3])})
     with pytest.raises(ev.EvalError, match="keys/a.npz: keys \\[3\\] outside 1..2"):

@@ -10,6 +10,7 @@ from wsss import erasing, io
 from wsss.cam import CAMFileError, load_cams
 from wsss.data.voc import VOCDataset
 from wsss.models.classifier import build_classifier
+from wsss.scoremaps import stored_size
 from wsss.train import fit, read_metrics
 
 torch.set_num_threads(2)
@@ -52,7 +53,7 @@ def test_end_to_end_artifacts_skip_force_and_same_seed_same_regions(tmp_path, ti
         regions = read_regions(stage, id_)
         assert regions["keys"].tolist() == keys.tolist()
         assert regions["masks"].dtype == bool and regions["masks"].shape == (len(keys), h, w)
-        assert regions["score"].dtype == np.float16
+        assert regions["score"].dtype == np.uint8 and regions["score"].shape == (len(keys), *stored_size((h, w)))
         union_png = io.read_mask(stage / "regions" / f"{id_}.png")
         assert set(np.unique(union_png)) <= {0, *keys.tolist()}
         for k in (1, 2):

@@ -93,8 +93,10 @@ def test_end_to_end_outputs_skip_force_and_resume(setup):
 
     # an interrupted run (no manifest, one image missing) redoes only what is missing
     (stage / "manifest.json").unlink()
-    (stage / "overlay" / f"{labelled[0]}.png").unlink()
+    (stage / "pseudo" / f"{labelled[0]}.png").unlink()
+    (stage / "overlay" / f"{labelled[1]}.png").unlink()  # a kill between the pseudo-mask and its overlay
     run()
+    assert (stage / "overlay" / f"{labelled[1]}.png").is_file()
     again = {i: (stage / "pseudo" / f"{i}.png").stat().st_mtime_ns for i in labelled}
     assert again[labelled[0]] != first[labelled[0]]
     assert all(again[i] == first[i] for i in labelled[1:])
@@ -221,7 +223,7 @@ def test_seeds_from_any_folder_in_the_regions_format(setup, tmp_path):
     with np.load(seeds / f"{id_}.npz") as f:
         arrays = {k: f[k] for k in f.files}
     io.write_npz(seeds / f"{id_}.npz", **{**arrays, "score": arrays["score"][:, ::2]})  # not the image's size
-    with pytest.raises(SystemExit, match=rf"{id_}\.npz: masks .* do not fit"):
+    with pytest.raises(SystemExit, match=rf"{id_}\.npz: map size .* differs from the image size"):
         run("--seeds", str(seeds))
     assert not (stage / "pseudo").exists()  # nothing done
     (seeds / f"{id_}.npz").write_bytes(good)

@@ -17,7 +17,9 @@ beyond image + mirror were slower (bench/bench_cam.py, 4 scales + flip on 256 px
 one image at a time, 1.30 four at a time, against 1.42 for IRN's make_cam-style loop of one
 forward per scale and per mirror: 1.34x).
 
-On disk a CAM is `ID.npz` {"cam": float16 (n, H, W), "keys": int64 (n,) mask ids}.
+On disk a CAM is `ID.npz` {"cam": the maps as `wsss.scoremaps` stores them, "keys": int64 (n,) mask
+ids}; `save_cams` returns the maps as stored, which is what stage 1 mines, so that a resumed run
+mines the same regions.
 """
 from __future__ import annotations
 
@@ -31,12 +33,9 @@ import torch.nn.functional as F
 from wsss import io
 from wsss.data.transforms import MEAN, STD
 from wsss.run import autocast
+from wsss.scoremaps import CAMFileError, restore_scores, store_scores
 
 SCALES = (0.5, 1.0, 1.5, 2.0)
-
-
-class CAMFileError(ValueError):
-    """A CAM file that is missing, unreadable or does not fit its image; the message names it."""
 
 
 def to_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -112,22 +111,22 @@ def cam_path(directory, id_: str) -> Path:
     return Path(directory) / f"{id_}.npz"
 
 
-def save_cams(directory, id_: str, cam: np.ndarray, keys) -> Path:
-    """Write `directory/ID.npz` {"cam": float16 (n, H, W), "keys": int64 (n,)} atomically."""
+def save_cams(directory, id_: str, cam: np.ndarray, keys) -> np.ndarray:
+    """Write `directory/ID.npz` (the format of the module docstring) atomically; returns the CAM as
+    stored, float32 (n, H, W), which is what callers must mine."""
     cam = np.asarray(cam)
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
     path = cam_path(directory, id_)
     if cam.ndim != 3 or cam.shape[0] != keys.size:
         raise ValueError(f"{path}: CAM shape {cam.shape} does not fit {keys.size} class ids")
-    io.write_npz(path, cam=cam.astype(np.float16), keys=keys)
-    return path
+    stored = store_scores(cam)
+    io.write_npz(path, cam=stored, keys=keys)
+    return restore_scores(stored, cam.shape[1:], path)
 
 
-def load_cams(directory, id_: str, expected_shape=None) -> tuple[np.ndarray, np.ndarray]:
-    """Read `directory/ID.npz` -> (cam float32 (n, H, W), keys int64 (n,)), checked.
-
-    `expected_shape` is the image size (H, W): a CAM of any other size is an error, never used.
-    """
+def load_cams(directory, id_: str, expected_shape) -> tuple[np.ndarray, np.ndarray]:
+    """Read `directory/ID.npz` -> (cam float32 (n, H, W) at the image size `expected_shape`, keys
+    int64 (n,)), checked: a CAM stored for any other size is an error, never used."""
     path = cam_path(directory, id_)
     if not path.is_file():
         raise CAMFileError(f"{path}: CAM file not found")
@@ -138,7 +137,4 @@ def load_cams(directory, id_: str, expected_shape=None) -> tuple[np.ndarray, np.
         raise CAMFileError(f"{path}: cannot read CAM file ({e})") from e
     if keys.ndim != 1 or cam.ndim != 3 or cam.shape[0] != keys.shape[0]:
         raise CAMFileError(f"{path}: CAM of shape {cam.shape} does not fit class ids of shape {keys.shape}")
-    if expected_shape is not None and tuple(cam.shape[1:]) != tuple(expected_shape):
-        raise CAMFileError(f"{path}: CAM size {cam.shape[2]}x{cam.shape[1]} differs from the image size "
-                           f"{expected_shape[1]}x{expected_shape[0]} (stale or foreign file?)")
-    return cam.astype(np.float32), keys.astype(np.int64)
+    return restore_scores(cam, expected_shape, path), keys.astype(np.int64)

@@ -47,7 +47,7 @@ Artifacts in outputs/RUN/stage1/: per step `step{k}/checkpoint.pt`, `metrics.jso
 `regions/ID.png` (class id where mined in this step, 0 elsewhere) and `done.json` (written last:
 a step without it is redone, resuming its training mid-way and keeping the CAM files already
 written); then `regions/ID.npz` {"keys", "masks" bool (n, H, W) union over steps, "score"
-float16 max normalised CAM over steps}, `regions/ID.png` and `overlay/ID.png`. Images without
+max normalised CAM over steps, stored as wsss.cam stores CAMs}, `regions/ID.png` and `overlay/ID.png`. Images without
 labels are skipped (counted in the log) and get empty CAM and region files.
 
 Defaults run the whole stage on the embedded synthetic dataset on 2 CPU cores in minutes.
@@ -86,6 +86,7 @@ from wsss.run import (
     runtime,
     shard,
 )
+from wsss.scoremaps import restore_scores, store_scores
 from wsss.stage import dataset_inputs, open_stage
 from wsss.train import CHECKPOINT, fit, init_distributed, read_metrics, torch_device
 
@@ -297,16 +298,15 @@ def write_cams(model, job: CamJob, ids: list[str], device: torch.device) -> int:
             if cam.shape[1:] != shape:  # a downscaled image: its CAM back at full size
                 cam = F.interpolate(torch.from_numpy(np.asarray(cam, np.float32))[None], size=shape,
                                     mode="bilinear", align_corners=False)[0].numpy()
-            cam = cam.astype(np.float16)  # mine what is saved, so the files agree with the regions
+            cam = save_cams(cam_dir, id_, cam, keys)  # mine what is stored, so a resumed run mines the same
             _, region = mine(cam, keys, job.threshold)
-            save_cams(cam_dir, id_, cam, keys)
             io.write_mask(region_dir / f"{id_}.png", region)
         pending.clear()
 
     for id_ in ids:
         if id_ not in job.labelled:
             w, h = job.dataset.image_size(id_)
-            save_cams(cam_dir, id_, np.zeros((0, h, w), np.float16), np.zeros(0, np.int64))
+            save_cams(cam_dir, id_, np.zeros((0, h, w), np.float32), np.zeros(0, np.int64))
             io.write_mask(region_dir / f"{id_}.png", np.zeros((h, w), np.uint8))
             continue
         full = erased_image(job.dataset, id_, list(job.region_dirs))
@@ -429,8 +429,10 @@ def write_union(dataset: VOCDataset, ids: list[str], out: Path, steps: list[int]
             keys = step_keys
         cams = np.stack(cams)  # (steps, n, H, W)
         masks = (cams > threshold).any(axis=0)
-        score = cams.max(axis=0)
-        io.write_npz(out / "regions" / f"{id_}.npz", keys=keys, masks=masks, score=score.astype(np.float16))
+        path = out / "regions" / f"{id_}.npz"
+        stored = store_scores(cams.max(axis=0))
+        io.write_npz(path, keys=keys, masks=masks, score=stored)
+        score = restore_scores(stored, (h, w), path)
         io.write_mask(out / "regions" / f"{id_}.png", label_map(masks, score, keys))
 
 
@@ -438,12 +440,9 @@ def write_overlays(dataset: VOCDataset, ids: list[str], out: Path, steps: list[i
     """overlay/ID.png for `count` images spread over the list: the image, per step the CAM heat map
     (max over the labelled classes) on the image as that step saw it (erased) and the mined region,
     the union, and the ground truth when there is one."""
-    from wsss.viz import colorize, heatmap, side_by_side
+    from wsss.viz import colorize, heatmap, side_by_side, spread
 
-    if count <= 0 or not ids:
-        return
-    sample = [ids[i] for i in sorted(set(np.linspace(0, len(ids) - 1, min(count, len(ids))).round().astype(int)))]
-    for id_ in tqdm(sample, desc="overlays", leave=False):
+    for id_ in tqdm(spread(ids, count), desc="overlays", leave=False):
         image = dataset.image(id_)
         panels, titles = [image], ["image"]
         for j, k in enumerate(steps):

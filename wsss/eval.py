@@ -21,8 +21,8 @@ than labelling it); beside them, "labelled" holds the scores over the labelled p
 prediction may hold 255 only where the ground truth is 255 too (so a ground-truth folder scores as
 a prediction); 255 on a valid pixel is an error rather than a silent choice of protocol.
 
-CAM seeds (`--cam`): each ID.npz holds "cam" float16 (n, H, W) in [0, 1] and "keys" int64 (n,)
-mask ids; a constant background plane at threshold t is put before the CAMs and the argmax is the
+CAM seeds (`--cam`): each ID.npz holds "cam" (n, H, W) in [0, 1] (wsss.cam's format) and "keys"
+int64 (n,) mask ids; a constant background plane at threshold t is put before the CAMs and the argmax is the
 label (as IRN's eval_cam), for every threshold of the sweep in one pass over the images. The same
 sweep runs on stage 1's union (regions/ID.npz, whose "score" is the max normalised CAM over the
 erasing steps).
@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from wsss.io import IGNORE, read_mask, write_json
+from wsss.scoremaps import CAMFileError, restore_scores
 
 # Same tuple as wsss.data.voc.VOC_CLASSES (a test keeps them equal); repeated so that this module
 # imports nothing beyond numpy and PIL.
@@ -326,12 +327,15 @@ def evaluate_cams(cam_dir, gt_dir, ids, num_classes: int = 21, *, thresholds=THR
         except (OSError, ValueError, KeyError) as e:
             raise EvalError(f"{path}: cannot read CAM file with '{array}' and 'keys' ({e})") from e
         keys = np.asarray(keys).reshape(-1)
-        if cam.ndim != 3 or cam.shape[0] != keys.size or cam.shape[1:] != shape:
-            raise EvalError(f"{path}: {array} has shape {cam.shape}, expected ({keys.size}, {shape[0]}, "
-                            f"{shape[1]}) for {keys.size} keys at the ground truth's size")
+        if cam.ndim != 3 or cam.shape[0] != keys.size:
+            raise EvalError(f"{path}: {array} has shape {cam.shape}, expected ({keys.size}, H, W) for {keys.size} keys")
+        try:
+            cam = restore_scores(cam, shape, path)
+        except CAMFileError as e:
+            raise EvalError(f"{e} (the ground truth's size)") from e
         if keys.size and (keys.min() < 1 or keys.max() >= num_classes):
             raise EvalError(f"{path}: keys {keys.tolist()} outside 1..{num_classes - 1}")
-        return cam.astype(np.float32), keys
+        return cam, keys
 
     def score_one(id_: str) -> np.ndarray:
         gt_path = gt_dir / f"{id_}.png"

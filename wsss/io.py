@@ -90,7 +90,7 @@ def write_npy(path, array: np.ndarray) -> None:
 
 def write_npz(path, **arrays) -> None:
     buf = _io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez_compressed(buf, **arrays)
     write_bytes(path, buf.getvalue())
 
 

@@ -33,9 +33,9 @@ The STC form (`stc_soft_target`): for a simple (single-class) image the saliency
 foreground probability of the image's class, 1 - saliency that of background.
 
 Outputs under outputs/RUN/stage2/: saliency/ID.png (grey, cached), fused/ID.png (before CRF),
-pseudo/ID.png (after CRF, what stage 3 trains on), overlay/ID.png (image | saliency | fused, titled
-with the rule | CRF), contact_sheet.png (a sample of overlays), manifest.json (the rule, ignored and
-background fractions; with ground-truth masks also the mIoU over labelled pixels of the stage-1
+pseudo/ID.png (after CRF, what stage 3 trains on), overlay/ID.png for --overlays images spread over
+the list (image | saliency | fused, titled with the rule | CRF), contact_sheet.png (a sample of
+overlays), manifest.json (the rule, ignored and background fractions; with ground-truth masks also the mIoU over labelled pixels of the stage-1
 seeds, the fused masks and the pseudo-masks, as `python -m wsss.eval --run RUN --stage stage2`
 computes it). Images already written are not redone
 on a rerun with the same config and inputs; a different config stops (wsss.stage), --force starts afresh.
@@ -50,7 +50,9 @@ Seeds: stage 2 reads its seeds through one format, stage 1's `regions/ID.npz` (w
     keys   int (n,)           mask ids (1..C-1) of the image's labelled classes the seeds cover
     masks  bool (n, H, W)     the seed region of each of those classes, at the image's size
     score  float (n, H, W)    a per-class score in [0, 1] (stage 1: the normalised CAM, the max
-                              over the erasing steps): conflicts and saliency-first use it
+                              over the erasing steps): conflicts and saliency-first use it; or
+                              uint8 steps of 1/255, at the image's size or at wsss.scoremaps'
+                              stored size (a quarter of it, resized bilinearly: stage 1 stores it so)
 
 Any seed source in this format (another CAM method, an affinity-refined CAM, hand-drawn scribbles)
 feeds stage 2 with `--seeds DIR` instead of stage 1's regions, with no code change: the folder is
@@ -62,7 +64,7 @@ from __future__ import annotations
 import argparse
 import zipfile
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -74,9 +76,14 @@ from wsss.crf import LABEL_CRF_DEFAULTS, check_crf, crf_labels, parallel_map
 from wsss.data.voc import DatasetError, VOCDataset
 from wsss.io import IGNORE
 from wsss.run import barrier, gather, is_main_process, log, runtime, shard, stage_dir
+from wsss.scoremaps import CAMFileError, restore_scores
 from wsss.stage import StageError, dataset_inputs, error_line, open_stage
+from wsss.viz import spread
 
 PER_IMAGE = ("fused", "pseudo", "overlay")
+# One overlay per image took 0.1 MB of the 0.15 MB an image may cost on disk over a whole run
+# (about 1 GB on VOC's train_aug); a sample shows the rule at work, and the pseudo-masks are all there.
+OVERLAYS = 24
 OVERLAY_HEIGHT = 240  # overlay panels are scaled to this height: one PNG per image must stay small
 
 
@@ -241,6 +248,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--crf-bi-sxy", type=float, default=LABEL_CRF_DEFAULTS["bi_sxy"])
     g.add_argument("--crf-bi-srgb", type=float, default=LABEL_CRF_DEFAULTS["bi_srgb"])
     g.add_argument("--crf-bi-compat", type=float, default=LABEL_CRF_DEFAULTS["bi_compat"])
+    runtime(g.add_argument("--overlays", type=int, default=OVERLAYS,
+                           help="overlay pictures to draw, spread over the list (a number above the image "
+                                "count draws every image)"))
     runtime(g.add_argument("--sample", type=int, default=16, help="overlays in the contact sheet"))
     return parser
 
@@ -283,6 +293,7 @@ class Job:
     regions: Path | None  # None: the image has no label, its pseudo-mask is all background
     gt: Path | None
     label_ids: tuple[int, ...]
+    overlay: bool = False  # draw overlay/ID.png (a sample of the images: --overlays)
 
 
 def settings_of(args, out: Path, num_classes: int) -> Settings:
@@ -309,16 +320,21 @@ def load_regions(path: Path, label_ids, shape) -> tuple[np.ndarray, np.ndarray, 
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise DatasetError(f"{path}: cannot read seeds (an .npz with keys, masks, score): {e}") from e
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
-    if masks.shape != (len(keys),) + tuple(shape) or score.shape != masks.shape:
+    if masks.shape != (len(keys),) + tuple(shape) or score.ndim != 3 or score.shape[0] != len(keys):
         raise DatasetError(f"{path}: masks {masks.shape} / score {score.shape} do not fit {len(keys)} keys "
                            f"at image size {tuple(shape)}")
     stray = sorted(set(keys.tolist()) - set(label_ids))
     if stray:
         raise DatasetError(f"{path}: classes {stray} are not among the image's labels {list(label_ids)}")
-    if keys.size and (not np.issubdtype(score.dtype, np.floating) or score.min() < 0 or score.max() > 1):
-        raise DatasetError(f"{path}: score must be float in [0, 1], got {score.dtype} "
+    if keys.size and score.dtype != np.uint8 and (
+            not np.issubdtype(score.dtype, np.floating) or score.min() < 0 or score.max() > 1):
+        raise DatasetError(f"{path}: score must be float in [0, 1] (or uint8 steps of 1/255), got {score.dtype} "
                            f"in [{score.min()}, {score.max()}]")
-    return keys, masks.astype(bool), score.astype(np.float32)
+    try:
+        score = restore_scores(score, shape, path)
+    except CAMFileError as e:
+        raise DatasetError(str(e)) from e
+    return keys, masks.astype(bool), score
 
 
 def check_seeds(dataset: VOCDataset, folder: Path) -> None:
@@ -382,17 +398,20 @@ def process_image(s: Settings, job: Job) -> dict:
         image = _read_image(job.image)
         keys, masks, score = load_regions(job.regions, job.label_ids, image.shape[:2])
         seeds = regions_label_map(masks, keys, score)
-        if all(p.is_file() for p in paths.values()):
-            fused, pseudo = io.read_mask(paths["fused"]), io.read_mask(paths["pseudo"])
-        else:
+        done = paths["fused"].is_file() and paths["pseudo"].is_file()
+        if not done or (job.overlay and not paths["overlay"].is_file()):
             saliency = read_saliency(s.out / "saliency", job.id)
             if saliency.shape != image.shape[:2]:
                 raise DatasetError(f"{s.out / 'saliency' / (job.id + '.png')}: saliency {saliency.shape} "
                                    f"differs from image size {image.shape[:2]}")
+        if done:
+            fused, pseudo = io.read_mask(paths["fused"]), io.read_mask(paths["pseudo"])
+        else:
             fused, pseudo = pseudo_mask(image, keys, masks, score, saliency, s)
             io.write_mask(paths["fused"], fused)
-            io.write_mask(paths["pseudo"], pseudo)
-            io.write_png(paths["overlay"], _overlay(image, saliency, fused, pseudo, job.id, s))  # last: marks done
+            io.write_mask(paths["pseudo"], pseudo)  # written last: marks the image done
+        if job.overlay and not paths["overlay"].is_file():
+            io.write_png(paths["overlay"], _overlay(image, saliency, fused, pseudo, job.id, s))
     figures = {"pixels": fused.size}
     for name, mask in (("fused", fused), ("pseudo", pseudo)):
         figures[f"{name}_ignored"] = int((mask == IGNORE).sum())
@@ -502,6 +521,8 @@ def run(args) -> dict | None:
     if not labelled:
         raise SystemExit(f"error: {seeds}: no seeds file for any labelled image of "
                          f"split '{args.train_split}'")
+    drawn = set(spread(labelled, args.overlays))
+    jobs = [replace(j, overlay=j.id in drawn) for j in jobs]
     ensure_saliency(dataset, shard(labelled), out / "saliency", args.saliency, args.workers)
 
     settings = settings_of(args, out, dataset.num_classes)

@@ -42,6 +42,7 @@ from wsss.data.voc import DatasetError, VOCDataset
 from wsss.image_scores import score_images
 from wsss.pseudo import fusion_of
 from wsss.run import safe_name
+from wsss.scoremaps import restore_scores
 from wsss.stage import StageError
 from wsss.viz import colorize, heatmap, resize, to_rgb
 
@@ -247,12 +248,15 @@ def _cam(stage1: Path, step: int, earlier: list[int], dataset: VOCDataset | None
             return None
         try:
             with np.load(path) as f:
-                cam = f["cam"].astype(np.float32)
+                cam = f["cam"]
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path}: cannot read CAM file ({e})") from e
-        top = cam.max(axis=0) if len(cam) else np.zeros(cam.shape[1:], np.float32)
-        if dataset is None:
-            return heatmap(top), False
+        if dataset is None:  # the image's size is unknown: the map as stored
+            cam = restore_scores(cam, cam.shape[1:], path)
+            return heatmap(cam.max(axis=0) if len(cam) else np.zeros(cam.shape[1:], np.float32)), False
+        w, h = dataset.image_size(id_)
+        cam = restore_scores(cam, (h, w), path)
+        top = cam.max(axis=0) if len(cam) else np.zeros((h, w), np.float32)
         return heatmap(top, _erased_by(stage1, id_, earlier, dataset.image(id_))), False
     return render
 

@@ -3,7 +3,8 @@
 One loop, so every network gets the same guarantees: SGD with poly learning rate (DeepLab,
 IRN) after a linear warm-up, gradient-norm clipping, mixed precision on CUDA (`--amp`: bf16, or fp16
 with a gradient scaler whose gradients are unscaled before clipping), DistributedDataParallel
-when launched by torchrun, a checkpoint after every epoch written atomically, and resume from it
+when launched by torchrun, a checkpoint after every epoch written atomically (the last one holds the
+weights alone: `final_weights`), and resume from it
 after a kill (an interrupted epoch is redone from the last finished one, with the same data order
 as an uninterrupted run).
 
@@ -140,12 +141,12 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
     if ckpt_path.is_file():
         state = io.load_checkpoint(ckpt_path, map_location=dev)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"]
         if start_epoch >= epochs:
             return model
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         log.info("%s: resuming from %s after epoch %d", desc, ckpt_path, start_epoch)
 
     world = rank_world()[1]
@@ -231,7 +232,9 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
                 with precision:
                     record.update(evaluate(model))
             problem = health(record) if health is not None else None
-            if problem is None:
+            if problem is None and epoch + 1 == epochs:
+                io.save_checkpoint(ckpt_path, {"model": final_weights(model), "epoch": epoch + 1})
+            elif problem is None:
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}
                 if scaler is not None:
                     state["scaler"] = scaler.state_dict()
@@ -244,7 +247,23 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
                                         f"in {out_dir / METRICS})")
         if distributed():
             dist.barrier()
+    if not is_main_process():
+        final_weights(model)  # rank 0 rounded its copy when it saved it
     return model
+
+
+def final_weights(model: torch.nn.Module) -> dict:
+    """Round the trained parameters to float16 in place and return the state dict to save.
+
+    A finished training's checkpoint is kept for good and needs no optimizer state: its weights in
+    float16 take a quarter of the disk of float32 weights + momentum (a VOC run keeps several nets).
+    The net in memory is rounded too, so what follows the training (CAMs, predictions, the next
+    net's init) is the same whether it used this net or the one reloaded by a resumed run."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    params = {name for name, _ in model.named_parameters()}
+    return {k: v.half() if k in params else v for k, v in model.state_dict().items()}
 
 
 def _append_metrics(path: Path, records: list[dict]) -> None:
