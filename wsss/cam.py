@@ -10,12 +10,9 @@ bilinearly to the image size, the maps are summed, and each class is divided by 
 (+1e-5) so that a threshold means the same for every class and image.
 
 Speed: `torch.inference_mode()`, `channels_last` tensors, only the image's labelled classes are
-upsampled, and a scale's image and its mirror go through the network in one batch (on 2 CPU
-cores, efficientnet-lite0, a 220 px forward takes 56 ms alone and 71 ms with its mirror).
+upsampled, and a scale's image and its mirror go through the network in one batch.
 `multiscale_cams_batch` also batches same-size images: that fills a GPU, while on a CPU batches
-beyond image + mirror were slower (bench/bench_cam.py, 4 scales + flip on 256 px: 1.89 images/s
-one image at a time, 1.30 four at a time, against 1.42 for IRN's make_cam-style loop of one
-forward per scale and per mirror: 1.34x).
+beyond image + mirror were slower (`python -m bench.bench_cam`; docs/results.md, "Speed").
 
 On disk a CAM is `ID.npz` {"cam": the maps as `wsss.scoremaps` stores them, "keys": int64 (n,) mask
 ids}; `save_cams` returns the maps as stored, which is what stage 1 mines, so that a resumed run

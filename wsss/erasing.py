@@ -16,23 +16,18 @@ With its most discriminative part gone, the step-k classifier must find other ev
 class, and its CAM moves to other parts of the object. The union of the steps' regions, per
 class, is the mined object region that stage 2 turns into pseudo-masks.
 
-Choices (flags), measured on the embedded synthetic dataset (400 training images, efficientnet-lite0,
-3 epochs a step; seed mIoU on the train split from `python -m wsss.eval --run NAME --stage stage1`).
-With the defaults: step 1 alone 42.6, the union 53.0, the best-threshold plain CAM 48.9.
+Choices (flags); what each was measured to do is in docs/results.md, "Stage 1".
 
 - `--ae-threshold 0.7` (not the 0.5 of PSA/IRN-style seeds). At output stride 16 a CAM is a blurred
-  blob: at 0.5 the step-1 region already holds 96 % of the discriminative parts, 50-70 % of the
-  object bodies and as many background pixels again as the object has (0.5-1.2 x its area for
-  objects under 10 % of the image), so erasing it leaves little object to find and every further
-  step adds its own margin of background: at 0.5 the union of 3 steps scored 45.1 against 48.4
-  for step 1 alone. At 0.7 the step-1 region is the discriminative part and its surroundings (87 %
-  of parts, 30-47 % of bodies, a third of the margin), which is what erasing assumes.
+  blob: at 0.5 the step-1 region already holds nearly all of the discriminative parts, much of the
+  object bodies and about as many background pixels again as a small object has, so erasing it
+  leaves little object to find and every further step adds its own margin of background. At 0.7
+  the step-1 region is the discriminative part and its surroundings, which is what erasing assumes.
 - `--ae-init previous` (default): step k starts from step k-1's weights. The paper trains each
   step's network from the ImageNet model, for several epochs (`imagenet` reproduces that, and is
   the choice for a GPU preset). With the few epochs a CPU affords, a fresh network does not learn the
   erased images well; starting from step k-1, the network already knows the classes and only has
-  to find other evidence for them. Step 2 with 3 epochs, previous vs imagenet: final loss 0.38 vs
-  0.45, held-out mAP 0.93 vs 0.73, union of 2 steps 52.7 vs 47.6 mIoU.
+  to find other evidence for them.
 - Stopping rule: the paper stops when the classifier "cannot converge well" on the erased images
   (its 4th step, whose regions were mostly background, hurt). Here a step k > 1 whose final-epoch
   mean loss exceeds `--ae-stop-loss` is discarded (no CAMs computed) and erasing stops. The default,
@@ -40,8 +35,6 @@ With the defaults: step 1 alone 42.6, the union 53.0, the best-threshold plain C
   class predicted at its frequency, i.e. a classifier that learned nothing from pixels): a step
   that has lost more than half of what step 1 learned over chance no longer finds the objects. It
   adapts to the number of classes, their frequencies and the training budget (epochs, GPU or CPU).
-  On the synthetic set: constant predictor 0.578, step 1 0.260, so the level is 0.419; step 2 ends
-  at 0.335 (kept), step 3 at 0.424 (discarded; in a run that kept it, it moved the union by +0.1).
 
 Artifacts in outputs/RUN/stage1/: per step `step{k}/checkpoint.pt`, `metrics.jsonl`, `cam/ID.npz`,
 `regions/ID.png` (class id where mined in this step, 0 elsewhere) and `done.json` (written last:
@@ -341,8 +334,8 @@ def compute_step_cams(model, dataset: VOCDataset, ids: list[str], labelled: set[
     """CAMs and mined regions of every image (this rank's share), skipping those already written.
 
     On a CPU the images go to `--workers` processes of one thread each: a forward of one small
-    image keeps two threads far from busy (efficientnet-lite0, 240 px, image + mirror: 120 ms on
-    one thread, 85 ms on two), so two single-thread processes mine about 1.4x the images.
+    image keeps two threads far from busy, so single-thread processes mine more images a second
+    (docs/results.md, "Speed").
     """
     cam_dir, region_dir = step_dir / "cam", step_dir / "regions"
     todo = [i for i in shard(ids)

@@ -218,9 +218,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "saliency is foreground, classed by the highest CAM score among the image's labels)")
     g.add_argument("--bg-threshold", type=float, default=BG_THRESHOLD,
                    help="pixels with saliency below this are background (in mined-first and ae-psl only the "
-                        "unmined ones). Low, as AE-PSL takes only "
-                        "clearly non-salient pixels; with the built-in maps on the 48 real VOC photos 89%% of "
-                        "the pixels below 0.1 are background and they hold 80%% of it (0.5: 86%% and 89%%)")
+                        "unmined ones). Low, as AE-PSL takes only clearly non-salient pixels "
+                        "(docs/results.md, \"Saliency\")")
     g.add_argument("--fg-threshold", type=float, default=FG_THRESHOLD,
                    help="saliency-first: pixels with saliency at or above this are foreground (at least "
                         "--bg-threshold; equal to it: no ignore band)")

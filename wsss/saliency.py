@@ -20,13 +20,11 @@ with the minimum barrier distance (Zhang et al., ICCV 2015), refined by a per-im
   (a sigmoid at the Otsu threshold) makes it confident, so background reads close to 0.
 
 Why these: both are the strongest training-free methods of their time on real photos, both are
-explicitly robust to objects touching the border (common on VOC), and both run in well under
-0.3 s a VOC image on one core at a 256-pixel working size with numpy / scipy / scikit-image /
-OpenCV. Spectral residual marks small high-frequency spots (edges, text) rather than objects.
-On the 48 real VOC photos (`python -m bench.bench_saliency`, drawn boxes inpainted), MAE / max F:
-robust background alone 0.30 / 0.60, barrier distance alone 0.31 / 0.54, their product 0.25 / 0.59,
-+ colour refinement 0.24 / 0.60, + enhancement (this function) 0.22 / 0.60; spectral residual
-0.31 / 0.44; an all-black map has MAE 0.28. The fusion mostly buys a darker background.
+explicitly robust to objects touching the border (common on VOC), and both run in well under a
+second a VOC image on one core at a 256-pixel working size with numpy / scipy / scikit-image /
+OpenCV. Spectral residual marks small high-frequency spots (edges, text) rather than objects. How
+each cue and their product score on the 48 real VOC photos (`python -m bench.bench_saliency`) is in
+docs/results.md, "Saliency".
 
 Maps on disk (`ensure_saliency`, `read_saliency`): grey PNGs `ID.png`, 0..255, at image size.
 """
