@@ -65,10 +65,11 @@ def main(argv=None) -> int:
     r = ev.evaluate_cams(stage1 / "regions", dataset.mask_dir, ids, dataset.num_classes, array="score",
                          class_names=names)
     at = {round(s["threshold"], 2): s["miou"] for s in r["sweep"]}
-    result["union"] = {"best_threshold": r["best_threshold"], "miou": r["miou"],
-                       "at_ae_threshold": at.get(round(config["ae_threshold"], 2))}
+    seed = config.get("seed_threshold", config["ae_threshold"])  # runs before --seed-threshold used the latter
+    result["union"] = {"best_threshold": r["best_threshold"], "miou": r["miou"], "seed_threshold": seed,
+                       "at_seed_threshold": at.get(round(seed, 2))}
     print(f"union score of steps {kept}: best threshold {r['best_threshold']:.2f}: mIoU {r['miou']:.2f}; "
-          f"at --ae-threshold {config['ae_threshold']}: {result['union']['at_ae_threshold']:.2f}")
+          f"at the run's seed threshold {seed}: {result['union']['at_seed_threshold']:.2f}")
     write_result(f"cam-baseline-{args.run}", result)
     return 0
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from wsss import io
+from wsss.cam import load_cams, save_cams
 from wsss.data.transforms import MEAN, normalize
 from wsss.data.voc import VOCDataset
 from wsss.erasing import (
@@ -16,7 +17,9 @@ from wsss.erasing import (
     label_map,
     mine,
     stop_loss_of,
+    write_union,
 )
+from wsss.scoremaps import restore_scores
 
 torch.set_num_threads(2)
 
@@ -94,3 +97,21 @@ def test_average_precision_and_constant_predictor_loss():
 def test_auto_stop_loss_is_halfway_between_step1_and_the_constant_predictor():
     assert stop_loss_of("auto", 0.2, 0.6) == pytest.approx(0.4)
     assert stop_loss_of(0.35, 0.2, 0.6) == 0.35
+
+
+def test_union_regions_use_the_seed_threshold_and_the_max_over_steps(tiny_voc, tmp_path):
+    ds = VOCDataset(tiny_voc, "train")
+    id_ = next(i for i in ds.ids if len(ds.label_ids(i)))
+    keys = ds.label_ids(id_)
+    w, h = ds.image_size(id_)
+    ramp = np.broadcast_to(np.linspace(0, 1, w, dtype=np.float32), (len(keys), h, w))
+    save_cams(tmp_path / "step1" / "cam", id_, ramp, keys)  # rises left to right
+    save_cams(tmp_path / "step2" / "cam", id_, ramp[..., ::-1], keys)  # falls left to right
+    write_union(ds, [id_], tmp_path, [1, 2], threshold=0.6)
+    with np.load(tmp_path / "regions" / f"{id_}.npz") as f:
+        masks, score = f["masks"], restore_scores(f["score"], (h, w), id_)
+    step1, _ = load_cams(tmp_path / "step1" / "cam", id_, (h, w))
+    step2, _ = load_cams(tmp_path / "step2" / "cam", id_, (h, w))
+    np.testing.assert_array_equal(masks, (np.maximum(step1, step2) > 0.6))
+    assert masks[:, :, 0].all() and masks[:, :, -1].all() and not masks[:, :, w // 2].any()
+    np.testing.assert_allclose(score, np.maximum(step1, step2), atol=0.05)  # stored again: the kink blurs
