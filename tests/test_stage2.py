@@ -163,12 +163,12 @@ def test_fusion_rule_is_an_option_named_in_the_manifest(setup):
     with pytest.raises(SystemExit, match="--fg-threshold 0.05 is below --bg-threshold 0.1"):
         run("--fusion", "saliency-first", "--fg-threshold", "0.05")
     assert not (stage / "pseudo").exists()  # stopped before any work
-    run("--no-crf")
+    run("--no-crf", "--fusion", "mined-first")
     mined = io.read_json(stage / "manifest.json")["outputs"]
     assert mined["fusion"] == "mined-first" and mined["crf"] is False
     with pytest.raises(SystemExit, match="--fusion: mined-first -> saliency-first"):
-        run("--no-crf", "--fusion", "saliency-first")
-    run("--no-crf", "--fusion", "saliency-first", "--force")
+        run("--no-crf")  # the default rule
+    run("--no-crf", "--force")
     salient = io.read_json(stage / "manifest.json")["outputs"]
     assert salient["fusion"] == "saliency-first"
     # the hand-made saliency covers whole objects while the mined regions are the objects shrunk by 2 px:
@@ -188,7 +188,7 @@ def test_bench_fusion_scores_every_rule_and_reproduces_the_runs_own(setup, tmp_p
     outputs = stage.parent.parent
     assert bench(["--outputs", str(outputs)]) == 0  # no --run and no demo run: skipped, nothing written
     assert "skipped" in capsys.readouterr().err
-    run()  # mined-first with the CRF
+    run("--fusion", "mined-first")  # with the CRF
     manifest = io.read_json(stage / "manifest.json")["outputs"]
     out = tmp_path / "fusion.json"
     assert bench(["--run", "r", "--outputs", str(outputs), "--workers", "1", "--out", str(out)]) == 0

@@ -97,10 +97,10 @@ CAM_CHUNK = 8  # images per task of a CAM worker process
 
 # The union's regions are thresholded apart from what is erased. Erasing wants only the most
 # discriminative part gone (--ae-threshold 0.7), while a seed wants as much of the object as the CAM
-# holds without its background margin. The union score's best threshold was 0.65 on the embedded
-# dataset and 0.45 on the VOC-like one (real VOC layouts, mostly small objects, whose CAM blobs
-# peak on a few pixels), and a held-out VOC-layout set found its best plain-CAM threshold at 0.2:
-# 0.55 is the best joint choice of the two we can measure (docs/results.md, "Stage 1").
+# holds without its background margin, and that level is lower where objects are small (their CAM
+# blobs peak on a few pixels): VOC-like data wants a lower threshold than the embedded set, which
+# wants one a little under 0.7. 0.55 scored best over both datasets' sweeps (docs/results.md, "The
+# default chain on the VOC-like data").
 SEED_THRESHOLD = 0.55
 
 def _scales(text: str) -> tuple[float, ...]:

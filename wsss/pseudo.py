@@ -116,7 +116,11 @@ def regions_label_map(regions: np.ndarray, keys, score: np.ndarray, conflict: st
     return out
 
 
-FUSION_DEFAULT = "mined-first"  # issue 15: the lead sets it from bench/bench_fusion.py's measurements
+# Saliency-first, by measurement (bench/bench_fusion.py; docs/results.md, "Stage 2: fusion rules"): its
+# pseudo-masks, and the PSL nets trained on them, were the best of the rules on both the embedded and
+# the VOC-like dataset. Where objects are small, a CAM blob at output stride 16 spills over their
+# borders and covers little of them, while the saliency map follows them; the CAM names the class.
+FUSION_DEFAULT = "saliency-first"
 BG_THRESHOLD = 0.1
 FG_THRESHOLD = 0.5
 FUSION_BEFORE_OPTIONS = "mined-first"  # the rule of runs made before --fusion existed (no "fusion" in config)
