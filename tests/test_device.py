@@ -42,3 +42,11 @@ def test_the_environment_names_device_precision_versions_and_commit():
     env = environment(args)
     assert env["device"] == "cpu" and env["amp"] == "off" and env["torch"] == torch.__version__
     assert {"cuda", "cudnn", "git_commit", "device_reason", "deterministic"} <= set(env)
+
+
+def test_spread_takes_evenly_spaced_items_and_all_for_zero():
+    from wsss.run import spread
+
+    items = list(range(10))
+    assert spread(items, 3) == [0, 4, 9] and spread(items, 1) == [0]
+    assert spread(items, 0) == items and spread(items, 50) == items and spread([], 5) == []

@@ -73,6 +73,7 @@ from wsss.data.transforms import MEAN, normalize, train_augment
 from wsss.data.voc import DatasetError, VOCDataset, list_path
 from wsss.models.classifier import build_classifier
 from wsss.run import (
+    add_epoch_val,
     barrier,
     is_main_process,
     positive_int,
@@ -81,6 +82,7 @@ from wsss.run import (
     resolve_device,
     runtime,
     shard,
+    spread,
 )
 from wsss.scoremaps import restore_scores, store_scores
 from wsss.stage import dataset_inputs, open_stage
@@ -153,6 +155,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "scales 0.5,1.0,1.5 with flip took 1.0 GB more (efficientnet-lite0, resnet50), 1.9 GB "
                         "(vgg16); VOC photos (at most 500 px) are never downscaled")
     runtime(g.add_argument("--overlays", type=int, default=24, help="number of overlay pictures to draw"))
+    add_epoch_val(g)
     return parser
 
 
@@ -412,11 +415,12 @@ def run_step(step: int, args, dataset, ids, labelled, out: Path, region_dirs, st
 
 
 def held_out(args) -> VOCDataset | None:
-    """The labelled images of --val-split, for the classifier's mAP after each epoch (None if none)."""
+    """The labelled images of --val-split (--epoch-val of them), for the classifier's mAP after each
+    epoch (None if none)."""
     if not args.val_split or args.val_split == args.train_split or not list_path(args.data, args.val_split).is_file():
         return None
     val = VOCDataset(args.data, args.val_split, limit=args.limit)
-    val.ids = [i for i in val.ids if val.labels(i).any()]
+    val.ids = spread([i for i in val.ids if val.labels(i).any()], args.epoch_val)
     return val if val.ids else None
 
 
@@ -447,9 +451,9 @@ def write_overlays(dataset: VOCDataset, ids: list[str], out: Path, steps: list[i
     """overlay/ID.png for `count` images spread over the list: the image, per step the CAM heat map
     (max over the labelled classes) on the image as that step saw it (erased) and the mined region,
     the union, and the ground truth when there is one."""
-    from wsss.viz import colorize, heatmap, side_by_side, spread
+    from wsss.viz import colorize, heatmap, side_by_side
 
-    for id_ in tqdm(spread(ids, count), desc="overlays", leave=False):
+    for id_ in tqdm(spread(ids, count) if count > 0 else [], desc="overlays", leave=False):
         image = dataset.image(id_)
         panels, titles = [image], ["image"]
         for j, k in enumerate(steps):

@@ -75,10 +75,9 @@ from wsss import io
 from wsss.crf import LABEL_CRF_DEFAULTS, check_crf, crf_labels, parallel_map
 from wsss.data.voc import DatasetError, VOCDataset
 from wsss.io import IGNORE
-from wsss.run import barrier, gather, is_main_process, log, runtime, shard, stage_dir
+from wsss.run import barrier, gather, is_main_process, log, runtime, shard, spread, stage_dir
 from wsss.scoremaps import CAMFileError, restore_scores
 from wsss.stage import StageError, dataset_inputs, error_line, open_stage
-from wsss.viz import spread
 
 PER_IMAGE = ("fused", "pseudo", "overlay")
 # One overlay per image took 0.1 MB of the 0.15 MB an image may cost on disk over a whole run
@@ -524,7 +523,7 @@ def run(args) -> dict | None:
     if not labelled:
         raise SystemExit(f"error: {seeds}: no seeds file for any labelled image of "
                          f"split '{args.train_split}'")
-    drawn = set(spread(labelled, args.overlays))
+    drawn = set(spread(labelled, args.overlays)) if args.overlays > 0 else set()
     jobs = [replace(j, overlay=j.id in drawn) for j in jobs]
     ensure_saliency(dataset, shard(labelled), out / "saliency", args.saliency, args.workers)
 

@@ -127,6 +127,25 @@ def common_parser(description: str, section: str | None = None) -> argparse.Argu
     return p
 
 
+# The val images a training scores after every epoch, to watch it and to catch a collapse: a sample
+# does both, while the whole split every epoch took a sixth of the demo's training time; the
+# stage's own figures (stage 3's val predictions, `python -m wsss.eval`) always use every image.
+EPOCH_VAL = 50
+
+
+def add_epoch_val(parser: argparse.ArgumentParser) -> None:
+    runtime(parser.add_argument("--epoch-val", type=int, default=EPOCH_VAL, metavar="N",
+                                help="score at most N val images (spread over the list) after each training "
+                                     "epoch; 0: all. The stage's final scores use every image"))
+
+
+def spread(items: list, count: int) -> list:
+    """`count` items spread evenly over `items` (first and last included); count <= 0: all of them."""
+    if count <= 0 or count >= len(items):
+        return list(items)
+    return [items[i] for i in sorted(set(np.linspace(0, len(items) - 1, count).round().astype(int)))]
+
+
 def run_dir(args) -> Path:
     return Path(args.outputs) / args.run
 

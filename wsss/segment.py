@@ -62,6 +62,7 @@ from wsss.methods import METHODS
 from wsss.nets import open_dataset, stage_name
 from wsss.predict import add_predict_args, net_crf, pred_folder, predict_split
 from wsss.run import (
+    add_epoch_val,
     autocast,
     barrier,
     is_main_process,
@@ -87,6 +88,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masks", choices=["pseudo", "gt"], default="pseudo",
                    help="gt: the same as --method gt, the fully supervised upper bound on the training split's "
                         "ground-truth masks (--method is then not used)")
+    add_epoch_val(p)
     runtime(p.add_argument("--tag", default=None, type=safe_name,
                            help="write to outputs/RUN/stage3-TAG instead of stage3"))
     p.add_argument("--backbone", default="efficientnet-lite0")

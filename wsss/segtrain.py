@@ -23,7 +23,7 @@ from wsss.losses import cross_entropy
 from wsss.nets import build_net
 from wsss.predict import label_map, predict_masks, predict_split
 from wsss.pseudo import stc_soft_target
-from wsss.run import autocast, log, resolve_amp, run_dir
+from wsss.run import autocast, log, resolve_amp, run_dir, spread
 from wsss.train import fit, torch_device
 
 # transforms.train_augment pads masks with 255. To tell padding (outside the image) apart from a
@@ -183,8 +183,9 @@ class Stage3:
 
     def val_evaluator(self, gate: bool):
         """evaluate(model) -> {"val_miou", "val_classes": how many classes it predicts anywhere,
-        "val_class": the most predicted one} at one scale, or None when val has no ground truth."""
-        ids = [i for i in self.val.ids if self.val.has_mask(i)]
+        "val_class": the most predicted one} at one scale on --epoch-val images, or None when val has
+        no ground truth."""
+        ids = spread([i for i in self.val.ids if self.val.has_mask(i)], self.args.epoch_val)
         if not ids:
             return None
 

@@ -15,12 +15,6 @@ from wsss.io import IGNORE, PALETTE, read_image
 WHITE = (255, 255, 255)
 
 
-def spread(ids: list, count: int) -> list:
-    """`count` items spread evenly over `ids` (first and last included): the images to draw."""
-    if count <= 0 or not ids:
-        return []
-    return [ids[i] for i in sorted(set(np.linspace(0, len(ids) - 1, min(count, len(ids))).round().astype(int)))]
-
 
 def to_rgb(array: np.ndarray) -> np.ndarray:
     """uint8 HxWx3 from an RGB image, a uint8 grey image, or a float map in [0, 1]."""
