@@ -115,10 +115,12 @@ def regions_label_map(regions: np.ndarray, keys, score: np.ndarray, conflict: st
     return out
 
 
-# Saliency-first, by measurement (bench/bench_fusion.py; docs/results.md, "Stage 2: fusion rules"): its
-# pseudo-masks, and the PSL nets trained on them, were the best of the rules on both the embedded and
-# the VOC-like dataset. Where objects are small, a CAM blob at output stride 16 spills over their
-# borders and covers little of them, while the saliency map follows them; the CAM names the class.
+# Saliency-first, by measurement (bench/bench_fusion.py; docs/results.md, "Stage 2: fusion rules"): the
+# best pseudo-masks and the best PSL net on the VOC-like dataset (real VOC layouts, 20 classes, small
+# objects), where a CAM blob at output stride 16 spills over the objects' borders and gets classes
+# wrong while the saliency map follows the objects; the CAM only names the class. On the embedded
+# set mined-first's net was better: saliency that misses object parts makes them background, where
+# mined-first leaves them ignored; the results document has both.
 FUSION_DEFAULT = "saliency-first"
 BG_THRESHOLD = 0.1
 FG_THRESHOLD = 0.5
