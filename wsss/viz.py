@@ -15,7 +15,6 @@ from wsss.io import IGNORE, PALETTE, read_image
 WHITE = (255, 255, 255)
 
 
-
 def to_rgb(array: np.ndarray) -> np.ndarray:
     """uint8 HxWx3 from an RGB image, a uint8 grey image, or a float map in [0, 1]."""
     array = np.asarray(array)
