@@ -40,9 +40,10 @@ Choices (flags); what each was measured to do is in docs/results.md, "Stage 1".
 Artifacts in outputs/RUN/stage1/: per step `step{k}/checkpoint.pt`, `metrics.jsonl`, `cam/ID.npz`,
 `regions/ID.png` (class id where mined in this step, 0 elsewhere) and `done.json` (written last:
 a step without it is redone, resuming its training mid-way and keeping the CAM files already
-written); then `regions/ID.npz` {"keys", "masks" bool (n, H, W) union over steps, "score"
-max normalised CAM over steps, stored as wsss.cam stores CAMs}, `regions/ID.png` and `overlay/ID.png`. Images without
-labels are skipped (counted in the log) and get empty CAM and region files.
+written); then `regions/ID.npz` {"keys", "masks" bool (n, H, W): the union score above
+--seed-threshold, "score": the max normalised CAM over steps, stored as CAMs are (wsss.scoremaps)},
+`regions/ID.png` and `overlay/ID.png`. Images without labels are skipped (counted in the log) and get
+empty CAM and region files.
 
 Defaults run the whole stage on the embedded synthetic dataset on 2 CPU cores in minutes.
 The settings for PASCAL VOC 2012 (train_aug, 10,582 images) on a GPU are the presets in `presets/`

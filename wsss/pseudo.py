@@ -35,9 +35,9 @@ foreground probability of the image's class, 1 - saliency that of background.
 Outputs under outputs/RUN/stage2/: saliency/ID.png (grey, cached), fused/ID.png (before CRF),
 pseudo/ID.png (after CRF, what stage 3 trains on), overlay/ID.png for --overlays images spread over
 the list (image | saliency | fused, titled with the rule | CRF), contact_sheet.png (a sample of
-overlays), manifest.json (the rule, ignored and background fractions; with ground-truth masks also the mIoU over labelled pixels of the stage-1
-seeds, the fused masks and the pseudo-masks, as `python -m wsss.eval --run RUN --stage stage2`
-computes it). Images already written are not redone
+overlays), manifest.json (the rule, ignored and background fractions; with ground-truth masks also
+the mIoU over labelled pixels of the stage-1 seeds, the fused masks and the pseudo-masks, as
+`python -m wsss.eval --run RUN --stage stage2` computes it). Images already written are not redone
 on a rerun with the same config and inputs; a different config stops (wsss.stage), --force starts afresh.
 A CRF that cannot run (pydensecrf missing, a crashed worker) fails the stage unless --no-crf: a
 pseudo-mask silently left unrefined would pass for a refined one.

@@ -251,12 +251,12 @@ def _cam(stage1: Path, step: int, earlier: list[int], dataset: VOCDataset | None
                 cam = f["cam"]
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path}: cannot read CAM file ({e})") from e
-        if dataset is None:  # the image's size is unknown: the map as stored
-            cam = restore_scores(cam, cam.shape[1:], path)
-            return heatmap(cam.max(axis=0) if len(cam) else np.zeros(cam.shape[1:], np.float32)), False
-        w, h = dataset.image_size(id_)
-        cam = restore_scores(cam, (h, w), path)
-        top = cam.max(axis=0) if len(cam) else np.zeros((h, w), np.float32)
+        # without the dataset the image's size is unknown: the map as stored
+        shape = cam.shape[1:] if dataset is None else dataset.image_size(id_)[::-1]
+        cam = restore_scores(cam, shape, path)
+        top = cam.max(axis=0) if len(cam) else np.zeros(shape, np.float32)
+        if dataset is None:
+            return heatmap(top), False
         return heatmap(top, _erased_by(stage1, id_, earlier, dataset.image(id_))), False
     return render
 

@@ -17,10 +17,10 @@ the time (5 % of objects take a random hue); the top fifth of every object (by i
 is a discriminative part with a two-colour stripe pattern of its class (its own colours, direction
 and period), the analogue of a face, so that CAMs find the part first and adversarial erasing has a
 body left to find. Version 1 drew hues with a spread that made neighbouring classes overlap, 20 % of
-objects at a random hue and a favourite texture 60 % of the time: 20 classes then looked too alike
-for a classifier of 400 images to tell apart (step-1 val mAP 0.13-0.18), where the real VOC photos
-give 0.8; each class must be learnable for the figures on this data to say anything. Pixels under VOC's 255 borders are painted as the
-nearest object or background, and stay 255 in the mask.
+objects at a random hue and a favourite texture 60 % of the time: its 20 classes looked too alike
+for a classifier to tell apart (docs/results.md), and each class must be learnable for the figures
+on this data to say anything. Pixels under VOC's 255 borders are painted as the nearest object or
+background, and stay 255 in the mask.
 
 Images are the VOC masks scaled by `--scale` (0.5: about 250 x 190 px, the size the held-out check
 of issue 10 used), ids are the VOC ids, splits follow VOC's `train` and `val` lists. Output is the
