@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, machine_info, write_result
+from bench.common import publish
 from wsss import eval as ev
 from wsss import io
 from wsss.crf import check_crf, parallel_map
@@ -180,9 +180,7 @@ def main(argv=None) -> int:
             return 0
         args.run = DEFAULT_RUN
     result = measure(args)
-    print(table(result))
-    result["machine"] = machine_info(("numpy", "pydensecrf2"))
-    write_result(f"fusion-{args.run}", result, args.out or RESULTS / f"fusion-{args.run}.json")
+    publish(f"fusion-{args.run}", result, table(result), ("numpy", "pydensecrf2"), args.out)
     return 0
 
 

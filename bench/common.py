@@ -45,3 +45,9 @@ def write_result(name: str, result: dict, path: Path | None = None) -> Path:
     write_json(path, {**result, "date": time.strftime("%Y-%m-%d %H:%M:%S")})
     print(f"wrote {path}")
     return path
+
+
+def publish(name: str, result: dict, text: str, packages=("numpy",), path: Path | None = None) -> Path:
+    """Print a benchmark's table and write its result with the machine it ran on."""
+    print(text)
+    return write_result(name, {**result, "machine": machine_info(packages)}, path)

@@ -114,6 +114,25 @@ def test_stc_end_to_end_and_gt_upper_bound(run, tiny_voc):
         {"stc/i": 2, "stc/e": 2, "stc/p": 2}
     check_predictions(stage / "pred", val)
     assert not (run_dir / "stage3").exists()  # a tagged variant leaves the default folder alone
+    # every step can be scored: python -m wsss.predict --net names a net the stage trained
+    argv = ["--run", "r", "--outputs", str(run_dir.parent), "--tag", "stc", "--device", "cpu", "--workers", "0"]
+    assert predict.main(argv + ["--net", "stc/i"]) == 0
+    check_predictions(stage / "pred-stc-i", val)
+    made_by = io.read_json(stage / "pred-stc-i" / "settings.json")["checkpoint"]
+    assert made_by == io.fingerprint(stage / "stc" / "i" / "checkpoint.pt") != \
+        io.read_json(stage / "pred" / "settings.json")["checkpoint"]
+    assert predict.main(argv + ["--net", "stc/x"]) == 1
+    assert not (stage / "pred-stc-x").exists()
+    # the table of issue 13: each step's targets over the images it trains on, and its val mIoU
+    from bench import bench_methods
+
+    result = bench_methods.measure(bench_methods.build_parser().parse_args(
+        ["--run", "r", "--outputs", str(run_dir.parent), "--stc", "stc", "--workers", "1"]))
+    rows = {r["folder"]: r["runs"][0] for r in result["rows"]}
+    assert {net: r["targets"]["images"] for net, r in rows.items()} == \
+        {"stc/i": len(simple), "stc/e": len(simple), "stc/p": len(train.ids)}
+    check_predictions(stage / "pred-stc-e", val)
+    assert rows["stc/p"]["val_miou"] == io.read_json(stage / "eval.json")["miou"]
 
     go("--masks", "gt", "--tag", "gt", "--epochs", "1")
     assert metrics_by_net(run_dir / "stage3-gt") == {"gt": [1]}

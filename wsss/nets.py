@@ -2,7 +2,8 @@
 
 The final net is the one whose folder stage 3's manifest names (`outputs.final_net`, written by
 the method that trained it); whether it has PSL's classification branch is read from its
-checkpoint, so that loading a net needs no knowledge of the method that made it.
+checkpoint, so that loading a net needs no knowledge of the method that made it. The other nets a method trained (STC's I- and E-DCNN, the PSL net
+before PSL+) load the same way by folder name, for scoring each step.
 """
 from __future__ import annotations
 
@@ -36,13 +37,24 @@ def build_net(config: dict, num_classes: int, cls_branch: bool, pretrained: bool
                         output_stride=config["output_stride"], cls_branch=cls_branch, weights=weights)
 
 
-def load_final_net(stage: Path, config: dict, device: str):
-    """(model on device in eval mode, its checkpoint path, has classification branch) of a finished stage 3."""
-    stage = Path(stage)
+def trained_nets(stage: Path) -> tuple[str, list[str]]:
+    """(the final net's folder, every net's folder) of a finished stage 3, from its manifest."""
     try:
-        name = io.read_json(stage / io.MANIFEST)["outputs"]["final_net"]
+        outputs = io.read_json(Path(stage) / io.MANIFEST)["outputs"]
+        return outputs["final_net"], list(outputs.get("nets", {})) or [outputs["final_net"]]
     except (FileNotFoundError, KeyError) as e:
-        raise FileNotFoundError(f"{stage / io.MANIFEST}: no final net recorded (has stage 3 finished?)") from e
+        raise FileNotFoundError(f"{Path(stage) / io.MANIFEST}: no final net recorded (has stage 3 finished?)") from e
+
+
+def load_final_net(stage: Path, config: dict, device: str, net: str | None = None):
+    """(model on device in eval mode, its checkpoint path, has classification branch) of a finished
+    stage 3: its final net, or another net it trained (`net`, one of `trained_nets`: STC's `stc/i`,
+    PSL+'s `psl`), so that every step of a method can be scored."""
+    stage = Path(stage)
+    name, nets = trained_nets(stage)
+    if net is not None and net not in nets:
+        raise ValueError(f"--net {net}: not a net of {stage} (it trained {', '.join(nets)})")
+    name = net or name
     checkpoint = stage / name / CHECKPOINT
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: no trained net (has stage 3 finished?)")

@@ -415,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, type=safe_name,
                    help="stage-3 variant: reads outputs/RUN/stage3-TAG (default stage3)")
     p.add_argument("--split", default=None, type=safe_name, help="split to predict (default: the run's --val-split)")
+    p.add_argument("--net", default=None,
+                   help="another net the stage trained, by folder (stc/i, stc/e, psl before psl-plus; the "
+                        "manifest's outputs.nets): predictions go to pred-NET... (default: the final net)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder inside OUTPUTS/RUN (default: STAGE/pred_folder(), with the split's name "
                         "after 'pred' for another split than val); with --images, any folder outside the "
@@ -446,10 +449,12 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
                                   "(as AE-PSL does at test time); nets without the branch ignore it"))
 
 
-def pred_folder(scales, flip: bool, crf: bool, gate: str, split: str = "") -> str:
-    """The folder of predictions made with these test-time flags: `pred` for the defaults (one
-    scale, no flip, no CRF, gate on) of the val split, else `pred[-SPLIT]-s0.5_1-flip-crf-nogate`."""
-    parts = [split] if split else []
+def pred_folder(scales, flip: bool, crf: bool, gate: str, split: str = "", net: str = "") -> str:
+    """The folder of predictions made with these test-time flags: `pred` for the defaults (final
+    net, one scale, no flip, no CRF, gate on) of the val split, else
+    `pred[-NET][-SPLIT]-s0.5_1-flip-crf-nogate` (NET with '-' for '/': `pred-stc-i`)."""
+    parts = [net.replace("/", "-")] if net else []
+    parts += [split] if split else []
     if [float(s) for s in scales] != [1.0]:
         parts.append("s" + "_".join(f"{float(s):g}" for s in scales))
     parts += [name for name, on in (("flip", flip), ("crf", crf), ("nogate", gate == "off")) if on]
@@ -473,8 +478,14 @@ def main(argv=None) -> int:
         print(f"error: {stage / 'config.json'} not found (run stage 3 first)", file=sys.stderr)
         return 1
     split = args.split or config["val_split"]
+    try:
+        final, _ = nets.trained_nets(stage)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     out = args.out or stage / pred_folder(args.scales, args.flip, args.crf, args.gate,
-                                          "" if split == config["val_split"] else split)
+                                          "" if split == config["val_split"] else split,
+                                          "" if args.net in (None, final) else args.net)
     try:
         if args.images is not None:  # the user's own folder for their photos: anywhere apart from these
             check_apart(out, {"--images": args.images, "the dataset": Path(config["data"]), "the stage folder": stage})
@@ -485,7 +496,7 @@ def main(argv=None) -> int:
         lock(stage, "stage 3 or wsss.predict")
         setup_logging(stage, "predict")
         device = resolve_device(args.device)
-        model, checkpoint, has_cls = nets.load_final_net(stage, config, device)
+        model, checkpoint, has_cls = nets.load_final_net(stage, config, device, args.net)
         if args.images is not None:
             return _predict_folder(args, model, checkpoint, has_cls, config, device)
         dataset = nets.open_dataset(config["data"], split)
