@@ -36,6 +36,7 @@ from bench.common import publish
 from wsss import eval as ev
 from wsss import io
 from wsss.data.voc import VOCDataset
+from wsss.methods.psl import plus_targets
 from wsss.saliency import read_saliency
 
 # (row, the flag whose runs hold it, net folder, what it trains on); in the order of the table
@@ -67,7 +68,7 @@ def target_folder(stage: Path, net: str, tmp: Path, train: VOCDataset, config: d
                                                        train.label_ids(id_)[0], 0).astype(np.uint8))
         return out, simple
     folder = {"stc/e": stage / "stc" / "i" / "pred", "stc/p": stage / "stc" / "e" / "pred",
-              "psl": stage2 / "pseudo", "psl-plus": stage / "psl" / "train-crf"}[net]
+              "psl": stage2 / "pseudo", "psl-plus": plus_targets(stage, config.get("psl_plus_unsure", "ignore"))}[net]
     ids = simple if net == "stc/e" else [i for i in train.ids if (folder / f"{i}.png").is_file()]
     return folder, ids
 

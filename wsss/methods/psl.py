@@ -24,12 +24,17 @@ restricted to their labels, refined by a dense CRF (`wsss.crf.dense_crf` over ba
 image's labels) with the kernels stage 2 used (its config's --crf-* flags, `wsss.pseudo.crf_params_of`;
 the PSA kernels of `CRF_DEFAULTS`, sxy 80 at ~250 px, would pull whole regions of similar colour to
 one label); pixels where the CRF changes the net's label or the net is unsure
-(--self-train-confidence) are ignored (255). A fresh net (ImageNet backbone, same loss and schedule)
-is then trained once on those masks instead of the stage-2 pseudo-masks.
+(--self-train-confidence) are ignored (255), or with --psl-plus-unsure pseudo take the stage-2
+pseudo-mask's label (ignored where that is): the unsure pixels are mostly object pixels (borders,
+parts the net half sees), so ignoring them leaves the second round fewer object pixels than the
+first, and a net that already under-segments learns to under-segment more. A fresh net (ImageNet
+backbone, same loss and schedule) is then trained once on those masks instead of the stage-2
+pseudo-masks.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -52,6 +57,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--psl-cls-weight", type=float, default=1.0, help="weight of the classification loss")
     g.add_argument("--psl-plus", action="store_true",
                    help="PSL+: retrain once on the PSL net's CRF-refined predictions of the training images")
+    g.add_argument("--psl-plus-unsure", choices=["ignore", "pseudo"], default="ignore",
+                   help="PSL+ targets where the PSL net is unsure or the CRF disagrees: ignore (255), or "
+                        "the stage-2 pseudo-mask's label there (see the module docstring)")
 
 
 def class_gates(cls_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,6 +117,22 @@ def stage2_crf(stage2) -> dict:
     return params
 
 
+def plus_targets(out: Path, unsure: str) -> Path:
+    """The masks PSL+ trains on in stage folder `out` (with --psl-plus-unsure `unsure`)."""
+    return out / "psl" / ("train-crf-pseudo" if unsure == "pseudo" else "train-crf")
+
+
+def fill_unsure(masks: Path, fallback: Path, out: Path, ids) -> Path:
+    """out/ID.png = masks/ID.png with its 255 pixels taken from fallback/ID.png (resumable)."""
+    for id_ in ids:
+        if not (out / f"{id_}.png").is_file():
+            mask = io.read_mask(masks / f"{id_}.png").copy()
+            unsure = mask == IGNORE
+            mask[unsure] = io.read_mask(fallback / f"{id_}.png")[unsure]
+            io.write_mask(out / f"{id_}.png", mask)
+    return out
+
+
 def train(ctx) -> str:
     """Train PSL (and PSL+) in the stage folder; returns the final net's folder."""
     args = ctx.args
@@ -125,6 +149,8 @@ def train(ctx) -> str:
     masks = ctx.out / "psl" / "train-crf"
     ctx.predict_train(model, ids, masks, crf_params=stage2_crf(ctx.stage2),
                       checkpoint=ctx.out / "psl" / "checkpoint.pt", desc="PSL+ masks")
+    if args.psl_plus_unsure == "pseudo":
+        masks = fill_unsure(masks, pseudo, plus_targets(ctx.out, "pseudo"), ids)
     trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=masks)
     ctx.train_net("psl-plus", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss")
     return "psl-plus"
