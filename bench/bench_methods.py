@@ -68,7 +68,7 @@ def target_folder(stage: Path, net: str, tmp: Path, train: VOCDataset, config: d
                                                        train.label_ids(id_)[0], 0).astype(np.uint8))
         return out, simple
     folder = {"stc/e": stage / "stc" / "i" / "pred", "stc/p": stage / "stc" / "e" / "pred",
-              "psl": stage2 / "pseudo", "psl-plus": plus_targets(stage, config.get("psl_plus_unsure", "ignore"))}[net]
+              "psl": stage2 / "pseudo", "psl-plus": plus_targets(stage, config.get("psl_plus_merge", "none"))}[net]
     ids = simple if net == "stc/e" else [i for i in train.ids if (folder / f"{i}.png").is_file()]
     return folder, ids
 

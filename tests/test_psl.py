@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsss import io
 from wsss.losses import IGNORE, cross_entropy, multilabel_soft_margin
-from wsss.methods.psl import class_gates, fill_unsure, make_step, online_masks, online_start
+from wsss.methods.psl import class_gates, make_step, merge_targets, online_masks, online_start
 
 torch.set_num_threads(2)
 
@@ -117,12 +116,13 @@ def test_online_term_starts_at_its_epoch_and_can_be_switched_off():
     assert loss.item() == pytest.approx(logs["seg_loss"] + 0.5 * logs["cls_loss"] + 2 * logs["online_loss"])
 
 
-def test_psl_plus_unsure_pixels_take_the_stage2_label(tmp_path):
-    """--psl-plus-unsure pseudo: a 255 of the net's targets becomes the pseudo-mask's label there
-    (255 where that is 255 too); every other pixel keeps the net's label."""
-    net = np.array([[1, 255, 0], [255, 2, 255]], np.uint8)
-    pseudo = np.array([[0, 1, 1], [255, 0, 2]], np.uint8)
-    for name, mask in (("net", net), ("pseudo", pseudo)):
-        io.write_mask(tmp_path / name / "a.png", mask)
-    out = fill_unsure(tmp_path / "net", tmp_path / "pseudo", tmp_path / "out", ["a"])
-    assert io.read_mask(out / "a.png").tolist() == [[1, 1, 0], [255, 2, 2]]
+def test_psl_plus_merge_rules():
+    """none: the net's mask; fill: its 255 pixels take the pseudo-mask's label (255 where that is
+    255 too); grow: also the pseudo-mask's objects where the net says background, never the
+    reverse (the net's objects stay, and its object labels win over another pseudo class)."""
+    net = np.array([[1, 255, 0, 0], [255, 2, 255, 2]], np.uint8)
+    pseudo = np.array([[0, 1, 1, 0], [255, 0, 2, 1]], np.uint8)
+    assert merge_targets(net, pseudo, "none").tolist() == net.tolist()
+    assert merge_targets(net, pseudo, "fill").tolist() == [[1, 1, 0, 0], [255, 2, 2, 2]]
+    assert merge_targets(net, pseudo, "grow").tolist() == [[1, 1, 1, 0], [255, 2, 2, 2]]
+    assert net.tolist() == [[1, 255, 0, 0], [255, 2, 255, 2]]  # the input is left alone

@@ -24,10 +24,14 @@ restricted to their labels, refined by a dense CRF (`wsss.crf.dense_crf` over ba
 image's labels) with the kernels stage 2 used (its config's --crf-* flags, `wsss.pseudo.crf_params_of`;
 the PSA kernels of `CRF_DEFAULTS`, sxy 80 at ~250 px, would pull whole regions of similar colour to
 one label); pixels where the CRF changes the net's label or the net is unsure
-(--self-train-confidence) are ignored (255), or with --psl-plus-unsure pseudo take the stage-2
-pseudo-mask's label (ignored where that is): the unsure pixels are mostly object pixels (borders,
-parts the net half sees), so ignoring them leaves the second round fewer object pixels than the
-first, and a net that already under-segments learns to under-segment more. A fresh net (ImageNet
+(--self-train-confidence) are ignored (255). --psl-plus-merge then combines those masks with the
+stage-2 pseudo-masks (`merge_targets`): `none` trains on the net's masks alone (the paper's PSL+,
+with the ignore region); `fill` gives the unsure pixels the stage-2 label; `grow` does that and also
+keeps every stage-2 object pixel the net calls background, so the second round can add object
+pixels but never lose those stage 2 found. Why: the unsure pixels are mostly object pixels (borders,
+parts the net half sees) and a PSL net already under-segments, so masks of its own predictions hand
+the second round fewer object pixels and more objects labelled background than the first had, and
+each round shrinks the objects further (docs/results.md, "Stage-3 methods"). A fresh net (ImageNet
 backbone, same loss and schedule) is then trained once on those masks instead of the stage-2
 pseudo-masks.
 """
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from wsss import io
@@ -44,6 +49,8 @@ from wsss.losses import IGNORE, cross_entropy, multilabel_soft_margin
 from wsss.pseudo import crf_params_of
 from wsss.run import log
 from wsss.segtrain import SegmentationTrainSet, with_targets
+
+MERGES = ("none", "fill", "grow")  # --psl-plus-merge, see merge_targets
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -57,9 +64,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--psl-cls-weight", type=float, default=1.0, help="weight of the classification loss")
     g.add_argument("--psl-plus", action="store_true",
                    help="PSL+: retrain once on the PSL net's CRF-refined predictions of the training images")
-    g.add_argument("--psl-plus-unsure", choices=["ignore", "pseudo"], default="ignore",
-                   help="PSL+ targets where the PSL net is unsure or the CRF disagrees: ignore (255), or "
-                        "the stage-2 pseudo-mask's label there (see the module docstring)")
+    g.add_argument("--psl-plus-merge", choices=list(MERGES), default="none",
+                   help="PSL+ targets: the net's masks alone (none), their unsure pixels from the stage-2 "
+                        "pseudo-masks (fill), and also stage 2's object pixels the net calls background (grow)")
 
 
 def class_gates(cls_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,19 +124,29 @@ def stage2_crf(stage2) -> dict:
     return params
 
 
-def plus_targets(out: Path, unsure: str) -> Path:
-    """The masks PSL+ trains on in stage folder `out` (with --psl-plus-unsure `unsure`)."""
-    return out / "psl" / ("train-crf-pseudo" if unsure == "pseudo" else "train-crf")
+def merge_targets(net: np.ndarray, pseudo: np.ndarray, rule: str) -> np.ndarray:
+    """PSL+'s target from the net's mask (255 = unsure) and the stage-2 pseudo-mask, by --psl-plus-merge."""
+    target = net.copy()
+    if rule in ("fill", "grow"):
+        unsure = net == IGNORE
+        target[unsure] = pseudo[unsure]
+    if rule == "grow":
+        lost = (net == 0) & (pseudo != 0) & (pseudo != IGNORE)
+        target[lost] = pseudo[lost]
+    return target
 
 
-def fill_unsure(masks: Path, fallback: Path, out: Path, ids) -> Path:
-    """out/ID.png = masks/ID.png with its 255 pixels taken from fallback/ID.png (resumable)."""
+def plus_targets(out: Path, rule: str) -> Path:
+    """The folder of the masks PSL+ trains on in stage folder `out`, with --psl-plus-merge `rule`."""
+    return out / "psl" / ("train-crf" if rule == "none" else f"train-crf-{rule}")
+
+
+def merge_folder(masks: Path, pseudo: Path, out: Path, ids, rule: str) -> Path:
+    """out/ID.png = merge_targets of masks/ID.png and pseudo/ID.png (resumable: written ones are kept)."""
     for id_ in ids:
         if not (out / f"{id_}.png").is_file():
-            mask = io.read_mask(masks / f"{id_}.png").copy()
-            unsure = mask == IGNORE
-            mask[unsure] = io.read_mask(fallback / f"{id_}.png")[unsure]
-            io.write_mask(out / f"{id_}.png", mask)
+            io.write_mask(out / f"{id_}.png", merge_targets(io.read_mask(masks / f"{id_}.png"),
+                                                            io.read_mask(pseudo / f"{id_}.png"), rule))
     return out
 
 
@@ -149,8 +166,8 @@ def train(ctx) -> str:
     masks = ctx.out / "psl" / "train-crf"
     ctx.predict_train(model, ids, masks, crf_params=stage2_crf(ctx.stage2),
                       checkpoint=ctx.out / "psl" / "checkpoint.pt", desc="PSL+ masks")
-    if args.psl_plus_unsure == "pseudo":
-        masks = fill_unsure(masks, pseudo, plus_targets(ctx.out, "pseudo"), ids)
+    if args.psl_plus_merge != "none":
+        masks = merge_folder(masks, pseudo, plus_targets(ctx.out, args.psl_plus_merge), ids, args.psl_plus_merge)
     trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=masks)
     ctx.train_net("psl-plus", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss")
     return "psl-plus"
