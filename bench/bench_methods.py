@@ -12,7 +12,9 @@ A method's step is meant to improve on the one before because the masks it train
 so each row has two figures (issue 13, item 2):
 * targets: the masks the net trains on, scored against the training ground truth over the images
   it trains on, as pseudo-masks are (ignore counted as background: the headline; over labelled
-  pixels; the ignored share). The I-DCNN trains on soft saliency targets: their argmax is scored
+  pixels; the ignored share) and the share of the objects' pixels they label background (what
+  teaches a net to under-segment, which the mIoU alone hides: ignore and background cost the
+  same there, but a net learns nothing from an ignored pixel). The I-DCNN trains on soft saliency targets: their argmax is scored
   (the image's class where saliency > 0.5). The gt bound's targets are the ground truth.
 * val: the net's val predictions (stage 3's test-time defaults: one scale, no flip, no CRF). The
   nets before a method's last (STC's I and E, PSL before PSL+) are predicted here with
@@ -73,6 +75,24 @@ def target_folder(stage: Path, net: str, tmp: Path, train: VOCDataset, config: d
     return folder, ids
 
 
+def object_fates(folder: Path, gt_dir: Path, ids) -> dict:
+    """Of the ground truth's object pixels, the percentage a mask folder labels background and the
+    percentage it ignores: a net learns to under-segment from the first, nothing from the second."""
+    counts = np.zeros(3, np.int64)  # object pixels, labelled background, ignored
+    for id_ in ids:
+        gt, mask = io.read_mask(gt_dir / f"{id_}.png"), io.read_mask(folder / f"{id_}.png")
+        obj = (gt != 0) & (gt != io.IGNORE)
+        counts += [obj.sum(), (obj & (mask == 0)).sum(), (obj & (mask == io.IGNORE)).sum()]
+    return {"object_as_background": 100 * counts[1] / max(counts[0], 1),
+            "object_ignored": 100 * counts[2] / max(counts[0], 1)}
+
+
+def score_targets(folder: Path, train: VOCDataset, ids, workers: int) -> dict:
+    t = ev.evaluate(folder, train.mask_dir, ids, train.num_classes, ignore_pred=True, workers=workers)
+    return {"miou": t["miou"], "labelled_miou": t["labelled"]["miou"], "ignored": t["ignored"],
+            "images": len(ids), **object_fates(folder, train.mask_dir, ids)}
+
+
 def val_predictions(run: Path, tag: str, net: str, workers: int) -> Path:
     """The val predictions of `net` (stage 3's own for its final net, else made with wsss.predict --net)."""
     from wsss import predict
@@ -98,9 +118,7 @@ def measure_row(run: Path, tag: str, net: str, workers: int, tmp: Path) -> dict:
     row = {"tag": tag, "seed": config["seed"]}
     if net != "gt":
         folder, ids = target_folder(stage, net, tmp, train, config)
-        t = ev.evaluate(folder, train.mask_dir, ids, n, ignore_pred=True, workers=workers)
-        row["targets"] = {"miou": t["miou"], "labelled_miou": t["labelled"]["miou"], "ignored": t["ignored"],
-                          "images": len(ids), "folder": str(folder) if folder.is_relative_to(run) else None}
+        row["targets"] = score_targets(folder, train, ids, workers)
     pred = val_predictions(run, tag, net, workers)
     row["val_miou"] = ev.evaluate(pred, val.mask_dir, val.ids, n, workers=workers)["miou"]
     return row
@@ -126,7 +144,7 @@ def measure(args) -> dict:
                    "val_miou": summary([r["val_miou"] for r in runs])}
             if "targets" in runs[0]:
                 row["targets"] = {k: summary([r["targets"][k] for r in runs])
-                                  for k in ("miou", "labelled_miou", "ignored")}
+                                  for k in ("miou", "labelled_miou", "ignored", "object_as_background")}
             rows.append(row)
     return {"run": str(run), "rows": rows}
 
@@ -140,14 +158,15 @@ def _f(x: float | None) -> str:
 
 
 def table(result: dict) -> str:
-    lines = ["| net | trains on | targets: mIoU (labelled, ignored %) | val mIoU | val, each seed |",
-             "|---|---|---|---|---|"]
+    lines = ["| net | trains on | targets: mIoU (labelled, ignored %) | targets: object pixels labelled "
+             "background % | val mIoU | val, each seed |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         t = r.get("targets")
         targets = f"{_ms(t['miou'])} ({_f(t['labelled_miou']['mean'])}, {_f(t['ignored']['mean'])} %)" if t \
             else "100 (the ground truth)"
+        lost = _f(t["object_as_background"]["mean"]) if t else "0"
         seeds = ", ".join(f"{_f(run['val_miou'])} (seed {run['seed']})" for run in r["runs"])
-        lines.append(f"| {r['net']} | {r['trains_on']} | {targets} | {_ms(r['val_miou'])} | {seeds} |")
+        lines.append(f"| {r['net']} | {r['trains_on']} | {targets} | {lost} | {_ms(r['val_miou'])} | {seeds} |")
     return "\n".join(lines)
 
 

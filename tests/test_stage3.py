@@ -80,6 +80,13 @@ def test_psl_and_psl_plus_end_to_end(run, tiny_voc):
     for id_ in train.ids:  # PSL+ targets: only the image's own classes (and background, and ignore)
         mask = io.read_mask(stage / "psl" / "train-crf" / f"{id_}.png")
         assert set(np.unique(mask)) <= {0, 255, *train.label_ids(id_).tolist()}
+    for id_ in train.ids:  # the default --psl-plus-merge grow: stage 2's objects stay, the net's fill the rest
+        net = io.read_mask(stage / "psl" / "train-crf" / f"{id_}.png")
+        pseudo = io.read_mask(run_dir / "stage2" / "pseudo" / f"{id_}.png")
+        grown = io.read_mask(stage / "psl" / "train-crf-grow" / f"{id_}.png")
+        kept = (pseudo != 0) & (pseudo != 255) & ((net == 0) | (net == 255))
+        assert (grown[kept] == pseudo[kept]).all()
+        assert (grown[(net != 0) & (net != 255)] == net[(net != 0) & (net != 255)]).all()
     targets = io.read_json(stage / "psl" / "train-crf" / "settings.json")
     assert targets["crf"]["bi_sxy"] == 50.0 and targets["crf"]["bi_srgb"] == 5.0  # stage 2's kernels
     assert targets["scales"] == [0.75, 1.0, 1.25] and targets["flip"] and targets["ignore_below"] == 0.6
