@@ -140,6 +140,9 @@ def measure(args) -> dict:
             if not tags[flag]:
                 continue
             runs = [measure_row(run, tag, net, args.workers, Path(tmp)) for tag in tags[flag]]
+            if net == "psl-plus":  # the rule that made its masks, from the first run's config
+                rule = io.read_json(stage_dir(run, tags[flag][0]) / "config.json").get("psl_plus_merge", "none")
+                name, trains_on = f"{name} (--psl-plus-merge {rule})", f"{trains_on}, merged: {rule}"
             row = {"net": name, "folder": net, "trains_on": trains_on, "runs": runs,
                    "val_miou": summary([r["val_miou"] for r in runs])}
             if "targets" in runs[0]:

@@ -478,14 +478,15 @@ def main(argv=None) -> int:
         print(f"error: {stage / 'config.json'} not found (run stage 3 first)", file=sys.stderr)
         return 1
     split = args.split or config["val_split"]
-    try:
-        final, _ = nets.trained_nets(stage)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    net = ""  # the final net's predictions are named without it
+    if args.net is not None:
+        try:
+            net = "" if args.net == nets.trained_nets(stage)[0] else args.net
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     out = args.out or stage / pred_folder(args.scales, args.flip, args.crf, args.gate,
-                                          "" if split == config["val_split"] else split,
-                                          "" if args.net in (None, final) else args.net)
+                                          "" if split == config["val_split"] else split, net)
     try:
         if args.images is not None:  # the user's own folder for their photos: anywhere apart from these
             check_apart(out, {"--images": args.images, "the dataset": Path(config["data"]), "the stage folder": stage})
