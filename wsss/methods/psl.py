@@ -52,9 +52,10 @@ from wsss.segtrain import SegmentationTrainSet, with_targets
 
 MERGES = ("none", "fill", "grow")  # --psl-plus-merge, see merge_targets
 # grow, by measurement (bench/bench_methods.py; docs/results.md, "Stage-3 methods"): on the embedded
-# data over 3 seeds the paper's rule (none) gave a PSL+ net worse than the PSL net it came from, and
-# fill too, while grow improved on it; on the VOC-like data grow's masks are the best of the three and
-# label the fewest object pixels background. `none` remains the literal reproduction.
+# data the paper's rule (none, 3 seeds) and fill (1 seed) gave PSL+ nets worse than the PSL nets they
+# came from, grow better ones (3 seeds): it never labels background what stage 2 found an object; on
+# the VOC-like data grow's masks are the best of the three too (its net there is unmeasured). `none`
+# remains the literal reproduction.
 MERGE_DEFAULT = "grow"
 
 
