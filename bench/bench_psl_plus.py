@@ -38,7 +38,7 @@ def measure(args) -> dict:
     config = io.read_json(stage / "config.json")
     train = VOCDataset(config["data"], config["train_split"])
     ids = [i for i in train.ids if (stage2 / "pseudo" / f"{i}.png").is_file()]
-    model, checkpoint, has_cls = nets.load_final_net(stage, config, "cpu")
+    model, checkpoint, has_cls = nets.load_net(stage, config, "cpu")
     if not has_cls:
         raise SystemExit(f"bench_psl_plus: {stage}'s final net is not a PSL net (no classification branch)")
     rows = {"stage-2 pseudo-masks": score_targets(stage2 / "pseudo", train, ids, args.workers)}

@@ -2,8 +2,9 @@
 
 The final net is the one whose folder stage 3's manifest names (`outputs.final_net`, written by
 the method that trained it); whether it has PSL's classification branch is read from its
-checkpoint, so that loading a net needs no knowledge of the method that made it. The other nets a method trained (STC's I- and E-DCNN, the PSL net
-before PSL+) load the same way by folder name, for scoring each step.
+checkpoint, so that loading a net needs no knowledge of the method that made it. The other nets a
+method trained (STC's I- and E-DCNN, the PSL net before PSL+) load the same way by folder name, for
+scoring each step.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def trained_nets(stage: Path) -> tuple[str, list[str]]:
         raise FileNotFoundError(f"{Path(stage) / io.MANIFEST}: no final net recorded (has stage 3 finished?)") from e
 
 
-def load_final_net(stage: Path, config: dict, device: str, net: str | None = None):
+def load_net(stage: Path, config: dict, device: str, net: str | None = None):
     """(model on device in eval mode, its checkpoint path, has classification branch) of a finished
     stage 3: its final net, or another net it trained (`net`, one of `trained_nets`: STC's `stc/i`,
     PSL+'s `psl`), so that every step of a method can be scored."""

@@ -497,7 +497,7 @@ def main(argv=None) -> int:
         lock(stage, "stage 3 or wsss.predict")
         setup_logging(stage, "predict")
         device = resolve_device(args.device)
-        model, checkpoint, has_cls = nets.load_final_net(stage, config, device, args.net)
+        model, checkpoint, has_cls = nets.load_net(stage, config, device, args.net)
         if args.images is not None:
             return _predict_folder(args, model, checkpoint, has_cls, config, device)
         dataset = nets.open_dataset(config["data"], split)

@@ -169,7 +169,7 @@ def train(ctx) -> str:
     model = ctx.train_net("psl", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss")
     if not args.psl_plus:
         return "psl"
-    masks = ctx.out / "psl" / "train-crf"
+    masks = plus_targets(ctx.out, "none")  # the net's own masks, merged below by --psl-plus-merge
     ctx.predict_train(model, ids, masks, crf_params=stage2_crf(ctx.stage2),
                       checkpoint=ctx.out / "psl" / "checkpoint.pt", desc="PSL+ masks")
     if args.psl_plus_merge != "none":
