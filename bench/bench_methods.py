@@ -14,8 +14,9 @@ so each row has two figures (issue 13, item 2):
   it trains on, as pseudo-masks are (ignore counted as background: the headline; over labelled
   pixels; the ignored share) and the share of the objects' pixels they label background (what
   teaches a net to under-segment, which the mIoU alone hides: ignore and background cost the
-  same there, but a net learns nothing from an ignored pixel). The I-DCNN trains on soft saliency targets: their argmax is scored
-  (the image's class where saliency > 0.5). The gt bound's targets are the ground truth.
+  same there, but a net learns nothing from an ignored pixel). The I-DCNN trains on soft saliency
+  targets (`wsss.pseudo.stc_soft_target`): their argmax is scored. The gt bound's targets are the
+  ground truth.
 * val: the net's val predictions (stage 3's test-time defaults: one scale, no flip, no CRF). The
   nets before a method's last (STC's I and E, PSL before PSL+) are predicted here with
   `python -m wsss.predict --net NET` into their stage folder (pred-stc-i, ...) when not yet there.
@@ -39,6 +40,7 @@ from wsss import eval as ev
 from wsss import io
 from wsss.data.voc import VOCDataset
 from wsss.methods.psl import plus_targets
+from wsss.pseudo import stc_soft_target
 from wsss.saliency import read_saliency
 
 # (row, the flag whose runs hold it, net folder, what it trains on); in the order of the table
@@ -65,9 +67,9 @@ def target_folder(stage: Path, net: str, tmp: Path, train: VOCDataset, config: d
         out = tmp / f"{stage.name}-saliency"
         out.mkdir()
         for id_ in simple:
-            sal = read_saliency(stage2 / "saliency", id_)
-            io.write_mask(out / f"{id_}.png", np.where(sal > config["stc_saliency_threshold"],
-                                                       train.label_ids(id_)[0], 0).astype(np.uint8))
+            soft = stc_soft_target(read_saliency(stage2 / "saliency", id_), int(train.label_ids(id_)[0]),
+                                   train.num_classes)
+            io.write_mask(out / f"{id_}.png", soft.argmax(0).astype(np.uint8))
         return out, simple
     folder = {"stc/e": stage / "stc" / "i" / "pred", "stc/p": stage / "stc" / "e" / "pred",
               "psl": stage2 / "pseudo", "psl-plus": plus_targets(stage, config.get("psl_plus_merge", "none"))}[net]

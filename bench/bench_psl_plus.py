@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.bench_methods import score_targets
+from bench.bench_methods import score_targets, stage_dir
 from bench.common import publish
 from wsss import eval as ev
 from wsss import io, nets
@@ -33,7 +33,7 @@ DEFAULT_RUN = "demo"
 
 
 def measure(args) -> dict:
-    stage = args.outputs / args.run / (f"stage3-{args.tag}" if args.tag else "stage3")
+    stage = stage_dir(args.outputs / args.run, args.tag)
     stage2 = args.outputs / args.run / "stage2"
     config = io.read_json(stage / "config.json")
     train = VOCDataset(config["data"], config["train_split"])
