@@ -11,8 +11,9 @@ bilinearly to the image size, the maps are summed, and each class is divided by 
 
 Speed: `torch.inference_mode()`, `channels_last` tensors, only the image's labelled classes are
 upsampled, and a scale's image and its mirror go through the network in one batch.
-`multiscale_cams_batch` also batches same-size images: that fills a GPU, while on a CPU batches
-beyond image + mirror were slower (`python -m bench.bench_cam`; docs/results.md, "Speed").
+`multiscale_cams_batch` also batches the images of one bucket (`wsss.shapes`: views padded to a size
+divisor on a GPU, so that few shapes reach cuDNN): that fills a GPU, while on a CPU batches beyond
+image + mirror were slower (`python -m bench.bench_cam`; docs/results.md, "Speed").
 
 On disk a CAM is `ID.npz` {"cam": the maps as `wsss.scoremaps` stores them, "keys": int64 (n,) mask
 ids}; `save_cams` returns the maps as stored, which is what stage 1 mines, so that a resumed run
@@ -20,6 +21,7 @@ mines the same regions.
 """
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from wsss import io
 from wsss.data.transforms import MEAN, STD
 from wsss.run import autocast
 from wsss.scoremaps import CAMFileError, restore_scores, store_scores
+from wsss.shapes import bucket, scaled_size
 
 SCALES = (0.5, 1.0, 1.5, 2.0)
 
@@ -44,58 +47,90 @@ def to_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+def pad_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`x` (B, C, h, w) padded at its bottom and right with zeros (the mean pixel once normalised) to `size`."""
+    h, w = x.shape[-2:]
+    return x if (h, w) == tuple(size) else F.pad(x, (0, size[1] - w, 0, size[0] - h))
+
+
+def crop_to_view(out: torch.Tensor, view, padded) -> torch.Tensor:
+    """The part of a net's output map (..., h, w) for a `padded` input that covers the `view` itself.
+
+    The nets here shrink an input by their output stride rounding up (every strided layer pads
+    "same"), so the kept part has the size the unpadded view's map has, on the same grid: what
+    follows (flip, resize to the image) is the unpadded path's, and only the net's view of the
+    image border (the mean pixel beyond it rather than its own zero padding) can differ."""
+    if tuple(view) == tuple(padded):
+        return out
+    h, w = out.shape[-2:]
+    return out[..., :math.ceil(view[0] * h / padded[0]), :math.ceil(view[1] * w / padded[1])]
 
 
 def multiscale_cams_batch(model, images, keys_list, scales=SCALES, flip: bool = True,
-                          device="cpu", amp: str = "off") -> list[np.ndarray]:
-    """CAMs of several images of the same size (on a GPU one forward per scale for all of them).
+                          device="cpu", amp: str = "off", divisor: int = 1) -> list[np.ndarray]:
+    """CAMs of several images of one bucket (`wsss.shapes`): one forward per scale for all of them.
 
-    `images`: RGB uint8 arrays (H, W, 3), all the same size; `keys_list`: for each image the mask
+    `images`: RGB uint8 arrays (H, W, 3) whose views pad to the same shapes at `divisor`
+    (`wsss.shapes.bucket`; divisor 1: images of one size); `keys_list`: for each image the mask
     ids (1..C-1) of its labelled classes; `amp`: a resolved --amp (the net runs under it, the
-    sums and normalisation in float32). Returns for each image float32 (n, H, W) in [0, 1].
+    sums and normalisation in float32). A padded view's map is cropped to the view
+    (`crop_to_view`) before it is resized to the image, so the padding never reaches a CAM. Returns for each image float32
+    (n, H, W) in [0, 1].
     """
     if len(images) == 0:
         return []
-    batch = np.stack([np.asarray(im) for im in images])  # raises if the sizes differ
-    if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
-        raise ValueError(f"images must be RGB uint8 (H, W, 3), got {batch.shape} {batch.dtype}")
+    images = [np.asarray(im) for im in images]
+    for im in images:
+        if im.ndim != 3 or im.shape[-1] != 3 or im.dtype != np.uint8:
+            raise ValueError(f"images must be RGB uint8 (H, W, 3), got {im.shape} {im.dtype}")
+    sizes = [im.shape[:2] for im in images]
+    buckets = {bucket(size, scales, divisor) for size in sizes}
+    if len(buckets) > 1:
+        raise ValueError(f"images of sizes {sorted(set(sizes))} pad to different shapes at divisor {divisor}")
     keys_list = [np.asarray(k, dtype=np.int64).reshape(-1) for k in keys_list]
-    if len(keys_list) != len(batch):
-        raise ValueError(f"{len(batch)} images but {len(keys_list)} key lists")
+    if len(keys_list) != len(images):
+        raise ValueError(f"{len(images)} images but {len(keys_list)} key lists")
     dev = torch.device(device)
     model = getattr(model, "module", model)  # DDP-wrapped or not
     model.eval().to(dev, memory_format=torch.channels_last)
-    n, size = len(batch), batch.shape[1:3]
+    n = len(images)
     precision = autocast(amp, dev.type)
     with torch.inference_mode():
-        x = to_input(batch, dev)
+        xs_full = [to_input(im[None], dev) for im in images]
         sums = [None] * n
-        for scale in scales:
-            xs = x if scale == 1 else F.interpolate(x, scaled_size(size, scale), mode="bilinear",
-                                                    align_corners=False)
+        for scale, padded in zip(scales, buckets.pop(), strict=True):
+            views = [x if scaled_size(size, scale) == size else
+                     F.interpolate(x, scaled_size(size, scale), mode="bilinear", align_corners=False)
+                     for x, size in zip(xs_full, sizes, strict=True)]
             if flip:
-                xs = torch.cat([xs, xs.flip(-1)])
+                views += [v.flip(-1) for v in views]
+            batch = torch.cat([pad_to(v, padded) for v in views]).contiguous(memory_format=torch.channels_last)
             with precision:
-                raw = model.cams(xs).float()
+                raw = model.cams(batch).float()
             raw = F.relu(raw)  # per view, before the sum: no view's negative evidence cancels another's positive
-            if flip:
-                raw = raw[:n] + raw[n:].flip(-1)
             num_classes = raw.shape[1]
-            for i, keys in enumerate(keys_list):
+            for i, (keys, size) in enumerate(zip(keys_list, sizes, strict=True)):
                 if keys.size and (keys.min() < 1 or keys.max() > num_classes):
                     raise ValueError(f"class ids {keys.tolist()} outside 1..{num_classes}")
                 if keys.size == 0:
                     sums[i] = raw.new_zeros((0, *size))
                     continue
-                up = F.interpolate(raw[i:i + 1, keys - 1], size, mode="bilinear", align_corners=False)[0]
+                up = _view_cam(raw, i, n, keys, size, scaled_size(size, scale), padded, flip)
                 sums[i] = up if sums[i] is None else sums[i] + up
         out = []
         for cam in sums:
             cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-5)
             out.append(cam.cpu().numpy().astype(np.float32, copy=False))
     return out
+
+
+def _view_cam(raw: torch.Tensor, i: int, n: int, keys: np.ndarray, size, view, padded, flip: bool) -> torch.Tensor:
+    """Image i's map at one scale (its mirror's added back, flip undone) for `keys`, at the image `size`."""
+    idx = torch.as_tensor(keys - 1, device=raw.device)
+    maps = crop_to_view(raw[i:i + 1, idx], view, padded)
+    if flip:
+        maps = maps + crop_to_view(raw[n + i:n + i + 1, idx], view, padded).flip(-1)
+    return F.interpolate(maps, size, mode="bilinear", align_corners=False)[0]
 
 
 def multiscale_cams(model, image: np.ndarray, keys, scales=SCALES, flip: bool = True,

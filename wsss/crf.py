@@ -38,7 +38,7 @@ off). Figures: bench/results/crf.json.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import as_completed
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
@@ -205,16 +205,20 @@ def crf_labels(image: np.ndarray, labels: np.ndarray, keys, *, gt_prob: float = 
 
 # ---------------------------------------------------------------- over many images
 
-def parallel_map(fn, items, workers: int = 1, desc: str = "images"):
+def parallel_map(fn, items, workers: int = 1, desc: str = "images", total: int | None = None):
     """Yield (item, result, error) for every item, in completion order, with a tqdm bar.
 
-    An exception in one item is that item's `error`; the others go on. A worker that dies
-    (a crash in native code) breaks the whole pool: the items it took down are then retried one
-    at a time, each in a fresh single-worker pool, so only the culprit is lost. `workers` <= 1
-    runs in this process (no crash isolation). `fn` and the items must be picklable.
+    `items` may be a generator that computes them (a GPU loop): it is drawn only while fewer than
+    2 x `workers` items are in the pool, so the loop and the workers overlap and memory stays
+    bounded. An exception in one item is that item's `error`; the others go on. A worker that dies
+    (a crash in native code) breaks the whole pool: the items it took down, and those still to
+    come, are then run one at a time, each in a fresh single-worker pool, so only the culprit is
+    lost. `workers` <= 1 runs in this process (no crash isolation). `fn` and the items must be
+    picklable.
     """
-    items = list(items)
-    bar = tqdm(total=len(items), desc=desc)
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    bar = tqdm(total=total, desc=desc)
     try:
         if workers <= 1:
             for item in items:
@@ -228,21 +232,14 @@ def parallel_map(fn, items, workers: int = 1, desc: str = "images"):
             return
         lost = []
         with process_pool(workers) as pool:
-            futures = {pool.submit(fn, item): item for item in items}
-            for future in as_completed(futures):
-                item = futures[future]
-                try:
-                    result = future.result()
-                except BrokenProcessPool:
+            for item, outcome in _streamed(pool, fn, iter(items), 2 * workers):
+                if isinstance(outcome, BrokenProcessPool):
                     lost.append(item)
                     continue
-                except Exception as e:  # noqa: BLE001
-                    yield item, None, e
-                else:
-                    yield item, result, None
+                yield (item, None, outcome) if isinstance(outcome, Exception) else (item, outcome[0], None)
                 bar.update()
         if lost:
-            log.warning("%s: a worker process died; retrying %d images one at a time", desc, len(lost))
+            log.warning("%s: a worker process died; running %d images one at a time", desc, len(lost))
         for item in lost:
             with process_pool(1) as pool:
                 try:
@@ -254,6 +251,35 @@ def parallel_map(fn, items, workers: int = 1, desc: str = "images"):
             bar.update()
     finally:
         bar.close()
+
+
+def _streamed(pool, fn, items, in_flight: int):
+    """(item, (result,) or the exception) of each item through `pool`, at most `in_flight` at once;
+    after the pool breaks, the remaining items come back with the BrokenProcessPool unrun."""
+    pending: dict = {}
+    broken = None
+    for item in items:
+        if broken is None:
+            try:
+                pending[pool.submit(fn, item)] = item
+            except BrokenProcessPool as e:
+                broken = e
+        if broken is not None:
+            yield item, broken
+            continue
+        while len(pending) >= in_flight:
+            yield from _drain(pending, FIRST_COMPLETED)
+    yield from _drain(pending, ALL_COMPLETED)
+
+
+def _drain(pending: dict, when):
+    done, _ = wait(list(pending), return_when=when)
+    for future in done:
+        item = pending.pop(future)
+        try:
+            yield item, (future.result(),)
+        except Exception as e:  # noqa: BLE001 - the caller decides (BrokenProcessPool: retry alone)
+            yield item, e
 
 
 def _crf_job(params: dict, indexed_job):

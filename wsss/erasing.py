@@ -79,6 +79,7 @@ from wsss.run import (
     is_main_process,
     positive_int,
     process_pool,
+    rank_world,
     resolve_amp,
     resolve_device,
     runtime,
@@ -86,6 +87,7 @@ from wsss.run import (
     spread,
 )
 from wsss.scoremaps import restore_scores, store_scores
+from wsss.shapes import batches, bucket, fitted_size, shard_batches, size_divisor
 from wsss.stage import dataset_inputs, open_stage
 from wsss.train import CHECKPOINT, fit, init_distributed, read_metrics, torch_device
 
@@ -288,45 +290,55 @@ class CamJob:
 
 def fit_side(image: np.ndarray, max_side: int) -> np.ndarray:
     """`image` downscaled so that its longer side is at most `max_side` (unchanged if it is)."""
-    h, w = image.shape[:2]
-    if max(h, w) <= max_side:
+    h, w = fitted_size(image.shape[:2], max_side)
+    if (h, w) == image.shape[:2]:
         return image
-    size = (max(1, round(w * max_side / max(h, w))), max(1, round(h * max_side / max(h, w))))
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def cam_batches(job: CamJob, ids: list[str], divisor: int, batch_size: int) -> list[list[str]]:
+    """`ids` in batches of one bucket each (`wsss.shapes`), from the image headers; the order is
+    the same on every rank, so that ranks can split it."""
+    def key(id_: str):
+        w, h = job.dataset.image_size(id_)
+        return bucket(fitted_size((h, w), job.max_side), job.scales, divisor)
+
+    return batches(ids, key, batch_size)
 
 
 def write_cams(model, job: CamJob, ids: list[str], device: torch.device) -> int:
-    """cam/ID.npz and regions/ID.png of `ids` (erased by the earlier steps); returns len(ids)."""
+    """cam/ID.npz and regions/ID.png of `ids` (erased by the earlier steps); returns len(ids).
+
+    The labelled images go through the net in batches of one bucket (`cam_batches`)."""
     cam_dir, region_dir = job.step_dir / "cam", job.step_dir / "regions"
-    pending: list[tuple[str, np.ndarray, np.ndarray, tuple[int, int]]] = []
-
-    def flush():
-        if not pending:
-            return
-        cams = multiscale_cams_batch(model, [p[1] for p in pending], [p[2] for p in pending],
-                                     job.scales, job.flip, device, job.amp if device.type == "cuda" else "off")
-        for (id_, _, keys, shape), cam in zip(pending, cams, strict=True):
-            if cam.shape[1:] != shape:  # a downscaled image: its CAM back at full size
-                cam = F.interpolate(torch.from_numpy(np.asarray(cam, np.float32))[None], size=shape,
-                                    mode="bilinear", align_corners=False)[0].numpy()
-            cam = save_cams(cam_dir, id_, cam, keys)  # mine what is stored, so a resumed run mines the same
-            _, region = mine(cam, keys, job.threshold)
-            io.write_mask(region_dir / f"{id_}.png", region)
-        pending.clear()
-
+    divisor = size_divisor(device.type)
     for id_ in ids:
         if id_ not in job.labelled:
             w, h = job.dataset.image_size(id_)
             save_cams(cam_dir, id_, np.zeros((0, h, w), np.float32), np.zeros(0, np.int64))
             io.write_mask(region_dir / f"{id_}.png", np.zeros((h, w), np.uint8))
-            continue
-        full = erased_image(job.dataset, id_, list(job.region_dirs))
-        image = fit_side(full, job.max_side)
-        if pending and (image.shape != pending[0][1].shape or len(pending) == CAM_BATCH[device.type]):
-            flush()
-        pending.append((id_, image, job.dataset.label_ids(id_), full.shape[:2]))
-    flush()
+    labelled = [i for i in ids if i in job.labelled]
+    for planned in cam_batches(job, labelled, divisor, CAM_BATCH[device.type]):
+        fulls = [erased_image(job.dataset, id_, list(job.region_dirs)) for id_ in planned]
+        images = [fit_side(full, job.max_side) for full in fulls]
+        # a header that disagrees with the decoded image (a rotated photo) splits the batch, never fails it
+        shapes = [bucket(image.shape[:2], job.scales, divisor) for image in images]
+        for group in batches(range(len(planned)), shapes.__getitem__, len(planned)):
+            cams = multiscale_cams_batch(model, [images[k] for k in group],
+                                         [job.dataset.label_ids(planned[k]) for k in group], job.scales, job.flip,
+                                         device, job.amp if device.type == "cuda" else "off", divisor)
+            for k, cam in zip(group, cams, strict=True):
+                _write_cam(job, planned[k], cam, job.dataset.label_ids(planned[k]), fulls[k].shape[:2])
     return len(ids)
+
+
+def _write_cam(job: CamJob, id_: str, cam: np.ndarray, keys, shape: tuple[int, int]) -> None:
+    if cam.shape[1:] != shape:  # a downscaled image: its CAM back at full size
+        cam = F.interpolate(torch.from_numpy(np.asarray(cam, np.float32))[None], size=shape,
+                            mode="bilinear", align_corners=False)[0].numpy()
+    cam = save_cams(job.step_dir / "cam", id_, cam, keys)  # mine what is stored, so a resumed run mines the same
+    _, region = mine(cam, keys, job.threshold)
+    io.write_mask(job.step_dir / "regions" / f"{id_}.png", region)
 
 
 _worker: tuple | None = None  # (model, job) of a CAM worker process, set once by its initializer
@@ -356,10 +368,12 @@ def compute_step_cams(model, dataset: VOCDataset, ids: list[str], labelled: set[
     (docs/results.md, "Speed").
     """
     cam_dir, region_dir = step_dir / "cam", step_dir / "regions"
-    todo = [i for i in shard(ids)
-            if not ((cam_dir / f"{i}.npz").is_file() and (region_dir / f"{i}.png").is_file())]
     job = CamJob(dataset, frozenset(labelled), step_dir, tuple(region_dirs), tuple(args.cam_scales),
                  args.cam_flip, args.ae_threshold, args.max_side, resolve_amp(args.amp, device.type))
+    # ranks split the bucket-ordered images, so each meets few shapes (one rank: all of them, in that order)
+    planned = cam_batches(job, list(ids), size_divisor(device.type), CAM_BATCH[device.type])
+    mine_ = [i for b in shard_batches(planned, *rank_world()) for i in b]
+    todo = [i for i in mine_ if not ((cam_dir / f"{i}.npz").is_file() and (region_dir / f"{i}.png").is_file())]
     processes = min(args.workers, len(todo)) if device.type == "cpu" else 1
     chunks = [todo[i:i + CAM_CHUNK] for i in range(0, len(todo), CAM_CHUNK)]
     with tqdm(total=len(todo), desc=f"CAM {step_dir.name}", disable=not is_main_process(), leave=False) as bar:

@@ -44,49 +44,77 @@ from PIL import Image
 from tqdm import tqdm
 
 from wsss import io
+from wsss.cam import crop_to_view, pad_to
 from wsss.crf import TEST_CRF, net_crf_params
 from wsss.data.transforms import normalize
 from wsss.data.voc import DatasetError, find_images
+from wsss.shapes import batches, bucket, scaled_size, size_divisor
 from wsss.viz import overlay_with_legend, resize
 
 log = logging.getLogger("wsss")
 SETTINGS = "settings.json"
-CRF_CHUNK = 32  # images predicted before their CRFs run in the process pool
+PREDICT_BATCH = {"cuda": 8, "cpu": 1}  # images of one bucket per forward (wsss.shapes); a CPU gains nothing
 
 
-def _forward(model, x: torch.Tensor):
-    out = model(x)
+def _forward(model, x: torch.Tensor, valid=None):
+    out = model(x) if valid is None else model(x, valid=valid)
     return out["seg"].float(), out["cls"].float() if "cls" in out else None
 
 
 @torch.inference_mode()
-def predict_probs(model, image: np.ndarray, device, scales=(1.0,), flip: bool = False,
-                  gate: bool = False) -> torch.Tensor:
-    """Class probabilities (C, H, W) float32 on `device` of one RGB uint8 image (steps 1-2 above)."""
-    h, w = image.shape[:2]
-    x = torch.from_numpy(normalize(image))[None].to(device)
-    probs, cls_probs = 0.0, 0.0
+def predict_probs_batch(model, images, device, scales=(1.0,), flip: bool = False, gate: bool = False,
+                        divisor: int = 1) -> list[torch.Tensor]:
+    """Class probabilities (C, H, W) float32 on `device` of RGB uint8 images of one bucket
+    (`wsss.shapes.bucket` at `divisor`; 1: images of one size), one forward per scale for all of
+    them (steps 1-2 above). A padded view's logits are cropped to the view (`wsss.cam.crop_to_view`)
+    before they are resized to the image."""
+    sizes = [image.shape[:2] for image in images]
+    if len({bucket(size, scales, divisor) for size in sizes}) > 1:
+        raise ValueError(f"images of sizes {sorted(set(sizes))} pad to different shapes at divisor {divisor}")
+    n = len(images)
+    xs = [torch.from_numpy(normalize(image))[None].to(device) for image in images]
+    probs, cls_probs = [0.0] * n, [0.0] * n
     views = 0
-    for scale in scales:
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        xs = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    for scale, padded in zip(scales, bucket(sizes[0], scales, divisor), strict=True):
+        scaled = [x if scaled_size(size, scale) == size else
+                  F.interpolate(x, size=scaled_size(size, scale), mode="bilinear", align_corners=False)
+                  for x, size in zip(xs, sizes, strict=True)]
         if flip:
-            xs = torch.cat([xs, xs.flip(-1)])
-        seg, cls = _forward(model, xs)
-        if flip:
-            seg = torch.cat([seg[:1], seg[1:].flip(-1)])
-        if seg.shape[-2:] != (h, w):
-            seg = F.interpolate(seg, size=(h, w), mode="bilinear", align_corners=False)
-        probs = probs + seg.softmax(1).sum(0)
-        if cls is not None:
-            cls_probs = cls_probs + torch.sigmoid(cls).sum(0)
-        views += seg.shape[0]
-    probs = probs / views
-    if gate:
-        if not torch.is_tensor(cls_probs):
-            raise ValueError("gate: the net has no classification branch (only PSL nets have one)")
-        probs = probs * torch.cat([probs.new_ones(1), cls_probs / views])[:, None, None]
-    return probs
+            scaled += [v.flip(-1) for v in scaled]
+        valid = [tuple(v.shape[-2:]) for v in scaled]
+        seg, cls = _forward(model, torch.cat([pad_to(v, padded) for v in scaled]),
+                            None if all(v == tuple(padded) for v in valid) else valid)
+        for i, size in enumerate(sizes):
+            rows = [i, n + i] if flip else [i]
+            probs[i] = probs[i] + _view_logits(seg[rows], size, scaled_size(size, scale), padded).softmax(1).sum(0)
+            if cls is not None:
+                cls_probs[i] = cls_probs[i] + torch.sigmoid(cls[rows]).sum(0)
+        views += 2 if flip else 1
+    out = []
+    for p, c in zip(probs, cls_probs, strict=True):
+        p = p / views
+        if gate:
+            if not torch.is_tensor(c):
+                raise ValueError("gate: the net has no classification branch (only PSL nets have one)")
+            p = p * torch.cat([p.new_ones(1), c / views])[:, None, None]
+        out.append(p)
+    return out
+
+
+def _view_logits(seg: torch.Tensor, size, view, padded) -> torch.Tensor:
+    """One image's logits at one scale (its mirror's row flipped back) at the image `size`."""
+    seg = crop_to_view(seg, view, padded)
+    if seg.shape[0] == 2:
+        seg = torch.cat([seg[:1], seg[1:].flip(-1)])
+    if seg.shape[-2:] != tuple(size):
+        seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=False)
+    return seg
+
+
+def predict_probs(model, image: np.ndarray, device, scales=(1.0,), flip: bool = False,
+                  gate: bool = False, divisor: int = 1) -> torch.Tensor:
+    """Class probabilities (C, H, W) float32 on `device` of one RGB uint8 image (steps 1-2 above)."""
+    return predict_probs_batch(model, [image], device, scales, flip, gate, divisor)[0]
 
 
 def restrict_probs(probs: torch.Tensor, label_ids) -> torch.Tensor:
@@ -99,16 +127,29 @@ def restrict_probs(probs: torch.Tensor, label_ids) -> torch.Tensor:
 
 def predict_masks(model, dataset, ids, *, device, scales=(1.0,), flip=False, gate=False, restrict=False,
                   desc="predict"):
-    """Yield (id, RGB image, probs: (C, H, W) float32 tensor on `device`) for `ids` of a VOCDataset (steps 1-3)."""
+    """Yield (id, RGB image, probs: (C, H, W) float32 tensor on `device`) for `ids` of a VOCDataset
+    (steps 1-3), in batches of one bucket (`wsss.shapes`; on a CPU one image at a time, in order)."""
     from wsss.train import unwrap
 
     model = unwrap(model).eval()
-    for id_ in tqdm(ids, desc=desc, leave=False):
-        image = dataset.image(id_)
-        probs = predict_probs(model, image, device, scales, flip, gate)
-        if restrict:
-            probs = restrict_probs(probs, dataset.label_ids(id_))
-        yield id_, image, probs
+    device = torch.device(device)
+    divisor = size_divisor(device.type)
+    batch_size = PREDICT_BATCH.get(device.type, 1)
+
+    def key(id_):
+        w, h = dataset.image_size(id_)
+        return bucket((h, w), scales, divisor)
+
+    planned = batches(ids, key, batch_size) if batch_size > 1 else [[i] for i in ids]
+    with tqdm(total=len(ids), desc=desc, leave=False) as bar:
+        for batch in planned:
+            images = [dataset.image(id_) for id_ in batch]
+            shapes = [bucket(image.shape[:2], scales, divisor) for image in images]
+            for group in batches(range(len(batch)), shapes.__getitem__, len(batch)):  # a header that lied
+                probs = predict_probs_batch(model, [images[k] for k in group], device, scales, flip, gate, divisor)
+                for k, p in zip(group, probs, strict=True):
+                    yield batch[k], images[k], restrict_probs(p, dataset.label_ids(batch[k])) if restrict else p
+            bar.update(len(batch))
 
 
 def label_map(probs) -> np.ndarray:
@@ -192,37 +233,38 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
     todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
     if len(todo) < len(ids):
         log.info("%s: %d of %d predictions already written", out_dir, len(ids) - len(todo), len(ids))
-    pending = []
-    for id_, image, probs in predict_masks(model, dataset, todo, device=device, scales=scales, flip=flip,
-                                           gate=gate, restrict=restrict, desc=desc):
-        if crf_params is None and ignore_below is None:
-            io.write_mask(out_dir / f"{id_}.png", label_map(probs))
-            continue
-        present = _present(probs, dataset.label_ids(id_) if restrict else None)
-        sub = probs[torch.as_tensor(present, device=probs.device)].cpu().numpy()
-        if crf_params is None:
+    stream = predict_masks(model, dataset, todo, device=device, scales=scales, flip=flip, gate=gate,
+                           restrict=restrict, desc=desc)
+    if crf_params is None:
+        for id_, _, probs in stream:
             mask = label_map(probs)
-            mask[unsure(sub, ignore_below)] = io.IGNORE
+            if ignore_below is not None:
+                present = _present(probs, dataset.label_ids(id_) if restrict else None)
+                mask[unsure(probs[torch.as_tensor(present, device=probs.device)].cpu().numpy(), ignore_below)] = \
+                    io.IGNORE
             io.write_mask(out_dir / f"{id_}.png", mask)
-            continue
-        pending.append((id_, image, sub, present))
-        if len(pending) == CRF_CHUNK:
-            _run_crfs(pending, crf_params, workers, out_dir, ignore_below)
-            pending = []
-    if pending:
-        _run_crfs(pending, crf_params, workers, out_dir, ignore_below)
+    else:
+        _run_crfs(_crf_jobs(stream, dataset, restrict), len(todo), crf_params, workers, out_dir, ignore_below)
     barrier()
     return out_dir
 
 
-def _run_crfs(jobs, params, workers, out_dir: Path, ignore_below=None) -> None:
-    """CRF a chunk of predictions in a process pool; a CRF that fails fails the prediction (the
+def _crf_jobs(stream, dataset, restrict: bool):
+    """CRF jobs (id, image, probabilities of the labels present, those labels) of a prediction stream."""
+    for id_, image, probs in stream:
+        present = _present(probs, dataset.label_ids(id_) if restrict else None)
+        yield id_, image, probs[torch.as_tensor(present, device=probs.device)].cpu().numpy(), present
+
+
+def _run_crfs(jobs, total: int, params, workers, out_dir: Path, ignore_below=None) -> None:
+    """CRF the predictions as the net makes them, in one process pool that runs beside it (the pass
+    takes about the longer of the two, not their sum); a CRF that fails fails the prediction (the
     images already written are kept, a rerun resumes)."""
     from wsss.crf import parallel_map
     from wsss.stage import StageError
 
     crf = partial(_crf_job, params, ignore_below=ignore_below)
-    for (id_, _, _, _), mask, error in parallel_map(crf, jobs, workers, desc="crf"):
+    for (id_, _, _, _), mask, error in parallel_map(crf, jobs, workers, desc="crf", total=total):
         if error is not None:
             raise StageError(f"{out_dir}: the dense CRF failed on {id_} ({type(error).__name__}: {error}); "
                              f"rerun without --crf to predict without it")
@@ -263,7 +305,7 @@ def predict_image(model, image: np.ndarray, device, *, scales=(1.0,), flip=False
     """uint8 label mask (H, W) of one RGB photo of any size."""
     h, w = image.shape[:2]
     small = bounded(image, max_side)
-    probs = predict_probs(model, small, device, scales, flip, gate)
+    probs = predict_probs(model, small, device, scales, flip, gate, size_divisor(torch.device(device).type))
     if crf_params is None and small is image:
         return label_map(probs)
     present = _present(probs)

@@ -120,8 +120,9 @@ def common_parser(description: str, section: str | None = None) -> argparse.Argu
                            help="deterministic cuDNN algorithms on a GPU (slower; CPU runs are deterministic "
                                 "anyway)"))
     p.add_argument("--seed", type=int, default=0)
-    runtime(p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                           help="data-loading / CRF worker processes"))
+    runtime(p.add_argument("--workers", type=int, default=cpu_count(),
+                           help="worker processes for data loading, CAMs on a CPU, saliency and CRFs "
+                                "(default: the cores this process may use)"))
     runtime(p.add_argument("--force", action="store_true",
                            help="redo the stage in place: removes what it wrote before (and only that)"))
     return p
@@ -307,10 +308,69 @@ def setup_logging(stage_dir: Path, name: str) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
-def process_pool(workers: int, **kwargs):
-    """A process pool whose workers are spawned, not forked: a fork taken after torch or OpenCV
-    have started their thread pools can deadlock in the child (seen in the test suite)."""
+# Each pool worker computes with one thread: a worker's BLAS, OpenMP, torch or OpenCV starting a thread
+# per core, times one worker per core, made saliency 8x slower a worker on 16 cores (docs/results.md).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def cpu_count() -> int:
+    """The cores this process may use (its affinity mask, which containers and `taskset` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when its parent dies (Linux), so that a `kill -9` of a stage
+    never leaves workers writing without its lock; elsewhere the pool's own shutdown is the guard."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _init_worker(parent: int, initializer, initargs) -> None:
+    _die_with_parent(parent)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    if "cv2" in sys.modules:
+        sys.modules["cv2"].setNumThreads(1)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+class _OneThreadEach(contextlib.AbstractContextManager):
+    """The thread variables set to 1 while workers start (each reads them as its libraries load)."""
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+        os.environ.update(dict.fromkeys(THREAD_VARIABLES, "1"))
+        return self
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        return None
+
+
+def process_pool(workers: int, initializer=None, initargs=(), **kwargs):
+    """A process pool for CPU work beside the main loop: workers spawned, not forked (a fork taken
+    after torch or OpenCV have started their thread pools can deadlock in the child), each with one
+    compute thread, and each killed with its parent. All start before this returns, so the thread
+    variables can be set for their start alone."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), **kwargs)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(os.getpid(), initializer, initargs), **kwargs)
+    with _OneThreadEach():  # start every worker now: on demand, later ones would miss the variables
+        while len(pool._processes) < workers:
+            pool._spawn_process()
+    return pool

@@ -19,6 +19,7 @@ features and a linear layer to the C-1 object classes.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -73,6 +74,16 @@ class ASPP(nn.Module):
         return sum(branch(x) for branch in self.branches)
 
 
+def valid_mean(features: torch.Tensor, size, valid=None) -> torch.Tensor:
+    """Global average of `features` (N, K, h, w) of inputs of `size` (H, W), each over the part that
+    covers its `valid` (h, w) input pixels (all of it when `valid` is None)."""
+    if valid is None:
+        return features.mean((2, 3))
+    h, w = features.shape[-2:]
+    return torch.stack([features[i, :, :math.ceil(vh * h / size[0]), :math.ceil(vw * w / size[1])].mean((1, 2))
+                        for i, (vh, vw) in enumerate(valid)])
+
+
 class SegNet(nn.Module):
     def __init__(self, backbone: Backbone, head: nn.Module, num_classes: int, cls_branch: bool = False):
         """num_classes: C, background included; the classification branch predicts the C-1 objects."""
@@ -80,13 +91,16 @@ class SegNet(nn.Module):
         self.backbone, self.head = backbone, head
         self.cls = nn.Linear(backbone.out_channels, num_classes - 1) if cls_branch else None
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(N, 3, H, W) -> {"seg": (N, C, H, W) logits, "cls": (N, C-1) logits (PSL branch only)}."""
+    def forward(self, x: torch.Tensor, valid=None) -> dict[str, torch.Tensor]:
+        """(N, 3, H, W) -> {"seg": (N, C, H, W) logits, "cls": (N, C-1) logits (PSL branch only)}.
+
+        `valid`: for inputs padded at the bottom and right (`wsss.shapes`), each one's (h, w) before
+        padding: the classification branch then averages the features over the image alone."""
         features = self.backbone(x)
         seg = F.interpolate(self.head(features), size=x.shape[2:], mode="bilinear", align_corners=False)
         out = {"seg": seg}
         if self.cls is not None:
-            out["cls"] = self.cls(features.mean((2, 3)))
+            out["cls"] = self.cls(valid_mean(features, x.shape[2:], valid))
         return out
 
     def param_groups(self, lr: float) -> list[dict]:

@@ -1,0 +1,87 @@
+"""Worker pools: one compute thread a worker, every worker started up front, none outliving its parent."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from wsss.crf import parallel_map
+from wsss.run import THREAD_VARIABLES, process_pool
+
+
+def _thread_settings(_):
+    import numpy  # noqa: F401 - loaded as the worker's libraries are
+
+    return {k: os.environ.get(k) for k in THREAD_VARIABLES}
+
+
+def test_pool_workers_compute_with_one_thread_and_the_parent_keeps_its_settings():
+    before = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    with process_pool(2) as pool:
+        assert len(pool._processes) == 2  # all started before any task
+        settings = [pool.submit(_thread_settings, i).result() for i in range(4)]
+    assert all(s == dict.fromkeys(THREAD_VARIABLES, "1") for s in settings)
+    assert {k: os.environ.get(k) for k in THREAD_VARIABLES} == before
+
+
+def _square(x):
+    return x * x
+
+
+def test_parallel_map_draws_a_generator_as_the_pool_frees_up():
+    drawn = []
+
+    def items():
+        for i in range(10):
+            drawn.append(i)
+            yield i
+
+    results = {item: result for item, result, error in parallel_map(_square, items(), workers=2, total=10)}
+    assert results == {i: i * i for i in range(10)} and drawn == list(range(10))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_workers_die_with_their_parent(tmp_path):
+    """A `kill -9` of the stage process takes its pool's workers with it: none goes on writing."""
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {os.getcwd()!r})
+        from wsss.run import process_pool
+
+        def work(_):
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            pool = process_pool(2)
+            futures = [pool.submit(work, i) for i in range(2)]
+            print(" ".join(str(p) for p in pool._processes), flush=True)
+            time.sleep(60)
+    """)
+    path = tmp_path / "parent.py"
+    path.write_text(script)
+    parent = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert len(workers) == 2
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.time() + 10
+        alive = workers
+        while alive and time.time() < deadline:
+            alive = [p for p in workers if _alive(p)]
+            time.sleep(0.1)
+        assert not alive, f"workers {alive} outlived their parent"
+    finally:
+        parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, only not yet reaped
+        return f.read().split(")")[-1].split()[0] != "Z"
