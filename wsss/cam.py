@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from wsss import io
 from wsss.data.transforms import MEAN, STD
-from wsss.run import autocast
+from wsss.run import autocast, inference_kernels
 from wsss.scoremaps import CAMFileError, restore_scores, store_scores
 from wsss.shapes import bucket, scaled_size
 
@@ -94,7 +94,7 @@ def multiscale_cams_batch(model, images, keys_list, scales=SCALES, flip: bool = 
     model = getattr(model, "module", model)  # DDP-wrapped or not
     model.eval().to(dev, memory_format=torch.channels_last)
     n = len(images)
-    precision = autocast(amp, dev.type)
+    precision, kernels = autocast(amp, dev.type), inference_kernels(model, dev.type)
     with torch.inference_mode():
         xs_full = [to_input(im[None], dev) for im in images]
         sums = [None] * n
@@ -105,7 +105,7 @@ def multiscale_cams_batch(model, images, keys_list, scales=SCALES, flip: bool = 
             if flip:
                 views += [v.flip(-1) for v in views]
             batch = torch.cat([pad_to(v, padded) for v in views]).contiguous(memory_format=torch.channels_last)
-            with precision:
+            with precision, kernels:
                 raw = model.cams(batch).float()
             raw = F.relu(raw)  # per view, before the sum: no view's negative evidence cancels another's positive
             num_classes = raw.shape[1]

@@ -88,7 +88,7 @@ from wsss.run import (
 )
 from wsss.scoremaps import restore_scores, store_scores
 from wsss.shapes import batches, bucket, fitted_size, shard_batches, size_divisor
-from wsss.stage import dataset_inputs, open_stage
+from wsss.stage import check_processes, dataset_inputs, open_stage
 from wsss.train import CHECKPOINT, fit, init_distributed, read_metrics, torch_device
 
 log = logging.getLogger("wsss")
@@ -490,6 +490,7 @@ def write_overlays(dataset: VOCDataset, ids: list[str], out: Path, steps: list[i
 def run(args) -> dict | None:
     """Run stage 1 (see the module docstring); returns the manifest, or None when skipped."""
     device = resolve_device(args.device)
+    check_processes(args.batch_size)
     init_distributed(device)
     dataset = VOCDataset(args.data, args.train_split, limit=args.limit)
     dataset.validate()

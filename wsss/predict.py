@@ -48,6 +48,7 @@ from wsss.cam import crop_to_view, pad_to
 from wsss.crf import TEST_CRF, net_crf_params
 from wsss.data.transforms import normalize
 from wsss.data.voc import DatasetError, find_images
+from wsss.run import inference_kernels
 from wsss.shapes import batches, bucket, scaled_size, size_divisor
 from wsss.viz import overlay_with_legend, resize
 
@@ -82,8 +83,9 @@ def predict_probs_batch(model, images, device, scales=(1.0,), flip: bool = False
         if flip:
             scaled += [v.flip(-1) for v in scaled]
         valid = [tuple(v.shape[-2:]) for v in scaled]
-        seg, cls = _forward(model, torch.cat([pad_to(v, padded) for v in scaled]),
-                            None if all(v == tuple(padded) for v in valid) else valid)
+        with inference_kernels(model, torch.device(device).type):
+            seg, cls = _forward(model, torch.cat([pad_to(v, padded) for v in scaled]),
+                                None if all(v == tuple(padded) for v in valid) else valid)
         for i, size in enumerate(sizes):
             rows = [i, n + i] if flip else [i]
             probs[i] = probs[i] + _view_logits(seg[rows], size, scaled_size(size, scale), padded).softmax(1).sum(0)

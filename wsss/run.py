@@ -215,6 +215,19 @@ def autocast(amp: str, device_type: str = "cuda"):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def inference_kernels(model, device_type: str):
+    """The convolution kernels of an inference pass: on CUDA, torch's own for a net with depthwise
+    (grouped) convolutions, cuDNN's otherwise. cuDNN builds execution plans for every new input
+    shape, and for depthwise convolutions that cost seconds a shape where torch's kernels start at
+    once (docs/results.md, "GPU"): inference meets dozens of shapes even padded (`wsss.shapes`).
+    Training keeps cuDNN: its crops have one shape."""
+    if device_type != "cuda" or not any(getattr(m, "groups", 1) > 1 for m in model.modules()):
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.backends.cudnn.flags(enabled=False)
+
+
 def environment(args) -> dict:
     """Where a stage runs, for its log and manifest: device (and why), precision, GPU, versions, commit."""
     import torch

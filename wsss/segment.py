@@ -75,7 +75,7 @@ from wsss.run import (
     safe_name,
 )
 from wsss.segtrain import Stage3
-from wsss.stage import StageError, dataset_inputs, open_stage
+from wsss.stage import StageError, check_processes, dataset_inputs, open_stage
 from wsss.train import CHECKPOINT, init_distributed, read_metrics, torch_device
 
 WARMUP = 100  # iterations; see "Why these optimiser defaults" in the module docstring
@@ -138,6 +138,7 @@ def _collect_metrics(out: Path, nets) -> list[dict]:
 def run(args) -> dict | None:
     """Stage 3 end to end; returns the val scores (None when already complete)."""
     device = resolve_device(args.device)
+    check_processes(args.batch_size)
     method = METHODS[method_name(args)]
     on_gt = method["reads"] == "masks"
     stage2 = run_dir(args) / "stage2"

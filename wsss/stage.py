@@ -45,6 +45,7 @@ from wsss.run import (
     environment,
     is_main_process,
     is_safe_name,
+    rank_world,
     run_dir,
     seed_everything,
     setup_logging,
@@ -58,6 +59,18 @@ _held: dict[Path, int] = {}  # lock file -> open descriptor, for this process
 
 class StageError(RuntimeError):
     """A stage cannot (or must not) go on; the message says why and what to do."""
+
+
+def check_processes(batch_size: int) -> None:
+    """Training splits the global --batch-size over torchrun's processes (each takes an equal share,
+    so that W processes train as one does): a count that does not divide it stops the stage before
+    any work, naming the counts that do."""
+    world = rank_world()[1]
+    if batch_size % world:
+        counts = [n for n in range(1, batch_size + 1) if batch_size % n == 0]
+        raise StageError(f"--batch-size {batch_size} does not split over {world} processes: run "
+                         f"{', '.join(map(str, counts))} processes, or pass a --batch-size that {world} divides "
+                         f"(with --lr scaled as the batch, for the same training)")
 
 
 def flags(args) -> dict:

@@ -29,6 +29,7 @@ sees only a rank's share.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import math
@@ -108,9 +109,48 @@ class EpochSeeded(Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, index):
-        rng = np.random.default_rng((self.seed, self.epoch, index))
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        rng = np.random.default_rng((self.seed, epoch, index))
         return self.dataset.item(index, rng)
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """One epoch's order as (epoch, index) keys for an `EpochSeeded` set: the epoch travels with each
+    index, so the loader's workers can persist across epochs (a worker's copy of the set never
+    sees a later epoch) and still augment as a fresh loader would. The order depends on (seed,
+    epoch) alone (a resumed run sees the same batches), or comes from a DistributedSampler."""
+
+    def __init__(self, size: int, seed: int, sampler: DistributedSampler | None = None):
+        self.size, self.seed, self.sampler, self.epoch = size, seed, sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) if self.sampler is not None else self.size
+
+    def __iter__(self):
+        if self.sampler is not None:
+            order = list(self.sampler)
+        else:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        return iter([(self.epoch, i) for i in order])
+
+
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device):
+    """cuDNN picks its fastest kernels for the fixed training crops (off again after: inference meets
+    other shapes), unless --deterministic asked for reproducible ones."""
+    saved = torch.backends.cudnn.benchmark
+    if device.type == "cuda" and not torch.backends.cudnn.deterministic:
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: float, device: str,
@@ -125,6 +165,15 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
     `amp`: a resolved --amp (wsss.run.resolve_amp), which `evaluate` runs under too.
     Returns the bare trained module.
     """
+    with cudnn_autotune(torch_device(device)):
+        return _fit(model, dataset, step_fn, out_dir, epochs=epochs, batch_size=batch_size, lr=lr, device=device,
+                    seed=seed, workers=workers, param_groups=param_groups, evaluate=evaluate, desc=desc,
+                    weight_decay=weight_decay, momentum=momentum, warmup=warmup, clip_grad=clip_grad, health=health,
+                    log_every=log_every, amp=amp, find_unused=find_unused)
+
+
+def _fit(model, dataset, step_fn, out_dir, *, epochs, batch_size, lr, device, seed, workers, param_groups, evaluate,
+         desc, weight_decay, momentum, warmup, clip_grad, health, log_every, amp, find_unused):
     out_dir = Path(out_dir)
     init_distributed(device)
     dev = torch_device(device)
@@ -165,18 +214,19 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
             model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=find_unused)
     precision = autocast(amp, dev.type)
     skipped = 0
+    # Reading a figure off the GPU waits for every queued kernel: there the loss and gradient norm stay
+    # on the device and are checked and read every `log_every` iterations; a CPU has no queue to drain.
+    check_every = 1 if dev.type != "cuda" or scaler is not None else log_every
+    order = EpochOrder(len(seeded), seed, sampler)
+    loader = DataLoader(seeded, batch_size=rank_batch, sampler=order, num_workers=workers, drop_last=True,
+                        pin_memory=dev.type == "cuda", worker_init_fn=_seed_worker, persistent_workers=workers > 0)
 
     for epoch in range(start_epoch, epochs):
         seeded.epoch = epoch
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-            order = sampler
-        else:  # the order depends on (seed, epoch) alone, so a resumed run sees the same batches
-            order = torch.randperm(len(seeded), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        loader = DataLoader(seeded, batch_size=rank_batch, sampler=order, num_workers=workers, drop_last=True,
-                            pin_memory=dev.type == "cuda", worker_init_fn=_seed_worker)
+        order.set_epoch(epoch)
         net.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, float | torch.Tensor] = {}
+        nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
         t0 = time.time()
         iterations: list[dict] = []
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not is_main_process(), leave=False)
@@ -189,7 +239,7 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
             with precision:
                 loss, logs = step_fn(net, batch, epoch)
             where = f"epoch {epoch + 1}, iteration {it + 1} of {iters_per_epoch}"
-            if not torch.isfinite(loss):
+            if check_every == 1 and not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: the loss became {loss.item()} at {where}; "
                                          f"lower --lr or raise --warmup")
             optimizer.zero_grad(set_to_none=True)
@@ -198,8 +248,9 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
             else:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], clip_grad if clip_grad > 0 else math.inf))
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], clip_grad if clip_grad > 0 else math.inf)
+            grad_norm = float(norm) if check_every == 1 else math.nan
             if scaler is not None:  # an fp16 overflow skips the step and lowers the scale; only a run of them is fatal
                 skipped = 0 if math.isfinite(grad_norm) else skipped + 1
                 if skipped > MAX_SKIPPED:
@@ -207,18 +258,25 @@ def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: f
                                              f"{where}; lower --lr, raise --warmup or use --amp bf16/off")
                 scaler.step(optimizer)
                 scaler.update()
-            elif not math.isfinite(grad_norm):
+            elif check_every == 1 and not math.isfinite(grad_norm):
                 raise FloatingPointError(f"{desc}: the gradient norm became {grad_norm} at {where}; "
                                          f"lower --lr or raise --warmup")
             else:
                 optimizer.step()
-            logs = {"loss": loss.item(), **logs}
+            logs = {"loss": loss.detach(), **logs}
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            if step % log_every == 0:
-                iterations.append({"epoch": epoch + 1, "iter": step + 1, **logs,
-                                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm})
-            bar.set_postfix(loss=f"{sums['loss'] / (it + 1):.4f}")
+                sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
+            if check_every > 1:
+                nonfinite |= ~(torch.isfinite(logs["loss"]) & torch.isfinite(norm))
+            if step % log_every == 0 or it + 1 == iters_per_epoch:
+                if check_every > 1 and bool(nonfinite):  # the one read of the device in log_every steps
+                    raise FloatingPointError(f"{desc}: the loss or gradient norm became non-finite by {where} (checked "
+                                             f"every {check_every} iterations); lower --lr or raise --warmup")
+                if step % log_every == 0:
+                    iterations.append({"epoch": epoch + 1, "iter": step + 1, **{k: float(v) for k, v in logs.items()},
+                                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(norm)})
+                bar.set_postfix(loss=f"{float(sums['loss']) / (it + 1):.4f}")
+        sums = {k: float(v) for k, v in sums.items()}
         if distributed():  # the epoch's figures over every rank's images, not rank 0's share
             totals = torch.tensor(list(sums.values()), dtype=torch.float64)
             dist.all_reduce(totals)

@@ -112,12 +112,12 @@ def make_step(args):
         seg_loss = cross_entropy(seg, batch["target"])
         cls_loss = multilabel_soft_margin(cls, batch["label"])
         loss = seg_loss + args.psl_cls_weight * cls_loss
-        logs = {"seg_loss": seg_loss.item(), "cls_loss": cls_loss.item()}
+        logs = {"seg_loss": seg_loss.detach(), "cls_loss": cls_loss.detach()}  # read by fit when it logs
         if use_online and epoch + 1 >= start:
             online = online_masks(seg, cls, batch["label"], batch["valid"])
             online_loss = cross_entropy(seg, online)
             loss = loss + args.psl_online_weight * online_loss
-            logs["online_loss"] = online_loss.item()
+            logs["online_loss"] = online_loss.detach()
         return loss, logs
 
     return step

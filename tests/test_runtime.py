@@ -1,4 +1,4 @@
-"""Worker pools: one compute thread a worker, every worker started up front, none outliving its parent."""
+"""Runtime: worker pools (one compute thread a worker, all started up front, none outliving its parent), process counts."""
 import os
 import signal
 import subprocess
@@ -85,3 +85,14 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, only not yet reaped
         return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_a_batch_that_does_not_split_over_the_processes_stops_before_any_work(monkeypatch):
+    from wsss.stage import StageError, check_processes
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(StageError, match=r"--batch-size 10 does not split over 8 processes: run 1, 2, 5, 10 processes"):
+        check_processes(10)
+    check_processes(16)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_processes(10)
