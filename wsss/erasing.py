@@ -76,7 +76,9 @@ from wsss.models.classifier import build_classifier
 from wsss.run import (
     add_epoch_val,
     barrier,
+    count_images,
     is_main_process,
+    phase,
     positive_int,
     process_pool,
     rank_world,
@@ -374,6 +376,7 @@ def compute_step_cams(model, dataset: VOCDataset, ids: list[str], labelled: set[
     planned = cam_batches(job, list(ids), size_divisor(device.type), CAM_BATCH[device.type])
     mine_ = [i for b in shard_batches(planned, *rank_world()) for i in b]
     todo = [i for i in mine_ if not ((cam_dir / f"{i}.npz").is_file() and (region_dir / f"{i}.png").is_file())]
+    count_images(len(todo))
     processes = min(args.workers, len(todo)) if device.type == "cpu" else 1
     chunks = [todo[i:i + CAM_CHUNK] for i in range(0, len(todo), CAM_CHUNK)]
     with tqdm(total=len(todo), desc=f"CAM {step_dir.name}", disable=not is_main_process(), leave=False) as bar:
@@ -416,7 +419,8 @@ def run_step(step: int, args, dataset, ids, labelled, out: Path, region_dirs, st
     final = read_metrics(step_dir)[-1]
     kept = final["loss"] <= stop_loss
     if kept:
-        compute_step_cams(model, dataset, ids, labelled, step_dir, region_dirs, args, torch_device(device))
+        with phase("cams"):
+            compute_step_cams(model, dataset, ids, labelled, step_dir, region_dirs, args, torch_device(device))
     elif is_main_process():
         log.warning("step %d: final loss %.4f > stop loss %.4f: the classifier no longer finds the erased "
                     "classes; discarding this step and stopping", step, final["loss"], stop_loss)

@@ -44,11 +44,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from wsss import io
-from wsss.cam import crop_to_view, pad_to
+from wsss.cam import crop_to_view, pad_to, to_input
 from wsss.crf import TEST_CRF, net_crf_params
-from wsss.data.transforms import normalize
 from wsss.data.voc import DatasetError, find_images
-from wsss.run import inference_kernels
+from wsss.run import count_images, inference_kernels
 from wsss.shapes import batches, bucket, scaled_size, size_divisor
 from wsss.viz import overlay_with_legend, resize
 
@@ -73,7 +72,7 @@ def predict_probs_batch(model, images, device, scales=(1.0,), flip: bool = False
     if len({bucket(size, scales, divisor) for size in sizes}) > 1:
         raise ValueError(f"images of sizes {sorted(set(sizes))} pad to different shapes at divisor {divisor}")
     n = len(images)
-    xs = [torch.from_numpy(normalize(image))[None].to(device) for image in images]
+    xs = [to_input(image[None], torch.device(device)) for image in images]  # uint8 to the device, normalised there
     probs, cls_probs = [0.0] * n, [0.0] * n
     views = 0
     for scale, padded in zip(scales, bucket(sizes[0], scales, divisor), strict=True):
@@ -233,6 +232,7 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
     barrier()
     ids = shard(ids)
     todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
+    count_images(len(todo))
     if len(todo) < len(ids):
         log.info("%s: %d of %d predictions already written", out_dir, len(ids) - len(todo), len(ids))
     stream = predict_masks(model, dataset, todo, device=device, scales=scales, flip=flip, gate=gate,

@@ -75,7 +75,18 @@ from wsss import io
 from wsss.crf import LABEL_CRF_DEFAULTS, check_crf, crf_labels, parallel_map
 from wsss.data.voc import DatasetError, VOCDataset
 from wsss.io import IGNORE
-from wsss.run import barrier, gather, is_main_process, log, runtime, shard, spread, stage_dir
+from wsss.run import (
+    barrier,
+    count_images,
+    gather,
+    is_main_process,
+    log,
+    phase,
+    runtime,
+    shard,
+    spread,
+    stage_dir,
+)
 from wsss.scoremaps import CAMFileError, restore_scores
 from wsss.stage import StageError, dataset_inputs, error_line, open_stage
 
@@ -527,18 +538,22 @@ def run(args) -> dict | None:
                          f"split '{args.train_split}'")
     drawn = set(spread(labelled, args.overlays)) if args.overlays > 0 else set()
     jobs = [replace(j, overlay=j.id in drawn) for j in jobs]
-    ensure_saliency(dataset, shard(labelled), out / "saliency", args.saliency, args.workers)
+    with phase("saliency"):
+        ensure_saliency(dataset, shard(labelled), out / "saliency", args.saliency, args.workers)
 
     settings = settings_of(args, out, dataset.num_classes)
     figures, failed = [], []
-    for job, result, error in parallel_map(partial(process_image, settings), shard(jobs), args.workers, "stage 2"):
-        if isinstance(error, BrokenProcessPool):  # the worker died, twice: a crash in the CRF's native code
-            error = RuntimeError(f"its worker process died (a crash in native code, e.g. the CRF: {error})")
-        if error is not None:
-            failed.append((job.id, error_line(error) or f"{type(error).__name__}: {error}"))
-            log.error("%s: %s", *failed[-1])
-            continue
-        figures.append(result)
+    with phase("fusion-crf"):
+        for job, result, error in parallel_map(partial(process_image, settings), shard(jobs), args.workers,
+                                               "stage 2"):
+            if isinstance(error, BrokenProcessPool):  # the worker died, twice: a crash in the CRF's native code
+                error = RuntimeError(f"its worker process died (a crash in native code, e.g. the CRF: {error})")
+            if error is not None:
+                failed.append((job.id, error_line(error) or f"{type(error).__name__}: {error}"))
+                log.error("%s: %s", *failed[-1])
+                continue
+            figures.append(result)
+            count_images(1)
     figures, failed = (sum(parts, []) for parts in zip(*gather((figures, failed)), strict=True))
     if failed:
         raise StageError(f"stage 2 failed on {len(failed)} of {len(jobs)} images (first: {failed[0][0]}: "

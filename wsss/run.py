@@ -11,6 +11,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +320,42 @@ def setup_logging(stage_dir: Path, name: str) -> None:
         handlers.append(logging.FileHandler(stage_dir / f"{name}.log"))
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+# ---------------------------------------------------------------- phases
+
+_phases: dict[str, dict] = {}  # this process's phase times since the last `phase_times()`
+_active: list[dict] = []  # the phases under way, innermost last
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """Time one phase of a stage (training, CAMs, saliency, CRF, predictions): a stage's manifest
+    and log say where its time went, and `bench.gpu_check` turns them into images per second and a
+    projection of a full run. Phases of one name add up (each erasing step trains once); the code
+    that does the work says how many images it did (`count_images`)."""
+    record = _phases.setdefault(name, {"start": round(time.time(), 3), "seconds": 0.0, "images": 0})
+    t0 = time.perf_counter()
+    _active.append(record)
+    try:
+        yield record
+    finally:
+        _active.remove(record)
+        record["seconds"] = round(record["seconds"] + time.perf_counter() - t0, 3)
+        record["end"] = round(time.time(), 3)
+
+
+def count_images(n: int) -> None:
+    """Add `n` images done to the innermost phase under way (none: nothing to count)."""
+    if _active:
+        _active[-1]["images"] += int(n)
+
+
+def phase_times() -> dict[str, dict]:
+    """The phases timed since the last call ({name: start, end, seconds, images}), and a fresh count."""
+    times = {k: dict(v) for k, v in _phases.items()}
+    _phases.clear()
+    return times
 
 
 # Each pool worker computes with one thread: a worker's BLAS, OpenMP, torch or OpenCV starting a thread

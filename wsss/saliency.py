@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from wsss.data.voc import DatasetError
 from wsss.io import write_png
-from wsss.run import process_pool
+from wsss.run import count_images, process_pool
 
 BUILTIN = "builtin"
 WORK_SIDE = 256  # longer side of the working image; maps are resized back to the image size
@@ -252,6 +252,7 @@ def ensure_saliency(dataset, ids, out_dir, source: str = BUILTIN, workers: int =
             raise DatasetError(f"{saliency_path(folder, missing[0])}: no saliency map for image '{missing[0]}' "
                                f"({len(missing)} of {len(todo)} maps missing)")
         source = str(folder)
+    count_images(len(todo))
     if not todo:
         return
     out_dir.mkdir(parents=True, exist_ok=True)

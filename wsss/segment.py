@@ -67,6 +67,7 @@ from wsss.run import (
     barrier,
     is_main_process,
     log,
+    phase,
     positive_float,
     positive_int,
     resolve_device,
@@ -171,7 +172,7 @@ def run(args) -> dict | None:
 
     t_pred = time.time()
     checkpoint = out / final / CHECKPOINT
-    with autocast(ctx.amp, torch_device(device).type):
+    with autocast(ctx.amp, torch_device(device).type), phase("predict-val"):
         predict_split(model, ctx.val, ctx.val.ids, out / pred, device=torch_device(device), scales=args.scales,
                       flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),
                       workers=args.workers, checkpoint=checkpoint, desc="predict val")

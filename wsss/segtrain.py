@@ -23,7 +23,7 @@ from wsss.losses import cross_entropy
 from wsss.nets import build_net
 from wsss.predict import label_map, predict_masks, predict_split
 from wsss.pseudo import stc_soft_target
-from wsss.run import autocast, log, resolve_amp, run_dir, spread
+from wsss.run import autocast, log, phase, resolve_amp, run_dir, spread
 from wsss.train import fit, torch_device
 
 # transforms.train_augment pads masks with 255. To tell padding (outside the image) apart from a
@@ -205,7 +205,7 @@ class Stage3:
         (and flip), restricted to each image's labels, optionally through a dense CRF, 255 where the
         net is unsure or the CRF disagrees with it (--self-train-confidence; `wsss.predict`, step 5)."""
         args = self.args
-        with autocast(self.amp, torch_device(self.device).type):
+        with autocast(self.amp, torch_device(self.device).type), phase("targets"):
             return predict_split(model, self.train, ids, out_dir, device=torch_device(self.device),
                                  scales=args.self_train_scales, flip=args.self_train_flip, restrict=True,
                                  crf=crf_params is not None, crf_params=crf_params,

@@ -45,6 +45,7 @@ from wsss.run import (
     environment,
     is_main_process,
     is_safe_name,
+    phase_times,
     rank_world,
     run_dir,
     seed_everything,
@@ -158,6 +159,11 @@ class Stage:
     def finish(self, outputs: dict) -> dict:
         """Write the manifest (the stage is complete) and release the lock."""
         manifest = None
+        phases = phase_times()
+        if phases:
+            log.info("phases: %s", ", ".join(f"{k} {v['seconds']:.1f} s" + (f" ({v['images']} images)" if v["images"]
+                                                                              else "") for k, v in phases.items()))
+            outputs = {**outputs, "phases": phases}
         if is_main_process():
             manifest = io.write_manifest(self.path, self.config, outputs=outputs, started=self.started,
                                          fingerprints=self.inputs, environment=self.environment)

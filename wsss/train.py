@@ -45,7 +45,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from wsss import io
-from wsss.run import autocast, distributed, is_main_process, rank_world
+from wsss.run import autocast, count_images, distributed, is_main_process, phase, rank_world
 
 log = logging.getLogger("wsss")
 CHECKPOINT = "checkpoint.pt"
@@ -230,53 +230,55 @@ def _fit(model, dataset, step_fn, out_dir, *, epochs, batch_size, lr, device, se
         t0 = time.time()
         iterations: list[dict] = []
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not is_main_process(), leave=False)
-        for it, batch in enumerate(bar):
-            step = epoch * iters_per_epoch + it
-            torch.manual_seed(step_seed(seed, step))  # dropout / stochastic depth: the same after a resume
-            for g in optimizer.param_groups:
-                g["lr"] = scheduled_lr(g["initial_lr"], step, total, warmup)
-            batch = to_device(batch, dev)
-            with precision:
-                loss, logs = step_fn(net, batch, epoch)
-            where = f"epoch {epoch + 1}, iteration {it + 1} of {iters_per_epoch}"
-            if check_every == 1 and not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: the loss became {loss.item()} at {where}; "
-                                         f"lower --lr or raise --warmup")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-            else:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], clip_grad if clip_grad > 0 else math.inf)
-            grad_norm = float(norm) if check_every == 1 else math.nan
-            if scaler is not None:  # an fp16 overflow skips the step and lowers the scale; only a run of them is fatal
-                skipped = 0 if math.isfinite(grad_norm) else skipped + 1
-                if skipped > MAX_SKIPPED:
-                    raise FloatingPointError(f"{desc}: the fp16 gradients overflowed {skipped} steps in a row at "
-                                             f"{where}; lower --lr, raise --warmup or use --amp bf16/off")
-                scaler.step(optimizer)
-                scaler.update()
-            elif check_every == 1 and not math.isfinite(grad_norm):
-                raise FloatingPointError(f"{desc}: the gradient norm became {grad_norm} at {where}; "
-                                         f"lower --lr or raise --warmup")
-            else:
-                optimizer.step()
-            logs = {"loss": loss.detach(), **logs}
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
-            if check_every > 1:
-                nonfinite |= ~(torch.isfinite(logs["loss"]) & torch.isfinite(norm))
-            if step % log_every == 0 or it + 1 == iters_per_epoch:
-                if check_every > 1 and bool(nonfinite):  # the one read of the device in log_every steps
-                    raise FloatingPointError(f"{desc}: the loss or gradient norm became non-finite by {where} (checked "
-                                             f"every {check_every} iterations); lower --lr or raise --warmup")
-                if step % log_every == 0:
-                    iterations.append({"epoch": epoch + 1, "iter": step + 1, **{k: float(v) for k, v in logs.items()},
-                                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(norm)})
-                bar.set_postfix(loss=f"{float(sums['loss']) / (it + 1):.4f}")
-        sums = {k: float(v) for k, v in sums.items()}
+        with phase("train"):
+            for it, batch in enumerate(bar):
+                step = epoch * iters_per_epoch + it
+                torch.manual_seed(step_seed(seed, step))  # dropout / stochastic depth: the same after a resume
+                for g in optimizer.param_groups:
+                    g["lr"] = scheduled_lr(g["initial_lr"], step, total, warmup)
+                batch = to_device(batch, dev)
+                with precision:
+                    loss, logs = step_fn(net, batch, epoch)
+                where = f"epoch {epoch + 1}, iteration {it + 1} of {iters_per_epoch}"
+                if check_every == 1 and not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: the loss became {loss.item()} at {where}; "
+                                             f"lower --lr or raise --warmup")
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], clip_grad if clip_grad > 0 else math.inf)
+                grad_norm = float(norm) if check_every == 1 else math.nan
+                if scaler is not None:  # an fp16 overflow skips the step and lowers the scale; only a run of them is fatal
+                    skipped = 0 if math.isfinite(grad_norm) else skipped + 1
+                    if skipped > MAX_SKIPPED:
+                        raise FloatingPointError(f"{desc}: the fp16 gradients overflowed {skipped} steps in a row at "
+                                                 f"{where}; lower --lr, raise --warmup or use --amp bf16/off")
+                    scaler.step(optimizer)
+                    scaler.update()
+                elif check_every == 1 and not math.isfinite(grad_norm):
+                    raise FloatingPointError(f"{desc}: the gradient norm became {grad_norm} at {where}; "
+                                             f"lower --lr or raise --warmup")
+                else:
+                    optimizer.step()
+                logs = {"loss": loss.detach(), **logs}
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
+                if check_every > 1:
+                    nonfinite |= ~(torch.isfinite(logs["loss"]) & torch.isfinite(norm))
+                if step % log_every == 0 or it + 1 == iters_per_epoch:
+                    if check_every > 1 and bool(nonfinite):  # the one read of the device in log_every steps
+                        raise FloatingPointError(f"{desc}: the loss or gradient norm became non-finite by {where} (checked "
+                                                 f"every {check_every} iterations); lower --lr or raise --warmup")
+                    if step % log_every == 0:
+                        iterations.append({"epoch": epoch + 1, "iter": step + 1, **{k: float(v) for k, v in logs.items()},
+                                           "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(norm)})
+                    bar.set_postfix(loss=f"{float(sums['loss']) / (it + 1):.4f}")
+            sums = {k: float(v) for k, v in sums.items()}  # waits for the epoch's last kernels: the phase ends after
+            count_images(iters_per_epoch * batch_size)
         if distributed():  # the epoch's figures over every rank's images, not rank 0's share
             totals = torch.tensor(list(sums.values()), dtype=torch.float64)
             dist.all_reduce(totals)
@@ -287,7 +289,7 @@ def _fit(model, dataset, step_fn, out_dir, *, epochs, batch_size, lr, device, se
         if is_main_process():
             if evaluate is not None:
                 net.eval()
-                with precision:
+                with precision, phase("epoch-val"):
                     record.update(evaluate(model))
             problem = health(record) if health is not None else None
             if problem is None and epoch + 1 == epochs:
