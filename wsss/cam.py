@@ -40,7 +40,7 @@ SCALES = (0.5, 1.0, 1.5, 2.0)
 
 def to_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """RGB uint8 (B, H, W, 3) -> ImageNet-normalised float (B, 3, H, W), channels_last."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    x = torch.from_numpy(np.require(images, requirements=("C", "W"))).to(device)  # a decoded photo is read-only
     x = x.permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)

@@ -326,6 +326,7 @@ def setup_logging(stage_dir: Path, name: str) -> None:
 
 _phases: dict[str, dict] = {}  # this process's phase times since the last `phase_times()`
 _active: list[dict] = []  # the phases under way, innermost last
+_spans: list[tuple[str, float, float]] = []  # (name, start, end) of every phase this process ran
 
 
 @contextlib.contextmanager
@@ -334,8 +335,8 @@ def phase(name: str):
     and log say where its time went, and `bench.gpu_check` turns them into images per second and a
     projection of a full run. Phases of one name add up (each erasing step trains once); the code
     that does the work says how many images it did (`count_images`)."""
-    record = _phases.setdefault(name, {"start": round(time.time(), 3), "seconds": 0.0, "images": 0})
-    t0 = time.perf_counter()
+    start, t0 = time.time(), time.perf_counter()
+    record = _phases.setdefault(name, {"start": round(start, 3), "seconds": 0.0, "images": 0})
     _active.append(record)
     try:
         yield record
@@ -343,6 +344,12 @@ def phase(name: str):
         _active.remove(record)
         record["seconds"] = round(record["seconds"] + time.perf_counter() - t0, 3)
         record["end"] = round(time.time(), 3)
+        _spans.append((name, start, time.time()))
+
+
+def phase_spans() -> list[tuple[str, float, float]]:
+    """(name, start, end) wall-clock times of every phase this process has run (for utilisation samples)."""
+    return list(_spans)
 
 
 def count_images(n: int) -> None:
