@@ -266,7 +266,7 @@ def _fit(model, dataset, step_fn, out_dir, *, epochs, batch_size, lr, device, se
                     optimizer.step()
                 logs = {"loss": loss.detach(), **logs}
                 for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
+                    sums[k] = sums.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else v)  # as float()
                 if check_every > 1:
                     nonfinite |= ~(torch.isfinite(logs["loss"]) & torch.isfinite(norm))
                 if step % log_every == 0 or it + 1 == iters_per_epoch:
