@@ -124,3 +124,18 @@ def test_images_of_two_buckets_are_refused_together():
     model = PoolCAM()
     with pytest.raises(ValueError, match="different shapes"):
         multiscale_cams_batch(model, [blob_image(48, 72), blob_image(48, 140)], [[1], [1]], divisor=64)
+
+
+def test_ranks_share_the_images_once_each(tiny_voc_factory, monkeypatch):
+    """Under torchrun every image is predicted by exactly one rank (on a GPU, by bucket: few shapes each)."""
+    from wsss.data.voc import VOCDataset
+    from wsss.predict import rank_share
+
+    dataset = VOCDataset(tiny_voc_factory(n_train=7), "train")
+    shares = []
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        shares.append(rank_share(dataset, dataset.ids, (1.0,), "cpu"))
+    assert sorted(i for share in shares for i in share) == sorted(dataset.ids)
+    assert all(shares)

@@ -47,8 +47,8 @@ from wsss import io
 from wsss.cam import crop_to_view, pad_to, to_input
 from wsss.crf import TEST_CRF, net_crf_params
 from wsss.data.voc import DatasetError, find_images
-from wsss.run import count_images, inference_kernels
-from wsss.shapes import batches, bucket, scaled_size, size_divisor
+from wsss.run import count_images, inference_kernels, rank_world
+from wsss.shapes import batches, bucket, scaled_size, shard_batches, size_divisor
 from wsss.viz import overlay_with_legend, resize
 
 log = logging.getLogger("wsss")
@@ -136,12 +136,7 @@ def predict_masks(model, dataset, ids, *, device, scales=(1.0,), flip=False, gat
     device = torch.device(device)
     divisor = size_divisor(device.type)
     batch_size = PREDICT_BATCH.get(device.type, 1)
-
-    def key(id_):
-        w, h = dataset.image_size(id_)
-        return bucket((h, w), scales, divisor)
-
-    planned = batches(ids, key, batch_size) if batch_size > 1 else [[i] for i in ids]
+    planned = bucket_batches(dataset, ids, scales, divisor, batch_size) if batch_size > 1 else [[i] for i in ids]
     with tqdm(total=len(ids), desc=desc, leave=False) as bar:
         for batch in planned:
             images = [dataset.image(id_) for id_ in batch]
@@ -151,6 +146,26 @@ def predict_masks(model, dataset, ids, *, device, scales=(1.0,), flip=False, gat
                 for k, p in zip(group, probs, strict=True):
                     yield batch[k], images[k], restrict_probs(p, dataset.label_ids(batch[k])) if restrict else p
             bar.update(len(batch))
+
+
+def bucket_batches(dataset, ids, scales, divisor: int, batch_size: int) -> list[list[str]]:
+    """`ids` in batches of one bucket (`wsss.shapes`), from the image headers."""
+    def key(id_):
+        w, h = dataset.image_size(id_)
+        return bucket((h, w), scales, divisor)
+
+    return batches(ids, key, batch_size)
+
+
+def rank_share(dataset, ids, scales, device) -> list[str]:
+    """This rank's images under torchrun: a contiguous run of the bucket-ordered list, so each rank
+    meets few shapes (all of `ids`, in order, in a plain process)."""
+    rank, world = rank_world()
+    if world == 1:
+        return list(ids)
+    device = torch.device(device)
+    planned = bucket_batches(dataset, ids, scales, size_divisor(device.type), PREDICT_BATCH.get(device.type, 1))
+    return [i for b in shard_batches(planned, rank, world) for i in b]
 
 
 def label_map(probs) -> np.ndarray:
@@ -218,7 +233,7 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
     (renormalised over the classes present) is below it and, with `crf`, where the CRF changes the
     net's label. Under torchrun each rank predicts its share of the ids. Returns out_dir.
     """
-    from wsss.run import barrier, is_main_process, shard
+    from wsss.run import barrier, is_main_process
 
     out_dir = Path(out_dir)
     crf_params = crf_settings(crf, crf_params)
@@ -230,7 +245,7 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
     if is_main_process():
         _prepare_folder(out_dir, settings, ids)
     barrier()
-    ids = shard(ids)
+    ids = rank_share(dataset, ids, scales, device)
     todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
     count_images(len(todo))
     if len(todo) < len(ids):
