@@ -106,8 +106,8 @@ def padding_effect(run: Path, count: int) -> dict:
     diff = np.concatenate(diffs)
     return {"images": len(ids), "divisor": divisor, "mean_abs_diff": round(float(diff.mean()), 4),
             "p99_abs_diff": round(float(np.percentile(diff, 99)), 4),
-            "regions_miou_unpadded": scores(matrices[1])["miou"],
-            "regions_miou_padded": scores(matrices[divisor])["miou"]}
+            "regions_miou_unpadded": round(scores(matrices[1])["miou"], 2),
+            "regions_miou_padded": round(scores(matrices[divisor])["miou"], 2)}
 
 
 def main(argv=None) -> None:

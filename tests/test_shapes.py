@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from wsss.cam import SCALES, multiscale_cams_batch
 from wsss.models.segnet import valid_mean
 from wsss.predict import predict_probs_batch
-from wsss.shapes import SIZE_DIVISOR, batches, bucket, fitted_size, padded_size, shard_batches
+from wsss.shapes import SIZE_DIVISOR, batches, bucket, fitted_size, padded_size, scaled_size, shard_batches
 
 torch.set_num_threads(2)
 VOC_SIZES = Path(__file__).resolve().parent.parent / "bench" / "data" / "voc12_sizes.csv"
@@ -31,6 +31,8 @@ def test_padded_size_and_bucket():
     assert fitted_size((600, 2000), 1000) == (300, 1000) and fitted_size((60, 80), 1000) == (60, 80)
     with pytest.raises(ValueError):
         padded_size((10, 10), 0)
+    scales = (0.5, 0.75, 1.0, 1.5, 2.0)
+    assert bucket((375, 501), scales, 1) == tuple(scaled_size((375, 501), s) for s in scales)  # a CPU pads nothing
 
 
 def test_batches_group_by_key_in_order_and_ranks_split_contiguously():

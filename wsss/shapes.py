@@ -55,8 +55,10 @@ def padded_size(size: tuple[int, int], divisor: int) -> tuple[int, int]:
 def view_divisor(divisor: int, scale: float) -> int:
     """The divisor of a view at `scale`: `divisor` scaled with it, so that an image's views pad
     alike (a 500x375 image: 256x192 at 0.5, 512x384 at 1, 768x576 at 1.5) and its bucket follows
-    from its padded full size; one divisor for every scale would give scale 2 three times the shapes."""
-    return max(1, round(divisor * scale))
+    from its padded full size; one divisor for every scale would give scale 2 three times the shapes.
+    Divisor 1 pads no view: an odd view padded to even would move the border padding of nets with
+    "same" padding, and change their maps."""
+    return 1 if divisor == 1 else max(1, round(divisor * scale))
 
 
 def bucket(size: tuple[int, int], scales: Sequence[float], divisor: int) -> tuple[tuple[int, int], ...]:
