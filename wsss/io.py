@@ -153,10 +153,27 @@ def save_checkpoint(path, state: dict) -> None:
     write_bytes(path, buf.getvalue())
 
 
+class UnsafeFileError(ValueError):
+    """A data file or checkpoint that is not plain data (it would run code, or cannot be read as
+    data); the message names the file."""
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
+    """A checkpoint is tensors and plain types (dict, list, str, int, float, None): torch's
+    `weights_only` loader refuses anything else, so a checkpoint from elsewhere cannot run code."""
+    import pickle
+
     import torch
 
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's message opens with advice to load it unsafely; the line naming the culprit is the one to show
+        why = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(e).__name__)
+        raise UnsafeFileError(f"{path}: not a checkpoint of plain tensors and numbers, refused ({why})") from e
 
 
 # ---------------------------------------------------------------- manifests

@@ -255,6 +255,8 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
 
 def error_line(e: BaseException) -> str | None:
     """One line for a failure the user can fix (bad input, a full disk...), None for a bug."""
+    if isinstance(e, io.UnsafeFileError):
+        return str(e)
     if isinstance(e, StageError | DatasetError):
         text = str(e).strip()
         # a DataLoader worker's error comes wrapped with its traceback; its last line is the message
