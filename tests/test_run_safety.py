@@ -388,3 +388,28 @@ def test_artifacts_follow_the_umask(tmp_path):
     io.save_checkpoint(tmp_path / "c.pt", {"w": torch.zeros(1)})
     for name in ("m.png", "c.pt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("where, flags", [
+    ("stage2/pseudo", ("--split", "train")), ("stage2", ()), ("stage1/regions", ()), (".", ()),
+    ("stage3", ()), ("stage3/psl", ()), ("stage3/pred", ("--flip",)), ("stage3-b/pred", ()),
+    ("stage3/pred/sub", ()), ("..", ())])
+def test_predict_out_never_points_into_a_stage_folder(tmp_path, capsys, where, flags):
+    run = tmp_path / "o" / "r"
+    io.write_json(run / "stage3" / "config.json", {"val_split": "val", "data": str(tmp_path)})
+    for folder in ("stage1/regions", "stage2/pseudo", "stage3/psl", "stage3/pred", "stage3-b/pred"):
+        io.write_mask(run / folder / "x.png", np.zeros((2, 2), np.uint8))
+    before = stamps(tmp_path / "o")
+    assert predict.main(["--outputs", str(tmp_path / "o"), "--run", "r", "--out", str(run / where), *flags]) == 1
+    err = capsys.readouterr().err
+    assert "stage folder" in err or "outside the run's folder" in err, err
+    assert stamps(tmp_path / "o") == before
+
+
+@pytest.mark.parametrize("where, flags", [(None, ()), ("stage3/pred-flip", ("--flip",)), ("mine", ())])
+def test_predict_out_in_its_own_folder_is_accepted(tmp_path, capsys, where, flags):
+    run = tmp_path / "o" / "r"
+    io.write_json(run / "stage3" / "config.json", {"val_split": "val", "data": str(tmp_path)})
+    out = () if where is None else ("--out", str(run / where))
+    assert predict.main(["--outputs", str(tmp_path / "o"), "--run", "r", *out, *flags]) == 1
+    assert "no final net recorded" in capsys.readouterr().err  # past the checks on --out

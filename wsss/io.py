@@ -94,15 +94,41 @@ def write_npz(path, **arrays) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def write_png(path, image: np.ndarray | Image.Image) -> None:
-    """Write an RGB/grey uint8 array (or a PIL image) as PNG."""
+def write_png(path, image: np.ndarray | Image.Image, text: dict | None = None) -> None:
+    """Write an RGB/grey uint8 array (or a PIL image) as PNG; `text` {key: str} goes into its tEXt
+    chunks, written with the pixels in one atomic write (see png_text)."""
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     buf = _io.BytesIO()
-    img.save(buf, format="PNG")
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, str(value))
+    img.save(buf, format="PNG", pnginfo=info)
     write_bytes(path, buf.getvalue())
 
 
-def write_mask(path, mask: np.ndarray) -> None:
+def png_text(path) -> dict:
+    """The tEXt chunks of a PNG ({} for none, or a file that cannot be read)."""
+    try:
+        with Image.open(path) as img:
+            return dict(getattr(img, "text", {}) or {})
+    except (OSError, ValueError):
+        return {}
+
+
+def file_hash(path) -> str:
+    """A short hash of a file's contents."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def write_mask(path, mask: np.ndarray, text: dict | None = None) -> None:
     """Write a label mask (uint8, 0 = background, 255 = ignore) as a VOC palette PNG."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -113,7 +139,7 @@ def write_mask(path, mask: np.ndarray) -> None:
         mask = mask.astype(np.uint8)
     img = Image.fromarray(mask, mode="P")
     img.putpalette(PALETTE.reshape(-1).tolist())
-    write_png(path, img)
+    write_png(path, img, text)
 
 
 def read_mask(path) -> np.ndarray:
