@@ -413,3 +413,51 @@ def test_predict_out_in_its_own_folder_is_accepted(tmp_path, capsys, where, flag
     out = () if where is None else ("--out", str(run / where))
     assert predict.main(["--outputs", str(tmp_path / "o"), "--run", "r", *out, *flags]) == 1
     assert "no final net recorded" in capsys.readouterr().err  # past the checks on --out
+
+
+# ---------------------------------------------------------------- --force removes what the stage wrote, only
+
+def users_files(stage: Path, names) -> dict:
+    """Write a user's file at each relative name (a name ending in '/' is a folder holding one)."""
+    files = {}
+    for name in names:
+        path = stage / name / "notes.txt" if name.endswith("/") else stage / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"a user's {name}")
+        files[path] = path.read_text()
+    return files
+
+
+def test_force_keeps_a_users_files_among_stage2s_folders(s2):
+    data, stage, run = s2
+    run()
+    mine = users_files(stage, ["pseudo/README.txt", "fused/", "overlay.txt", "saliency-old/"])
+    written = sorted(p.name for p in (stage / "pseudo").glob("*.png"))
+    run("--bg-threshold", "0.3", "--force")
+    assert all(p.read_text() == text for p, text in mine.items())
+    assert sorted(p.name for p in (stage / "pseudo").glob("*.png")) == written
+    assert io.read_json(stage / "manifest.json")["config"]["bg_threshold"] == 0.3
+
+
+def test_force_keeps_a_users_files_among_stage1s_folders(tmp_path, tiny_voc_factory):
+    from test_stage1 import run_stage1
+
+    data = tiny_voc_factory("data", n_train=2, n_val=0)
+    stage = run_stage1(data, tmp_path / "out", "--ae-steps", "1")
+    mine = users_files(stage, ["step_notes.txt", "stepwise_experiments/", "regions/README.txt", "step1/mine.txt"])
+    run_stage1(data, tmp_path / "out", "--ae-steps", "1", "--force", "--ae-threshold", "0.5")
+    assert all(p.read_text() == text for p, text in mine.items())
+    assert io.read_json(stage / "manifest.json")["config"]["ae_threshold"] == 0.5
+    assert len(list((stage / "regions").glob("*.npz"))) == 2
+
+
+def test_force_keeps_a_users_prediction_folder_in_stage3(tiny_voc, tmp_path):
+    outputs = tmp_path / "outputs"
+    make_stage2(tiny_voc, outputs / "r")
+    go = stage3_runner(tiny_voc, outputs)
+    go()
+    stage = outputs / "r" / "stage3"
+    mine = users_files(stage, ["pred-by-hand/", "eval-mine.json", "psl/notes.txt"])
+    go("--force", "--lr", "0.005")
+    assert all(p.read_text() == text for p, text in mine.items())
+    assert len(list((stage / "pred").glob("*.png"))) == 2

@@ -43,6 +43,86 @@ def voc_palette(n: int = 256) -> np.ndarray:
 PALETTE = voc_palette()
 
 
+# ---------------------------------------------------------------- what a folder's owner wrote
+
+JOURNAL = ".written"  # in a journaled folder: one JSON string a line, each a path it wrote (relative)
+_JOURNALED = "WSSS_JOURNALED"  # os.pathsep-separated folders journaled now; spawned workers inherit it
+
+
+def journal(folder, on: bool = True) -> None:
+    """Start (or stop) recording every file written under `folder` through this module, in this
+    process and the processes it starts from now on, in folder/.written: what a stage (or the report)
+    wrote, so that --force removes exactly that and never a user's file of a similar name."""
+    folder = os.path.realpath(folder)
+    folders = [f for f in os.environ.get(_JOURNALED, "").split(os.pathsep) if f and f != folder]
+    if on:
+        folders.append(folder)
+    if folders:
+        os.environ[_JOURNALED] = os.pathsep.join(folders)
+    else:
+        os.environ.pop(_JOURNALED, None)
+
+
+def _record(path: Path) -> None:
+    """Add `path` to the journal of the innermost journaled folder holding it (before it is written:
+    a kill between the two leaves a line for a file that is not there, never a file without its line)."""
+    folders = os.environ.get(_JOURNALED)
+    if not folders:
+        return
+    target = os.path.join(os.path.realpath(path.parent), path.name)
+    holders = [f for f in folders.split(os.pathsep) if f and target.startswith(f + os.sep)]
+    if not holders:
+        return
+    folder = max(holders, key=len)
+    line = json.dumps(os.path.relpath(target, folder)) + "\n"
+    fd = os.open(os.path.join(folder, JOURNAL), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        os.write(fd, line.encode())  # one write in append mode: lines of concurrent writers never interleave
+    finally:
+        os.close(fd)
+
+
+def journaled(folder) -> list[str] | None:
+    """The relative paths folder/.written records (each once, in order; only plain paths inside the
+    folder); None when the folder has no journal (written before journals, or never journaled)."""
+    path = Path(folder) / JOURNAL
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    seen: dict[str, None] = {}
+    for line in text.splitlines():
+        try:
+            rel = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(rel, str) and rel and not os.path.isabs(rel) and ".." not in Path(rel).parts:
+            seen[rel] = None
+    return list(seen)
+
+
+def remove_journaled(folder, keep=()) -> list[str]:
+    """Remove the files folder/.written records (but those in `keep`), then the folders they leave
+    empty; the journal then records only the kept files that exist. Returns the removed paths."""
+    folder = Path(folder)
+    entries = journaled(folder) or []
+    keep = set(keep)
+    removed = []
+    for rel in entries:
+        path = folder / rel
+        if rel not in keep and (path.is_file() or path.is_symlink()):
+            path.unlink()
+            removed.append(rel)
+    parents = {parent for rel in removed for parent in Path(rel).parents if parent != Path(".")}
+    for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: it holds something else
+            (folder / parent).rmdir()
+    left = [rel for rel in entries if rel in keep and (folder / rel).exists()]
+    if left or (folder / JOURNAL).exists():
+        write_bytes(folder / JOURNAL, "".join(json.dumps(rel) + "\n" for rel in left).encode())
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -53,6 +133,8 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        if path.name != JOURNAL:
+            _record(path)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -217,7 +299,7 @@ def fingerprint(path) -> str:
         h.update((path / MANIFEST).read_bytes())
     elif path.is_dir():
         for p in sorted(path.rglob("*")):
-            if p.is_file():
+            if p.is_file() and p.name != JOURNAL:
                 st = p.stat()
                 h.update(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     else:

@@ -13,7 +13,10 @@ One rule for every stage, `wsss.predict` and the report, because a user's hours 
   `wsss.run.runtime(...)` / `test_time(...)`, and never invalidate anything.
 - **Never delete silently.** A different config or changed inputs stop the stage before it touches
   anything, with the differences (old -> new) and what to do. `--force` removes, and names, only
-  the entries the stage itself writes (`owned` glob patterns); anything else in the folder stays.
+  the files the stage itself wrote: every write through `wsss.io` under a locked stage folder is
+  recorded in its journal (`.written`, io.journal) before it lands, so a user's `step_notes.txt`
+  or `regions/README.txt` stays whatever its name. (A folder of a version before journals goes by
+  the stage's `owned` glob patterns.)
 - **Resume or skip.** Same config and inputs: a finished stage (complete manifest) is skipped, an
   unfinished one resumes from the artifacts already written.
 - **Finish.** The manifest (`io.write_manifest`) is written last, then the lock is released; a stage
@@ -106,10 +109,12 @@ def dataset_inputs(dataset, masks: bool = False, prefix: str = "") -> dict:
 
 def lock(folder: Path, what: str) -> None:
     """Hold folder/.lock for this process (see the module docstring); a held lock is an error."""
+    io.journal(folder)  # every rank records what it writes there (what --force removes)
     if not is_main_process():
         return
     path = Path(folder) / LOCK
     release(folder)  # a lock this process already holds (an earlier stage run in the same process)
+    io.journal(folder)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -124,6 +129,7 @@ def lock(folder: Path, what: str) -> None:
 
 
 def release(folder: Path) -> None:
+    io.journal(folder, on=False)
     fd = _held.pop(Path(folder) / LOCK, None)
     if fd is not None:
         os.close(fd)  # closing the descriptor drops the flock
@@ -167,10 +173,28 @@ def differences(old: dict, new: dict) -> list[str]:
 
 
 def owned_entries(folder: Path, owned) -> list[Path]:
-    """The entries of `folder` the stage writes (its `owned` glob patterns)."""
+    """The entries of `folder` holding what the stage wrote: the top-level entries of its journal
+    (io.journal), or for a folder written before journals, those its `owned` glob patterns match."""
+    written = io.journaled(folder)
+    if written is not None:
+        return sorted({folder / Path(rel).parts[0] for rel in written if (folder / rel).exists()})
     legacy = ("state.json", "started.json")  # the stamps of versions before this module
     found = {p for pattern in (*owned, STAMP, io.MANIFEST, "config.json", *legacy) for p in folder.glob(pattern)}
     return sorted(found)
+
+
+def remove_owned(folder: Path, owned) -> list[str]:
+    """--force: remove the files the stage wrote (its journal) and the folders they leave empty;
+    everything else stays. A folder written before journals goes by the `owned` patterns."""
+    if io.journaled(folder) is not None:
+        return io.remove_journaled(folder)
+    ours = owned_entries(folder, owned)
+    if ours:
+        log.warning("--force: %s holds no record of the files written there (an older version wrote it); "
+                    "removing the entries named as the stage's: %s", folder, ", ".join(p.name for p in ours))
+    for p in ours:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return [p.name for p in ours]
 
 
 def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage | None:
@@ -219,9 +243,9 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
     ours = owned_entries(out, owned)
     if args.force:
         if ours and main:
-            log.warning("--force: removing %s from %s", ", ".join(p.name for p in ours), out)
-            for p in ours:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            log.warning("--force: removing %s from %s (what the stage wrote there; nothing else)",
+                        ", ".join(p.name for p in ours), out)
+            remove_owned(out, owned)
         return Stage(out, config, prints)
     if stamp is None:
         if [p for p in ours if p.name != "config.json"]:
