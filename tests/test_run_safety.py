@@ -461,3 +461,57 @@ def test_force_keeps_a_users_prediction_folder_in_stage3(tiny_voc, tmp_path):
     go("--force", "--lr", "0.005")
     assert all(p.read_text() == text for p, text in mine.items())
     assert len(list((stage / "pred").glob("*.png"))) == 2
+
+
+# ---------------------------------------------------------------- stale results
+
+@pytest.mark.parametrize("source", ["masks", "annotations"])
+def test_labels_read_from_masks_or_annotations_are_inputs_of_stage1(tmp_path, tiny_voc_factory, source):
+    from test_stage1 import run_stage1
+
+    data = tiny_voc_factory("data", n_train=2, n_val=0)
+    (data / "cls_labels.npy").unlink()
+    first = VOCDataset(data, "train").ids[0]
+    if source == "annotations":
+        import shutil
+
+        shutil.rmtree(data / "SegmentationClassAug")
+        (data / "Annotations").mkdir()
+        for id_ in VOCDataset(data, "train").ids:
+            (data / "Annotations" / f"{id_}.xml").write_text(
+                "<annotation><object><name>disc</name></object></annotation>")
+    stage = run_stage1(data, tmp_path / "out", "--ae-steps", "1")
+    before = stamps(stage)
+    if source == "masks":  # a class painted into the mask: another image label
+        path = data / "SegmentationClassAug" / f"{first}.png"
+        mask = io.read_mask(path).copy()
+        mask[:4, :4] = 3 if 3 not in mask else 2
+        io.write_mask(path, mask)
+    else:
+        (data / "Annotations" / f"{first}.xml").write_text(
+            "<annotation><object><name>disc</name></object><object><name>bar</name></object></annotation>")
+    with pytest.raises(SystemExit, match=rf"(?s)Inputs changed.*{'label masks' if source == 'masks' else 'annotations'}"):
+        run_stage1(data, tmp_path / "out", "--ae-steps", "1")
+    assert stamps(stage) == before
+
+
+def test_force_on_stage2_is_refused_while_stage3_runs_on_it(s2):
+    data, stage, run = s2
+    run()
+    stage3 = stage.parent / "stage3"
+    stage3.mkdir()
+    before = stamps(stage)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(stage3)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=rf"stage3: .*running .*\(pid {holder.pid}\).*--force"):
+            run("--bg-threshold", "0.3", "--force")
+        assert stamps(stage) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    run("--bg-threshold", "0.3", "--force")
+    assert io.read_json(stage / "manifest.json")["config"]["bg_threshold"] == 0.3
+    lock(stage3, "stage 3")  # stage 2 let go of the downstream lock when it finished
+    release(stage3)

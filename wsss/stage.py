@@ -5,7 +5,9 @@ One rule for every stage, `wsss.predict` and the report, because a user's hours 
 - **Lock.** An advisory `fcntl` lock on `STAGE/.lock` (holding the owner's pid) for as long as the
   stage runs: a second process on the same folder stops with the holder's pid. The kernel drops the
   lock when its process dies, so a `kill -9` leaves no stale lock. Under torchrun only rank 0 locks:
-  the ranks of one job share the folder.
+  the ranks of one job share the folder. A `--force` run also holds the locks of the stages that
+  read its artifacts (stage 1 -> 2 -> 3), so it is refused while one of them runs, and none starts
+  on artifacts being removed and rewritten.
 - **Compare.** `stage.json` records the artifact config and the input fingerprints the folder's
   artifacts belong to; it is written before the first artifact. Only *artifact* flags are config.
   *Runtime* flags (device, workers, overlays, where the outputs go) and stage 3's *test-time* flags
@@ -23,7 +25,8 @@ One rule for every stage, `wsss.predict` and the report, because a user's hours 
   that fails never reaches it.
 
 Input fingerprints: small files (lists, labels, class names, upstream manifests) by content; the
-images, masks and maps a stage reads by size + mtime, because hashing the 10,582 JPEGs of train_aug
+images, masks and maps a stage reads (and the masks or annotations the image labels come from when
+there is no cls_labels.npy) by size + mtime, because hashing the 10,582 JPEGs of train_aug
 (1.3 GB) on every start costs tens of seconds while a stat each costs well under one, and an edited
 or replaced file gets a new mtime. Upstream stage folders are fingerprinted by their manifest, which
 carries its finishing time: a redone stage 1 invalidates stages 2 and 3.
@@ -102,30 +105,74 @@ def dataset_inputs(dataset, masks: bool = False, prefix: str = "") -> dict:
               f"{prefix}images": [dataset.image_path(i) for i in dataset.ids]}
     if masks and dataset.mask_dir is not None:
         inputs[f"{prefix}masks"] = [dataset.mask_path(i) for i in dataset.ids]
+    if dataset._labels is None:  # no cls_labels.npy: the image labels come from the masks or annotations
+        from_masks = [dataset.mask_path(i) for i in dataset.ids if dataset.has_mask(i)]
+        from_xml = [dataset.root / "Annotations" / f"{i}.xml" for i in dataset.ids if not dataset.has_mask(i)]
+        if from_masks:
+            inputs[f"{prefix}label masks"] = from_masks
+        if from_xml:
+            inputs[f"{prefix}annotations"] = from_xml
     return inputs
+
+
+# inputs a version before them did not record: a stamp without one was made on the same inputs
+LATER_INPUTS = ("label masks", "annotations")
 
 
 # ---------------------------------------------------------------- the lock
 
-def lock(folder: Path, what: str) -> None:
-    """Hold folder/.lock for this process (see the module docstring); a held lock is an error."""
-    io.journal(folder)  # every rank records what it writes there (what --force removes)
+def lock(folder: Path, what: str, *, busy: str | None = None, writes: bool = True) -> None:
+    """Hold folder/.lock for this process (see the module docstring); a held lock is an error,
+    `busy` its message (after "FOLDER: ", with {pid} for the holder's) if given. `writes`: this
+    process writes there, and records what (io.journal)."""
+    if writes:
+        io.journal(folder)  # every rank records what it writes there (what --force removes)
     if not is_main_process():
         return
     path = Path(folder) / LOCK
     release(folder)  # a lock this process already holds (an earlier stage run in the same process)
-    io.journal(folder)
+    if writes:
+        io.journal(folder)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise StageError(f"{folder}: {what} is already running here (pid {holder}); wait for it to finish, "
-                         f"or use another --run") from None
+        if writes:
+            io.journal(folder, on=False)
+        message = (busy or "{what} is already running here (pid {pid}); wait for it to finish, or use "
+                   "another --run").format(what=what, pid=holder)
+        raise StageError(f"{folder}: {message}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[path] = fd
+
+
+def downstream(run: Path, name: str) -> list[Path]:
+    """The stage folders of `run` that read stage `name`'s artifacts (stage 1 -> 2 -> 3, 3-TAG)."""
+    later = {"stage1": ("stage2", "stage3"), "stage2": ("stage3",)}.get(name, ())
+    if not later or not run.is_dir():
+        return []
+    return sorted(p for p in run.iterdir() if p.is_dir() and any(
+        p.name == n or (n == "stage3" and p.name.startswith("stage3-")) for n in later))
+
+
+def lock_downstream(out: Path, name: str) -> list[Path]:
+    """--force: hold the locks of the stages that read this one while it is redone, so that none of
+    them runs on artifacts being removed and rewritten (one running now refuses the --force)."""
+    held = []
+    try:
+        for folder in downstream(out.parent, name):
+            lock(folder, name, writes=False,
+                 busy=f"a stage or wsss.predict is running on this run's {name} (pid {{pid}}); --force would "
+                      f"remove and rewrite what it reads: wait for it to finish, or use another --run")
+            held.append(folder)
+    except BaseException:
+        for folder in held:
+            release(folder)
+        raise
+    return held
 
 
 def release(folder: Path) -> None:
@@ -147,13 +194,16 @@ class Stage:
     started: float = field(default_factory=time.time)
     manifest: dict | None = None  # the complete manifest of a finished stage (stage 3 adds predictions)
     environment: dict | None = None  # wsss.run.environment: device, GPU, versions, commit
+    held: list = field(default_factory=list)  # the downstream stages' folders locked by --force
 
     def finish(self, outputs: dict) -> dict:
-        """Write the manifest (the stage is complete) and release the lock."""
+        """Write the manifest (the stage is complete) and release the locks."""
         manifest = None
         if is_main_process():
             manifest = io.write_manifest(self.path, self.config, outputs=outputs, started=self.started,
                                          fingerprints=self.inputs, environment=self.environment)
+        for folder in self.held:
+            release(folder)
         release(self.path)
         return manifest
 
@@ -215,15 +265,23 @@ def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage |
     except OSError as e:
         raise StageError(f"{out}: cannot create the stage folder ({e.strerror})") from e
     lock(out, name)
+    held = []
     try:
+        if args.force:
+            held = lock_downstream(out, name)
         setup_logging(out, name)
         opened = _compare(args, name, out, inputs, owned, done, main)
     except BaseException:
+        for folder in held:
+            release(folder)
         release(out)
         raise
     if opened is None:
+        for folder in held:
+            release(folder)
         release(out)
         return None
+    opened.held = held
     log.info("%s config: %s", name, opened.config)
     opened.environment = environment(args)
     log.info("%s runs on %s (%s), precision %s; %s", name, opened.environment.get("gpu", opened.environment["device"]),
@@ -255,7 +313,8 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
         return Stage(out, config, prints)
     changed = differences(stamp.get("config", {}), config)
     old_inputs = stamp.get("inputs", {})
-    moved = [f"  {k}" for k in sorted(set(old_inputs) | set(prints)) if old_inputs.get(k) != prints.get(k)]
+    later = {k for k in prints if k not in old_inputs and k.endswith(LATER_INPUTS) and old_inputs}
+    moved = [f"  {k}" for k in sorted(set(old_inputs) | set(prints) - later) if old_inputs.get(k) != prints.get(k)]
     if changed or moved:
         what = "finished" if manifest and manifest.get("complete") else "started"
         lines = [f"{out}: {name} was {what} with other settings or inputs; nothing was changed."]
