@@ -240,15 +240,59 @@ def read_mask(path) -> np.ndarray:
 
 
 def read_image(path) -> np.ndarray:
-    """Read an image as RGB uint8 (HxWx3); a clear error names a corrupt or missing file."""
+    """Read an image as RGB uint8 (HxWx3) as it is shown: EXIF orientation applied, any bit depth
+    scaled to 8 bits; a clear error names a corrupt, missing or oversized file.
+
+    The one reader of photos (training, CAMs, saliency, predictions, the importer), so that every
+    stage sees the same pixels; `image_size` gives its size from the header."""
     try:
         img = Image.open(path)
         img.load()
+        img = _oriented(img)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: image not found") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot decode image ({e})") from e
+    return _rgb8(img)
+
+
+def _oriented(img: Image.Image) -> Image.Image:
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(img) if _orientation(img) not in (None, 1) else img
+
+
+def _orientation(img: Image.Image) -> int | None:
+    try:
+        return img.getexif().get(0x0112)
+    except (OSError, ValueError, SyntaxError, TypeError):  # a broken EXIF block: shown as stored
+        return None
+
+
+def _rgb8(img: Image.Image) -> np.ndarray:
+    """RGB uint8 of any mode: 16-bit (and 32-bit integer holding 16-bit values) grey scaled by 1/257,
+    float grey in [0, 1] by 255; PIL's own conversion clips those to white."""
+    if img.mode.startswith("I") or img.mode == "F":
+        grey = np.asarray(img).astype(np.float64)
+        if img.mode == "F":
+            grey = grey * 255 if grey.size and grey.max() <= 1 else grey
+        elif img.mode.startswith("I;16") or (grey.size and grey.max() > 255):
+            grey = grey / 257
+        grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
     return np.asarray(img.convert("RGB"))
+
+
+def image_size(path) -> tuple[int, int]:
+    """(W, H) of an image as read_image returns it (EXIF orientation applied), from its header."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            return (h, w) if _orientation(img) in (5, 6, 7, 8) else (w, h)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image not found") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from e
 
 
 def save_checkpoint(path, state: dict) -> None:

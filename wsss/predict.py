@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from wsss import io
@@ -349,12 +348,11 @@ def plan(images: Path, out: Path) -> list[Path]:
             raise DatasetError(f"{images / seen[name]} and {images / rel}: both would write "
                                f"{out / MASKS / name}; rename one of them")
         seen[name] = rel
-    for rel in rels:  # header only: a file that is not an image is reported before any work starts
+    for rel in rels:  # header only: a file that is not an image (or too large to decode) is reported up front
         try:
-            with Image.open(images / rel) as img:
-                img.size  # noqa: B018
+            io.image_size(images / rel)
         except (OSError, ValueError) as e:
-            raise DatasetError(f"{images / rel}: cannot read image ({e})") from e
+            raise DatasetError(str(e)) from e
     return rels
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from wsss.io import IGNORE, PALETTE, read_image, read_mask, write_mask
+from wsss.io import IGNORE, PALETTE, image_size, read_image, read_mask, write_mask
 from wsss.run import is_safe_name
 
 VOC_CLASSES = (
@@ -265,15 +265,11 @@ class VOCDataset:
                                f"lists every bad file)") from e
 
     def image_size(self, id_: str) -> tuple[int, int]:
-        """(W, H) from the image header, without decoding it."""
-        from PIL import Image
-
-        path = self.image_path(id_)
+        """(W, H) from the image header, without decoding it (as shown: io.image_size)."""
         try:
-            with Image.open(path) as img:
-                return img.size
+            return image_size(self.image_path(id_))
         except (OSError, ValueError) as e:
-            raise DatasetError(f"{path}: cannot read image ({e})") from e
+            raise DatasetError(str(e)) from e
 
     def has_mask(self, id_: str) -> bool:
         path = self.mask_path(id_)
