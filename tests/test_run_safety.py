@@ -515,3 +515,68 @@ def test_force_on_stage2_is_refused_while_stage3_runs_on_it(s2):
     assert io.read_json(stage / "manifest.json")["config"]["bg_threshold"] == 0.3
     lock(stage3, "stage 3")  # stage 2 let go of the downstream lock when it finished
     release(stage3)
+
+
+# ---------------------------------------------------------------- smaller things
+
+def test_temp_files_of_a_killed_write_are_cleaned_on_the_next_run(s2):
+    data, stage, run = s2
+    run()
+    leftovers = [stage / "pseudo" / ".tiny_001.png.k2j_9x0a.tmp", stage / ".manifest.json.abcdefgh.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a file")
+    mine = [stage / "notes.tmp", stage / "pseudo" / ".my.draft.tmp", stage.parent / ".x.png.abcdefgh.tmp"]
+    for path in mine:
+        path.write_text("a user's file")
+    run()  # complete: skipped, and tidied
+    assert not any(p.exists() for p in leftovers)
+    assert all(p.read_text() == "a user's file" for p in mine)
+
+
+@pytest.mark.parametrize("spelling", ["./data", "data/", "{abs}", "./data/../data"])
+def test_another_spelling_of_the_same_data_folder_is_no_change(s2, monkeypatch, spelling):
+    data, stage, run = s2
+    monkeypatch.chdir(data.parent)
+    run("--data", "data")
+    before = stamps(stage)
+    run("--data", spelling.format(abs=data))
+    assert stamps(stage) == before
+    assert (stage / "stage2.log").read_text().count("skipping") == 1
+
+
+def test_a_stamp_of_an_older_version_stays_valid(s2, monkeypatch):
+    from wsss.stage import STAMP, dataset_inputs, fingerprints
+
+    data, stage, run = s2
+    monkeypatch.chdir(data.parent)
+    run("--sample", "0", "--data", "data")  # a relative path: its stat fingerprints differ between versions
+    (stage / "manifest.json").unlink()  # unfinished: it must resume, not stop with "changed inputs"
+    stamp = io.read_json(stage / STAMP)
+    ds = VOCDataset("data", "train")
+    assert fingerprints(dataset_inputs(ds, masks=True), legacy=True)["images"] != stamp["inputs"]["images"]
+    old = fingerprints(dataset_inputs(ds, masks=True), legacy=True)
+    stamp["inputs"] = {k: old.get(k, v) for k, v in stamp["inputs"].items()}
+    stamp.pop("version", None)
+    io.write_json(stage / STAMP, stamp)
+    run("--sample", "0", "--data", "data")
+    assert io.read_json(stage / "manifest.json")["complete"]
+
+
+def test_a_list_file_saved_with_crlf_is_no_change(s2):
+    data, stage, run = s2
+    run()
+    before = stamps(stage)
+    path = data / "ImageSets/Segmentation/train.txt"
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    run()
+    assert stamps(stage) == before
+
+
+def test_a_val_image_without_ground_truth_is_a_warning_naming_it(tiny_voc, tmp_path):
+    outputs = tmp_path / "outputs"
+    make_stage2(tiny_voc, outputs / "r")
+    missing = VOCDataset(tiny_voc, "val").ids[1]
+    (tiny_voc / "SegmentationClassAug" / f"{missing}.png").unlink()
+    stage3_runner(tiny_voc, outputs)()
+    log = (outputs / "r" / "stage3" / "stage3.log").read_text()
+    assert any("WARNING" in line and missing in line and "not scored" in line for line in log.splitlines()), log

@@ -12,6 +12,7 @@ import io as _io
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -121,6 +122,9 @@ def remove_journaled(folder, keep=()) -> list[str]:
     if left or (folder / JOURNAL).exists():
         write_bytes(folder / JOURNAL, "".join(json.dumps(rel) + "\n" for rel in left).encode())
     return removed
+
+
+TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # atomic_path's temporary files (tempfile.mkstemp's names)
 
 
 @contextlib.contextmanager

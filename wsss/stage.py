@@ -80,27 +80,75 @@ def artifact_config(args) -> dict:
 
 # ---------------------------------------------------------------- fingerprints
 
-def stat_fingerprint(paths) -> str:
-    """Size + mtime of each file (see the module docstring for why not the contents)."""
+STAMP_VERSION = 2  # 2: stat fingerprints of absolute paths, list files by their ids (not their bytes)
+
+
+class TextList(os.PathLike):
+    """An input read as a list of lines (a split's list file): fingerprinted by its lines, so that
+    line endings (CRLF), blank lines and trailing spaces, which read_ids ignores, are no change."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def stat_fingerprint(paths, legacy: bool = False) -> str:
+    """Size + mtime of each file (see the module docstring for why not the contents), named by its
+    absolute path, so that `--data data/x`, `./data/x/` and `/abs/data/x` agree (`legacy`: by the
+    path as given, as stamps before STAMP_VERSION 2 did)."""
     h = hashlib.sha256()
     for p in paths:
+        name = p if legacy else os.path.abspath(p)
         try:
             st = os.stat(p)
-            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         except FileNotFoundError:
-            h.update(f"{p}:missing\n".encode())
+            h.update(f"{name}:missing\n".encode())
     return h.hexdigest()[:16]
 
 
-def fingerprints(inputs: dict) -> dict:
-    """{name: fingerprint}: a path by content (a folder by its manifest), a list of paths by stat."""
-    return {k: stat_fingerprint(v) if isinstance(v, list | tuple) else io.fingerprint(v)
-            for k, v in sorted(inputs.items())}
+def text_fingerprint(path: Path) -> str:
+    """The non-blank lines of a text file, stripped ("missing" and undecodable files hash apart)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return io.fingerprint(path)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return io.fingerprint(path)
+    lines = "".join(line.strip() + "\n" for line in text.splitlines() if line.strip())
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def fingerprints(inputs: dict, legacy: bool = False) -> dict:
+    """{name: fingerprint}: a path by content (a folder by its manifest, a TextList by its lines), a
+    list of paths by stat. `legacy`: as stamps before STAMP_VERSION 2 computed them."""
+    def one(value):
+        if isinstance(value, list | tuple):
+            return stat_fingerprint(value, legacy)
+        if isinstance(value, TextList):
+            return io.fingerprint(value.path) if legacy else text_fingerprint(value.path)
+        return io.fingerprint(value)
+
+    return {k: one(v) for k, v in sorted(inputs.items())}
+
+
+def same_value(old, new) -> bool:
+    """Config values agree: equal, or the same existing path spelled another way (./data/x, data/x/,
+    /abs/data/x), so that respelling a path is no config change."""
+    if old == new:
+        return True
+    if isinstance(old, str) and isinstance(new, str) and old and new and os.path.exists(new):
+        return os.path.abspath(old) == os.path.abspath(new)
+    return False
 
 
 def dataset_inputs(dataset, masks: bool = False, prefix: str = "") -> dict:
     """What a stage reads of a split: list, labels file, class names, every image (and mask)."""
-    inputs = {f"{prefix}list": dataset.list_path, f"{prefix}labels": dataset.root / "cls_labels.npy",
+    inputs = {f"{prefix}list": TextList(dataset.list_path), f"{prefix}labels": dataset.root / "cls_labels.npy",
               f"{prefix}class names": dataset.root / "class_names.txt",
               f"{prefix}images": [dataset.image_path(i) for i in dataset.ids]}
     if masks and dataset.mask_dir is not None:
@@ -219,7 +267,7 @@ def _read(path: Path):
 
 def differences(old: dict, new: dict) -> list[str]:
     return [f"  --{k.replace('_', '-')}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            for k in sorted(set(old) | set(new)) if not same_value(old.get(k), new.get(k))]
 
 
 def owned_entries(folder: Path, owned) -> list[Path]:
@@ -247,6 +295,14 @@ def remove_owned(folder: Path, owned) -> list[str]:
     return [p.name for p in ours]
 
 
+def remove_temp_files(folder: Path) -> None:
+    """Remove the temporary files of writes a kill cut short (io.atomic_path's `.NAME.XXXXXXXX.tmp`)
+    in the stage folder, which this process has locked; no other file, whatever its name."""
+    for path in folder.rglob(".*.tmp"):
+        if io.TEMP_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
 def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage | None:
     """Open OUTPUTS/RUN/name for a run with `args`; None when it is complete and `done()` agrees.
 
@@ -271,6 +327,8 @@ def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage |
             held = lock_downstream(out, name)
         setup_logging(out, name)
         opened = _compare(args, name, out, inputs, owned, done, main)
+        if main:
+            remove_temp_files(out)
     except BaseException:
         for folder in held:
             release(folder)
@@ -288,7 +346,7 @@ def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage |
              opened.environment["device_reason"], opened.environment["amp"],
              ", ".join(f"{k} {opened.environment[k]}" for k in ("torch", "cuda", "cudnn", "git_commit")))
     if main:
-        io.write_json(out / STAMP, {"config": opened.config, "inputs": opened.inputs})
+        io.write_json(out / STAMP, {"config": opened.config, "inputs": opened.inputs, "version": STAMP_VERSION})
         io.write_json(out / "config.json", flags(args))
     seed_everything(args.seed, getattr(args, "deterministic", False))
     return opened
@@ -314,7 +372,9 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
     changed = differences(stamp.get("config", {}), config)
     old_inputs = stamp.get("inputs", {})
     later = {k for k in prints if k not in old_inputs and k.endswith(LATER_INPUTS) and old_inputs}
-    moved = [f"  {k}" for k in sorted(set(old_inputs) | set(prints) - later) if old_inputs.get(k) != prints.get(k)]
+    before = fingerprints(inputs, legacy=True) if stamp.get("version", 1) < STAMP_VERSION else {}
+    moved = [f"  {k}" for k in sorted(set(old_inputs) | set(prints) - later)
+             if old_inputs.get(k) != prints.get(k) and (k not in before or old_inputs.get(k) != before[k])]
     if changed or moved:
         what = "finished" if manifest and manifest.get("complete") else "started"
         lines = [f"{out}: {name} was {what} with other settings or inputs; nothing was changed."]

@@ -47,14 +47,35 @@ class DatasetError(ValueError):
     """Bad input in a dataset; the message names the file and the problem."""
 
 
+def read_text(path) -> str:
+    """A text file people write by hand: UTF-8 (a byte-order mark allowed), or UTF-16 with its
+    byte-order mark (what Windows editors save as "Unicode"); anything else is an error naming it."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from e
+
+
 def class_names(root) -> tuple[str, ...]:
     path = Path(root) / "class_names.txt"
     if not path.is_file():
         return VOC_CLASSES
-    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    names, seen = [], {}
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        name = line.strip()
+        if not name:
+            continue
+        if name in seen:  # two ids of one name: labels and scores by name would mix them up
+            raise DatasetError(f"{path}: line {n}: '{name}' is listed twice (first on line {seen[name]})")
+        seen[name] = n
+        names.append(name)
     if len(names) < 2:
         raise DatasetError(f"{path}: needs background plus at least one class, found {len(names)} names")
-    return names
+    return tuple(names)
 
 
 def safe_id(name: str) -> str:
