@@ -580,3 +580,16 @@ def test_a_val_image_without_ground_truth_is_a_warning_naming_it(tiny_voc, tmp_p
     stage3_runner(tiny_voc, outputs)()
     log = (outputs / "r" / "stage3" / "stage3.log").read_text()
     assert any("WARNING" in line and missing in line and "not scored" in line for line in log.splitlines()), log
+
+
+def test_force_on_a_folder_of_an_older_version_after_a_resume_leaves_nothing_of_it(s2):
+    data, stage, run = s2
+    run()
+    (stage / io.JOURNAL).unlink()  # as a version before journals left it, killed before its manifest
+    (stage / "manifest.json").unlink()
+    old = sorted(p.relative_to(stage) for p in (stage / "pseudo").glob("*.png"))
+    run()  # resumed by this version
+    for rel in old:
+        (stage / rel).write_bytes(b"not a mask of the new config")
+    run("--bg-threshold", "0.3", "--force")
+    assert all(io.read_mask(stage / rel) is not None for rel in old)  # redone, none of the old ones kept

@@ -102,6 +102,17 @@ def journaled(folder) -> list[str] | None:
     return list(seen)
 
 
+def record_existing(folder, entries) -> None:
+    """Start folder/.written with the files now under `entries` (paths inside `folder`)."""
+    folder = Path(folder)
+    rels = []
+    for entry in entries:
+        entry = Path(entry)
+        files = [entry] if entry.is_file() else sorted(p for p in entry.rglob("*") if p.is_file())
+        rels += [p.relative_to(folder).as_posix() for p in files if p.name != JOURNAL]
+    write_bytes(folder / JOURNAL, "".join(json.dumps(rel) + "\n" for rel in rels).encode())
+
+
 def remove_journaled(folder, keep=()) -> list[str]:
     """Remove the files folder/.written records (but those in `keep`), then the folders they leave
     empty; the journal then records only the kept files that exist. Returns the removed paths."""

@@ -369,6 +369,10 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
                              f"version?); nothing was changed. Pass --force to redo it in place (removes "
                              f"{', '.join(p.name for p in ours)}), or use another --run")
         return Stage(out, config, prints)
+    if main and ours and io.journaled(out) is None:
+        # a folder of a version before journals, about to be resumed or skipped: its files are recorded
+        # as the stage's (by its `owned` patterns), so that a later --force leaves none of them behind
+        io.record_existing(out, ours)
     changed = differences(stamp.get("config", {}), config)
     old_inputs = stamp.get("inputs", {})
     later = {k for k in prints if k not in old_inputs and k.endswith(LATER_INPUTS) and old_inputs}
