@@ -179,10 +179,11 @@ def test_unlabelled_images_are_skipped_and_bad_files_are_errors(tmp_path, tiny_v
 
 def artifacts(stage: Path) -> dict:
     """Every artifact of a stage folder by relative path: bytes, metrics lines without their timings;
-    the files that record when and where it ran (manifest, logs, flags) left out."""
+    the files that record when and where it ran (manifest, logs, flags, the journal of writes) left out."""
     out = {}
     for p in sorted(stage.rglob("*")):
-        if not p.is_file() or p.suffix == ".log" or p.name in ("manifest.json", "config.json", "stage.json", ".lock"):
+        if not p.is_file() or p.suffix == ".log" or p.name in ("manifest.json", "config.json", "stage.json", ".lock",
+                                                                io.JOURNAL):
             continue
         if p.name == "metrics.jsonl":
             out[str(p.relative_to(stage))] = [{k: v for k, v in r.items() if k != "seconds"}

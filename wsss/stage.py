@@ -163,7 +163,7 @@ def dataset_inputs(dataset, masks: bool = False, prefix: str = "") -> dict:
     return inputs
 
 
-# inputs a version before them did not record: a stamp without one was made on the same inputs
+# inputs the stamps before STAMP_VERSION 2 did not record: such a stamp without one is no change
 LATER_INPUTS = ("label masks", "annotations")
 
 
@@ -375,8 +375,9 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
         io.record_existing(out, ours)
     changed = differences(stamp.get("config", {}), config)
     old_inputs = stamp.get("inputs", {})
-    later = {k for k in prints if k not in old_inputs and k.endswith(LATER_INPUTS) and old_inputs}
-    before = fingerprints(inputs, legacy=True) if stamp.get("version", 1) < STAMP_VERSION else {}
+    older = stamp.get("version", 1) < STAMP_VERSION
+    later = {k for k in prints if older and k not in old_inputs and k.endswith(LATER_INPUTS)}
+    before = fingerprints(inputs, legacy=True) if older else {}
     moved = [f"  {k}" for k in sorted(set(old_inputs) | set(prints) - later)
              if old_inputs.get(k) != prints.get(k) and (k not in before or old_inputs.get(k) != before[k])]
     if changed or moved:
