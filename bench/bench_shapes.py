@@ -115,14 +115,13 @@ def main(argv=None) -> None:
     p.add_argument("--voc", type=Path, default=None,
                    help="a VOC 2012 root with SegmentationClassAug, to measure the list's same-size runs")
     p.add_argument("--run-length", type=float, default=1.27,
-                   help="mean run of consecutive same-size images in train_aug's list order (measured with --voc)")
+                   help="mean run of consecutive same-size images in a list's order, without --voc (train_aug's)")
     p.add_argument("--run", type=Path, default=None, help="a finished stage-1 run folder (outputs/RUN)")
     p.add_argument("--images", type=int, default=60)
     a = p.parse_args(argv)
-    run_length = (list_run_length(a.voc, "train_aug") if a.voc else None) or a.run_length
-    result = {"run_length": round(run_length, 3),
-              "train_aug": shapes_table("train_aug", SIZE_DIVISOR["cuda"], run_length),
-              "val": shapes_table("val", SIZE_DIVISOR["cuda"], run_length)}
+    runs = {split: (list_run_length(a.voc, split) if a.voc else None) or a.run_length for split in ("train_aug", "val")}
+    result = {"run_length": {k: round(v, 3) for k, v in runs.items()},
+              **{split: shapes_table(split, SIZE_DIVISOR["cuda"], runs[split]) for split in ("train_aug", "val")}}
     lines = [f"VOC 2012 sizes, CAM scales {CAM_SCALES} + flip, divisor {SIZE_DIVISOR['cuda']}, batch {BATCH}",
              "| split | sizes | shapes per scale (unpadded -> padded) | buckets | forwards per scale "
              "(consecutive -> bucketed) | extra pixels |", "|---|---|---|---|---|---|"]

@@ -209,3 +209,33 @@ def test_bad_masks_are_rejected(tmp_path):
     with pytest.raises(DatasetError, match=r"tom 1\.png: mask size 5x5 differs"):
         import_dataset(images, labels, tmp_path / "ds", masks=masks)
     assert not (tmp_path / "ds").exists()
+
+
+def test_json_true_is_not_class_1(tmp_path, capsys):
+    images = make_photos(tmp_path / "photos")
+    names = [p.relative_to(images).as_posix() for p in sorted(images.rglob("*.jpg"))]
+    labels = tmp_path / "t.json"
+    labels.write_text(json.dumps({name: (True if i == 0 else ["cat"]) for i, name in enumerate(names)}))
+    assert main(["--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "ds"),
+                 "--classes", "cat,dog,person"]) == 1
+    assert re.search(r"t\.json entry .*: labels must be .*got bool", capsys.readouterr().err)
+    labels.write_text(json.dumps({name: ["cat", False] for name in names}))
+    assert main(["--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "ds"),
+                 "--classes", "cat,dog,person"]) == 1
+    assert "got bool" in capsys.readouterr().err
+
+
+def test_a_latin1_csv_and_a_utf16_class_file_are_read_or_clear_errors(tmp_path, capsys):
+    images = make_photos(tmp_path / "photos")
+    labels = tmp_path / "t.csv"
+    labels.write_bytes(("\n".join(["image,labels", *csv_rows()]) + "\n# caf\u00e9\n").encode("latin-1"))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\nperson\n", encoding="utf-16")
+    code = main(["--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "ds"),
+                 "--classes", str(classes)])
+    err = capsys.readouterr().err
+    assert code == 1 and "t.csv" in err and "UTF-8" in err and "Traceback" not in err
+    labels.write_text("\n".join(["image,labels", *csv_rows()]) + "\n")
+    assert main(["--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "ds"),
+                 "--classes", str(classes)]) == 0  # a UTF-16 file with its byte-order mark is decoded
+    assert_dataset(tmp_path / "ds")

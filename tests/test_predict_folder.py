@@ -178,3 +178,45 @@ def test_cli_holds_the_stage_lock(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("where", ["outputs/r/stage2/pseudo", "outputs/r/stage1", "outputs/r", "outputs"])
+def test_cli_out_stays_apart_from_every_stage_of_the_run(tmp_path, where, capsys):
+    data, run = tmp_path / "data", tmp_path / "outputs" / "r"
+    data.mkdir()
+    io.write_json(run / "stage3" / "config.json", {"val_split": "val", "data": str(data)})
+    io.write_mask(run / "stage2" / "pseudo" / "x.png", np.zeros((2, 2), np.uint8))
+    (run / "stage1").mkdir()
+    images = make_folder(tmp_path / "photos", {"a.jpg": (20, 20)})
+    assert predict.main(["--outputs", str(tmp_path / "outputs"), "--run", "r", "--device", "cpu",
+                         "--images", str(images), "--out", str(tmp_path / where)]) == 1
+    assert "overlap; write the masks to a separate folder" in capsys.readouterr().err
+    assert not (tmp_path / where / "masks").exists() and not (tmp_path / where / "settings.json").exists()
+
+
+def test_masks_of_changed_or_foreign_photos_are_redone(model, tmp_path):
+    images, out = make_folder(tmp_path / "photos"), tmp_path / "out"
+    predict_folder(model, images, out, NAMES, device="cpu", max_side=64, overlay=True)
+    kept = {p: p.stat().st_mtime_ns for p in (out / "masks").rglob("*.png") if p.name != "a.png"}
+    photo = np.zeros((30, 24, 3), np.uint8)
+    photo[:, :12] = (220, 40, 40)
+    Image.fromarray(photo).save(images / "a.jpg")  # the photo changed: another size, another mask
+    result = predict_folder(model, images, out, NAMES, device="cpu", max_side=64, overlay=True)
+    assert io.read_mask(out / "masks" / "a.png").shape == (30, 24) and result["images"]["a.jpg"]["size"] == [24, 30]
+    assert io.read_image(out / "overlays" / "a.png").shape[1] == 24
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # the others were kept
+
+    other = tmp_path / "other"  # another folder of photos with the same names
+    rng = np.random.default_rng(5)
+    for rel, (h, w) in PHOTOS.items():
+        path = other / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h + 4, w, 3), dtype=np.uint8)).save(path, format=Image.open(
+            images / rel).format)
+    predict_folder(model, other, out, NAMES, device="cpu", max_side=64)
+    fresh = predict_folder(model, other, tmp_path / "fresh", NAMES, device="cpu", max_side=64)
+    for rel in PHOTOS:
+        mask_rel = rel.rsplit(".", 1)[0] + ".png"
+        mask = io.read_mask(out / "masks" / mask_rel)
+        assert np.array_equal(mask, io.read_mask(tmp_path / "fresh" / "masks" / mask_rel)), rel
+    assert io.read_json(out / "masks.json")["images"] == fresh["images"]

@@ -7,6 +7,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
+from PIL import Image
 
 from wsss import io
 from wsss.data.voc import VOCDataset
@@ -209,3 +210,16 @@ def test_report_tables_fit_a_1400_px_window(tmp_path, tiny_voc):
     for src in img_srcs(page):
         assert Image.open(page.parent / src).width <= 1400, src
     assert '<div class="scroll"><table class="images">' in page.read_text()  # anything wider scrolls in its box
+
+
+def test_rebuild_keeps_a_users_own_pictures_in_the_report_folder(tmp_path, tiny_voc):
+    run = fake_run(tmp_path / "outputs" / "demo", tiny_voc)
+    build(run, sample=4)
+    mine = run / "report" / "my-annotated-figure.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(mine)
+    (run / "report" / "drafts").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(run / "report" / "drafts" / "d.png")
+    page = build(run, sample=1)
+    assert mine.is_file() and (run / "report" / "drafts" / "d.png").is_file()
+    on_disk = {p.relative_to(run).as_posix() for p in (run / "report").rglob("*.png")}
+    assert on_disk == set(img_srcs(page)) | {"report/my-annotated-figure.png", "report/drafts/d.png"}

@@ -388,3 +388,208 @@ def test_artifacts_follow_the_umask(tmp_path):
     io.save_checkpoint(tmp_path / "c.pt", {"w": torch.zeros(1)})
     for name in ("m.png", "c.pt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("where, flags", [
+    ("stage2/pseudo", ("--split", "train")), ("stage2", ()), ("stage1/regions", ()), (".", ()),
+    ("stage3", ()), ("stage3/psl", ()), ("stage3/pred", ("--flip",)), ("stage3-b/pred", ()),
+    ("stage3/pred/sub", ()), ("..", ())])
+def test_predict_out_never_points_into_a_stage_folder(tmp_path, capsys, where, flags):
+    run = tmp_path / "o" / "r"
+    io.write_json(run / "stage3" / "config.json", {"val_split": "val", "data": str(tmp_path)})
+    for folder in ("stage1/regions", "stage2/pseudo", "stage3/psl", "stage3/pred", "stage3-b/pred"):
+        io.write_mask(run / folder / "x.png", np.zeros((2, 2), np.uint8))
+    before = stamps(tmp_path / "o")
+    assert predict.main(["--outputs", str(tmp_path / "o"), "--run", "r", "--out", str(run / where), *flags]) == 1
+    err = capsys.readouterr().err
+    assert "stage folder" in err or "outside the run's folder" in err, err
+    assert stamps(tmp_path / "o") == before
+
+
+@pytest.mark.parametrize("where, flags", [(None, ()), ("stage3/pred-flip", ("--flip",)), ("mine", ())])
+def test_predict_out_in_its_own_folder_is_accepted(tmp_path, capsys, where, flags):
+    run = tmp_path / "o" / "r"
+    io.write_json(run / "stage3" / "config.json", {"val_split": "val", "data": str(tmp_path)})
+    out = () if where is None else ("--out", str(run / where))
+    assert predict.main(["--outputs", str(tmp_path / "o"), "--run", "r", *out, *flags]) == 1
+    assert "no final net recorded" in capsys.readouterr().err  # past the checks on --out
+
+
+# ---------------------------------------------------------------- --force removes what the stage wrote, only
+
+def users_files(stage: Path, names) -> dict:
+    """Write a user's file at each relative name (a name ending in '/' is a folder holding one)."""
+    files = {}
+    for name in names:
+        path = stage / name / "notes.txt" if name.endswith("/") else stage / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"a user's {name}")
+        files[path] = path.read_text()
+    return files
+
+
+def test_force_keeps_a_users_files_among_stage2s_folders(s2):
+    data, stage, run = s2
+    run()
+    mine = users_files(stage, ["pseudo/README.txt", "fused/", "overlay.txt", "saliency-old/"])
+    written = sorted(p.name for p in (stage / "pseudo").glob("*.png"))
+    run("--bg-threshold", "0.3", "--force")
+    assert all(p.read_text() == text for p, text in mine.items())
+    assert sorted(p.name for p in (stage / "pseudo").glob("*.png")) == written
+    assert io.read_json(stage / "manifest.json")["config"]["bg_threshold"] == 0.3
+
+
+def test_force_keeps_a_users_files_among_stage1s_folders(tmp_path, tiny_voc_factory):
+    from test_stage1 import run_stage1
+
+    data = tiny_voc_factory("data", n_train=2, n_val=0)
+    stage = run_stage1(data, tmp_path / "out", "--ae-steps", "1")
+    mine = users_files(stage, ["step_notes.txt", "stepwise_experiments/", "regions/README.txt", "step1/mine.txt"])
+    run_stage1(data, tmp_path / "out", "--ae-steps", "1", "--force", "--ae-threshold", "0.5")
+    assert all(p.read_text() == text for p, text in mine.items())
+    assert io.read_json(stage / "manifest.json")["config"]["ae_threshold"] == 0.5
+    assert len(list((stage / "regions").glob("*.npz"))) == 2
+
+
+def test_force_keeps_a_users_prediction_folder_in_stage3(tiny_voc, tmp_path):
+    outputs = tmp_path / "outputs"
+    make_stage2(tiny_voc, outputs / "r")
+    go = stage3_runner(tiny_voc, outputs)
+    go()
+    stage = outputs / "r" / "stage3"
+    mine = users_files(stage, ["pred-by-hand/", "eval-mine.json", "psl/notes.txt"])
+    go("--force", "--lr", "0.005")
+    assert all(p.read_text() == text for p, text in mine.items())
+    assert len(list((stage / "pred").glob("*.png"))) == 2
+
+
+# ---------------------------------------------------------------- stale results
+
+@pytest.mark.parametrize("source", ["masks", "annotations"])
+def test_labels_read_from_masks_or_annotations_are_inputs_of_stage1(tmp_path, tiny_voc_factory, source):
+    from test_stage1 import run_stage1
+
+    data = tiny_voc_factory("data", n_train=2, n_val=0)
+    (data / "cls_labels.npy").unlink()
+    first = VOCDataset(data, "train").ids[0]
+    if source == "annotations":
+        import shutil
+
+        shutil.rmtree(data / "SegmentationClassAug")
+        (data / "Annotations").mkdir()
+        for id_ in VOCDataset(data, "train").ids:
+            (data / "Annotations" / f"{id_}.xml").write_text(
+                "<annotation><object><name>disc</name></object></annotation>")
+    stage = run_stage1(data, tmp_path / "out", "--ae-steps", "1")
+    before = stamps(stage)
+    if source == "masks":  # a class painted into the mask: another image label
+        path = data / "SegmentationClassAug" / f"{first}.png"
+        mask = io.read_mask(path).copy()
+        mask[:4, :4] = 3 if 3 not in mask else 2
+        io.write_mask(path, mask)
+    else:
+        (data / "Annotations" / f"{first}.xml").write_text(
+            "<annotation><object><name>disc</name></object><object><name>bar</name></object></annotation>")
+    with pytest.raises(SystemExit, match=rf"(?s)Inputs changed.*{'label masks' if source == 'masks' else 'annotations'}"):
+        run_stage1(data, tmp_path / "out", "--ae-steps", "1")
+    assert stamps(stage) == before
+
+
+def test_force_on_stage2_is_refused_while_stage3_runs_on_it(s2):
+    data, stage, run = s2
+    run()
+    stage3 = stage.parent / "stage3"
+    stage3.mkdir()
+    before = stamps(stage)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(stage3)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=rf"stage3: .*running .*\(pid {holder.pid}\).*--force"):
+            run("--bg-threshold", "0.3", "--force")
+        assert stamps(stage) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    run("--bg-threshold", "0.3", "--force")
+    assert io.read_json(stage / "manifest.json")["config"]["bg_threshold"] == 0.3
+    lock(stage3, "stage 3")  # stage 2 let go of the downstream lock when it finished
+    release(stage3)
+
+
+# ---------------------------------------------------------------- smaller things
+
+def test_temp_files_of_a_killed_write_are_cleaned_on_the_next_run(s2):
+    data, stage, run = s2
+    run()
+    leftovers = [stage / "pseudo" / ".tiny_001.png.k2j_9x0a.tmp", stage / ".manifest.json.abcdefgh.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a file")
+    mine = [stage / "notes.tmp", stage / "pseudo" / ".my.draft.tmp", stage.parent / ".x.png.abcdefgh.tmp"]
+    for path in mine:
+        path.write_text("a user's file")
+    run()  # complete: skipped, and tidied
+    assert not any(p.exists() for p in leftovers)
+    assert all(p.read_text() == "a user's file" for p in mine)
+
+
+@pytest.mark.parametrize("spelling", ["./data", "data/", "{abs}", "./data/../data"])
+def test_another_spelling_of_the_same_data_folder_is_no_change(s2, monkeypatch, spelling):
+    data, stage, run = s2
+    monkeypatch.chdir(data.parent)
+    run("--data", "data")
+    before = stamps(stage)
+    run("--data", spelling.format(abs=data))
+    assert stamps(stage) == before
+    assert (stage / "stage2.log").read_text().count("skipping") == 1
+
+
+def test_a_stamp_of_an_older_version_stays_valid(s2, monkeypatch):
+    from wsss.stage import STAMP, dataset_inputs, fingerprints
+
+    data, stage, run = s2
+    monkeypatch.chdir(data.parent)
+    run("--sample", "0", "--data", "data")  # a relative path: its stat fingerprints differ between versions
+    (stage / "manifest.json").unlink()  # unfinished: it must resume, not stop with "changed inputs"
+    stamp = io.read_json(stage / STAMP)
+    ds = VOCDataset("data", "train")
+    assert fingerprints(dataset_inputs(ds, masks=True), legacy=True)["images"] != stamp["inputs"]["images"]
+    old = fingerprints(dataset_inputs(ds, masks=True), legacy=True)
+    stamp["inputs"] = {k: old.get(k, v) for k, v in stamp["inputs"].items()}
+    stamp.pop("version", None)
+    io.write_json(stage / STAMP, stamp)
+    run("--sample", "0", "--data", "data")
+    assert io.read_json(stage / "manifest.json")["complete"]
+
+
+def test_a_list_file_saved_with_crlf_is_no_change(s2):
+    data, stage, run = s2
+    run()
+    before = stamps(stage)
+    path = data / "ImageSets/Segmentation/train.txt"
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    run()
+    assert stamps(stage) == before
+
+
+def test_a_val_image_without_ground_truth_is_a_warning_naming_it(tiny_voc, tmp_path):
+    outputs = tmp_path / "outputs"
+    make_stage2(tiny_voc, outputs / "r")
+    missing = VOCDataset(tiny_voc, "val").ids[1]
+    (tiny_voc / "SegmentationClassAug" / f"{missing}.png").unlink()
+    stage3_runner(tiny_voc, outputs)()
+    log = (outputs / "r" / "stage3" / "stage3.log").read_text()
+    assert any("WARNING" in line and missing in line and "not scored" in line for line in log.splitlines()), log
+
+
+def test_force_on_a_folder_of_an_older_version_after_a_resume_leaves_nothing_of_it(s2):
+    data, stage, run = s2
+    run()
+    (stage / io.JOURNAL).unlink()  # as a version before journals left it, killed before its manifest
+    (stage / "manifest.json").unlink()
+    old = sorted(p.relative_to(stage) for p in (stage / "pseudo").glob("*.png"))
+    run()  # resumed by this version
+    for rel in old:
+        (stage / rel).write_bytes(b"not a mask of the new config")
+    run("--bg-threshold", "0.3", "--force")
+    assert all(io.read_mask(stage / rel) is not None for rel in old)  # redone, none of the old ones kept

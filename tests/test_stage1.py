@@ -175,3 +175,47 @@ def test_unlabelled_images_are_skipped_and_bad_files_are_errors(tmp_path, tiny_v
     (data / "JPEGImages" / "tiny_002.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(SystemExit, match=r"tiny_002\.jpg: cannot decode image.*wsss.data.voc check"):
         run_stage1(data, tmp_path / "out", "--force")
+
+
+def artifacts(stage: Path) -> dict:
+    """Every artifact of a stage folder by relative path: bytes, metrics lines without their timings;
+    the files that record when and where it ran (manifest, logs, flags, the journal of writes) left out."""
+    out = {}
+    for p in sorted(stage.rglob("*")):
+        if not p.is_file() or p.suffix == ".log" or p.name in ("manifest.json", "config.json", "stage.json", ".lock",
+                                                                io.JOURNAL):
+            continue
+        if p.name == "metrics.jsonl":
+            out[str(p.relative_to(stage))] = [{k: v for k, v in r.items() if k != "seconds"}
+                                              for r in read_metrics(p.parent, iterations=True)]
+        else:
+            out[str(p.relative_to(stage))] = p.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("step", ["step1", "step2"])
+def test_kill_between_an_epochs_checkpoint_and_its_metrics_line_resumes_byte_for_byte(
+        tmp_path, monkeypatch, tiny_voc_factory, step):
+    from test_train import Interrupted, kill_between_the_writes_of
+
+    data = tiny_voc_factory("data", n_train=2, n_val=0)
+    reference = run_stage1(data, tmp_path / "ref", "--epochs", "2", "--ae-stop-loss", "1.5")
+    killed_in = []
+    real_fit = erasing.fit
+
+    def fit_killed_in_step(model, dataset, step_fn, out_dir, **kwargs):
+        with monkeypatch.context() as m:
+            if Path(out_dir).name == step:
+                killed_in.append(step)
+                kill_between_the_writes_of(m, 2)  # the final epoch's two writes
+            return real_fit(model, dataset, step_fn, out_dir, **kwargs)
+
+    monkeypatch.setattr(erasing, "fit", fit_killed_in_step)
+    with pytest.raises(Interrupted):
+        run_stage1(data, tmp_path / "run", "--epochs", "2", "--ae-stop-loss", "1.5")
+    monkeypatch.setattr(erasing, "fit", real_fit)
+    assert killed_in == [step]
+    stage = run_stage1(data, tmp_path / "run", "--epochs", "2", "--ae-stop-loss", "1.5")
+    assert artifacts(stage) == artifacts(reference)
+    done = io.read_json(stage / step / "done.json")
+    assert done["final_loss"] == read_metrics(reference / step)[-1]["loss"]

@@ -177,14 +177,16 @@ def test_changed_config_stops_and_force_removes_only_what_the_stage_wrote(run):
     go, run_dir = run
     go("--epochs", "1", "--lr", "0.005")
     stage = run_dir / "stage3"
-    (stage / "psl" / "stale.txt").write_text("in a folder stage 3 writes")
+    (stage / "psl" / "mine.txt").write_text("a user's file in a folder stage 3 writes")
     (stage / "notes.txt").write_text("a user's file")
     checkpoint = (stage / "psl" / "checkpoint.pt").read_bytes()
     with pytest.raises(StageError, match=r"(?s)--lr: 0\.005 -> 0\.02.*--force.*another --run"):
         go("--epochs", "1", "--lr", "0.02")
     assert (stage / "psl" / "checkpoint.pt").read_bytes() == checkpoint  # nothing touched
     go("--epochs", "1", "--lr", "0.02", "--force")
-    assert not (stage / "psl" / "stale.txt").exists() and (stage / "notes.txt").read_text() == "a user's file"
+    # what stage 3 wrote is redone; a file it did not write stays, whatever folder it lies in
+    assert (stage / "psl" / "mine.txt").is_file() and (stage / "notes.txt").read_text() == "a user's file"
+    assert (stage / "psl" / "checkpoint.pt").read_bytes() != checkpoint
     assert io.read_json(stage / "manifest.json")["config"]["lr"] == 0.02
 
 

@@ -117,3 +117,53 @@ def test_every_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search
         loss = out.sum() if torch.is_tensor(out) else sum(v.float().sum() for v in out.values())
         loss.backward()
         assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def kill_between_the_writes_of(monkeypatch, epoch: int) -> None:
+    """Kill fit() right after the first of the two writes that end `epoch` (its metrics line and its
+    checkpoint), whichever comes first."""
+    from wsss import io
+    from wsss import train as train_module
+
+    real_save, real_append = io.save_checkpoint, train_module._append_metrics
+
+    def then_kill(real, is_epoch):
+        def write(*args, **kwargs):
+            real(*args, **kwargs)
+            if is_epoch(*args):
+                raise Interrupted
+        return write
+
+    monkeypatch.setattr(io, "save_checkpoint", then_kill(real_save, lambda path, state: state["epoch"] == epoch))
+    monkeypatch.setattr(train_module, "_append_metrics",
+                        then_kill(real_append, lambda path, records: records[-1]["epoch"] == epoch))
+
+
+@pytest.mark.parametrize("epochs, killed", [(1, 1), (2, 2), (3, 2)])
+def test_kill_between_checkpoint_and_metrics_line_resumes_to_the_same_result(tmp_path, monkeypatch, epochs, killed):
+    from wsss.train import epoch_metrics
+
+    reference = state(train(tmp_path / "ref", epochs=epochs))
+    with monkeypatch.context() as m:
+        kill_between_the_writes_of(m, killed)
+        with pytest.raises(Interrupted):
+            train(tmp_path / "run", epochs=epochs)
+    resumed = state(train(tmp_path / "run", epochs=epochs))
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    assert (tmp_path / "run" / CHECKPOINT).read_bytes() == (tmp_path / "ref" / CHECKPOINT).read_bytes()
+    strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "run", iterations=True)) == strip(read_metrics(tmp_path / "ref", iterations=True))
+    assert epoch_metrics(tmp_path / "run", epochs)["loss"] == read_metrics(tmp_path / "ref")[-1]["loss"]
+
+
+def test_a_checkpoint_whose_epoch_has_no_metrics_line_is_refused(tmp_path):
+    from wsss.stage import StageError
+    from wsss.train import epoch_metrics
+
+    train(tmp_path / "run", epochs=2)
+    lines = (tmp_path / "run" / METRICS).read_text().splitlines()
+    (tmp_path / "run" / METRICS).write_text("".join(f"{line}\n" for line in lines if json.loads(line)["epoch"] < 2))
+    with pytest.raises(StageError, match=r"checkpoint\.pt.* epoch 2 .*metrics\.jsonl.*--force"):
+        train(tmp_path / "run", epochs=2)
+    with pytest.raises(StageError, match=r"metrics\.jsonl: no line for epoch 2"):
+        epoch_metrics(tmp_path / "run", 2)

@@ -143,3 +143,19 @@ def test_real_voc_layout():
         assert set(ds.label_ids(id_).tolist()) == present
     val = VOCDataset(SHARED_VOC, "val")
     assert len(val) == 1449 and val.has_mask(val.ids[0])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"background\ndisc\nsquare\ndisc\n", r"class_names\.txt: line 4: 'disc' is listed twice"),
+    (b"background\ndisc\n\xff\xfe\n", r"class_names\.txt: not UTF-8"),
+])
+def test_bad_class_names_are_clear_errors(tiny_voc, content, message):
+    (tiny_voc / "class_names.txt").write_bytes(content)
+    with pytest.raises(DatasetError, match=message):
+        VOCDataset(tiny_voc, "train")
+
+
+def test_a_utf16_class_names_file_is_decoded(tiny_voc):
+    names = (tiny_voc / "class_names.txt").read_text()
+    (tiny_voc / "class_names.txt").write_text(names, encoding="utf-16")
+    assert VOCDataset(tiny_voc, "train").class_names == tuple(names.split())

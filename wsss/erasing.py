@@ -91,7 +91,7 @@ from wsss.run import (
 from wsss.scoremaps import restore_scores, store_scores
 from wsss.shapes import batches, bucket, fitted_size, shard_batches, size_divisor
 from wsss.stage import check_processes, dataset_inputs, open_stage
-from wsss.train import CHECKPOINT, fit, init_distributed, read_metrics, torch_device
+from wsss.train import CHECKPOINT, epoch_metrics, fit, init_distributed, torch_device
 
 log = logging.getLogger("wsss")
 MEAN_PIXEL = np.round(MEAN * 255).astype(np.uint8)
@@ -416,7 +416,7 @@ def run_step(step: int, args, dataset, ids, labelled, out: Path, region_dirs, st
                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device,
                 seed=args.seed + 1000 * step, workers=args.workers, param_groups=model.param_groups,
                 evaluate=evaluate, desc=f"AE step {step}", amp=resolve_amp(args.amp, device))
-    final = read_metrics(step_dir)[-1]
+    final = epoch_metrics(step_dir, args.epochs)  # by number: a stale line of another epoch never decides
     kept = final["loss"] <= stop_loss
     if kept:
         with phase("cams"):

@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from wsss import io
@@ -306,6 +305,7 @@ def net_crf(config: dict) -> dict:
 # ---------------------------------------------------------------- any folder of photos
 
 MASKS, OVERLAYS, INDEX = "masks", "overlays", "masks.json"  # the layout of OUT (see predict_folder)
+PHOTO_KEY = "wsss-photo"  # a mask's (and overlay's) PNG text: the hash of the photo it was made from
 
 
 def bounded(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -354,6 +354,44 @@ def check_apart(out: Path, folders: dict[str, Path]) -> None:
             raise DatasetError(f"--out {out} and {what} {folder} overlap; write the masks to a separate folder")
 
 
+def stage_folders(run: Path) -> list[Path]:
+    """The stage folders of a run (stage1, stage2, stage3, stage3-TAG...): its subfolders named
+    stage*, or holding a stage's stamp, manifest or lock."""
+    run = Path(run)
+    if not run.is_dir():
+        return []
+    from wsss.stage import LOCK, STAMP
+
+    return sorted(p for p in run.iterdir() if p.is_dir() and (
+        p.name.startswith("stage") or any((p / f).exists() for f in (STAMP, io.MANIFEST, LOCK))))
+
+
+def check_split_out(out: Path, run: Path, stage: Path, default: Path) -> None:
+    """Refuse an --out of split predictions that could replace another stage's artifacts. It must lie
+    inside the run's folder, and either outside every stage folder or be `default`, the stage's
+    own prediction folder for these test-time flags (`pred_folder`): a prediction folder with other
+    settings is emptied of its predictions, so no other folder of a stage qualifies, not even
+    another pred* folder (its predictions belong to other flags)."""
+    from wsss.stage import StageError
+
+    o, r = Path(out).resolve(), Path(run).resolve()
+    if not o.is_relative_to(r):
+        raise StageError(f"--out {out}: outside the run's folder {run}")
+    if o == r:
+        raise StageError(f"--out {out}: the run's folder itself holds every stage folder; choose a folder inside it")
+    if o == Path(default).resolve():
+        return
+    for folder in stage_folders(run):
+        if o.is_relative_to(folder.resolve()):
+            raise StageError(f"--out {out}: inside the stage folder {folder}, whose artifacts predictions there "
+                             f"could replace; leave --out out (predictions go to {default}) or choose a folder "
+                             f"of the run outside its stage folders")
+    top = r / o.relative_to(r).parts[0]
+    if top.name.startswith("stage"):  # a stage folder not made yet: it will be the stage's
+        raise StageError(f"--out {out}: inside {top}, the name of a stage folder; choose a folder of the run "
+                         f"outside its stage folders")
+
+
 def plan(images: Path, out: Path) -> list[Path]:
     """The photos' relative paths; errors for a missing folder, overlapping folders, clashing names."""
     if not images.is_dir():
@@ -369,12 +407,11 @@ def plan(images: Path, out: Path) -> list[Path]:
             raise DatasetError(f"{images / seen[name]} and {images / rel}: both would write "
                                f"{out / MASKS / name}; rename one of them")
         seen[name] = rel
-    for rel in rels:  # header only: a file that is not an image is reported before any work starts
+    for rel in rels:  # header only: a file that is not an image (or too large to decode) is reported up front
         try:
-            with Image.open(images / rel) as img:
-                img.size  # noqa: B018
+            io.image_size(images / rel)
         except (OSError, ValueError) as e:
-            raise DatasetError(f"{images / rel}: cannot read image ({e})") from e
+            raise DatasetError(str(e)) from e
     return rels
 
 
@@ -419,7 +456,10 @@ def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=Fal
     scale, and memory stays bounded); the probabilities of the classes found are then resized
     bilinearly to the full size before the argmax (after a CRF, the labels nearest-neighbour).
 
-    Resume: rerun with the same settings and the photos already done are kept. OUT is never emptied:
+    Resume: rerun with the same settings and the photos already done are kept. Each mask and overlay
+    carries the hash of the photo it was made from (in its PNG text, written with it in one atomic
+    write), so the mask of a photo edited since, or of another folder's photo of the same name, is
+    redone, never kept. OUT is never emptied:
     an OUT that is not empty and holds no predictions with these settings is an error, as is an OUT
     inside DIR (or DIR inside OUT), so no photo can be overwritten. The CLI also keeps OUT apart from
     the dataset and the stage folder, and holds the stage folder's lock while it predicts.
@@ -439,7 +479,11 @@ def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=Fal
         mask_path = out / MASKS / mask_name(rel)
         overlay_path = out / OVERLAYS / mask_name(rel)
         image = None
-        if mask_path.is_file():
+        try:
+            photo = {PHOTO_KEY: io.file_hash(images / rel)}
+        except OSError as e:
+            raise DatasetError(f"{images / rel}: cannot read image ({e.strerror or e})") from e
+        if mask_path.is_file() and io.png_text(mask_path).get(PHOTO_KEY) == photo[PHOTO_KEY]:
             mask = io.read_mask(mask_path)
         else:
             try:
@@ -451,11 +495,12 @@ def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=Fal
                                      crf_params=crf_params, max_side=max_side)
             except StageError as e:
                 raise StageError(f"{images / rel}: {e}") from e
-            io.write_mask(mask_path, mask)
-        if overlay and not overlay_path.is_file():
+            io.write_mask(mask_path, mask, photo)
+        if overlay and io.png_text(overlay_path).get(PHOTO_KEY) != photo[PHOTO_KEY]:
             image = io.read_image(images / rel) if image is None else image
             small = bounded(image, max_side)
-            io.write_png(overlay_path, overlay_with_legend(small, resize(mask, small.shape[:2], nearest=True), names))
+            io.write_png(overlay_path, overlay_with_legend(small, resize(mask, small.shape[:2], nearest=True), names),
+                         photo)
         index[rel.as_posix()] = {"mask": f"{MASKS}/{mask_name(rel).as_posix()}",
                                  "overlay": f"{OVERLAYS}/{mask_name(rel).as_posix()}" if overlay else None,
                                  "size": [int(mask.shape[1]), int(mask.shape[0])],
@@ -478,9 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another net the stage trained, by folder (stc/i, stc/e, psl before psl-plus; the "
                         "manifest's outputs.nets): predictions go to pred-NET... (default: the final net)")
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder inside OUTPUTS/RUN (default: STAGE/pred_folder(), with the split's name "
-                        "after 'pred' for another split than val); with --images, any folder outside the "
-                        "dataset, DIR and the stage folder (required)")
+                   help="output folder inside OUTPUTS/RUN and outside its stage folders (default: "
+                        "STAGE/pred_folder(), with the split's name after 'pred' for another split than val); "
+                        "with --images, any folder outside the dataset, DIR and the run's stage folders (required)")
     g = p.add_argument_group("any folder of photos (see predict_folder in wsss/predict.py)")
     g.add_argument("--images", type=Path, default=None,
                    help="predict every photo under this folder (nested; jpg/jpeg/png/webp) instead of a split; "
@@ -548,9 +593,11 @@ def main(argv=None) -> int:
                                           "" if split == config["val_split"] else split, net)
     try:
         if args.images is not None:  # the user's own folder for their photos: anywhere apart from these
-            check_apart(out, {"--images": args.images, "the dataset": Path(config["data"]), "the stage folder": stage})
-        elif not Path(out).resolve().is_relative_to(run_dir(args).resolve()):
-            raise StageError(f"--out {out}: outside the run's folder {run_dir(args)}")
+            check_apart(out, {"--images": args.images, "the dataset": Path(config["data"]), "the stage folder": stage,
+                              **{f"the stage folder {s.name} of the run": s for s in stage_folders(run_dir(args))}})
+        else:
+            check_split_out(out, run_dir(args), stage, stage / pred_folder(
+                args.scales, args.flip, args.crf, args.gate, "" if split == config["val_split"] else split, net))
         if args.crf:
             check_crf("predict", "no --crf")
         lock(stage, "stage 3 or wsss.predict")

@@ -165,7 +165,9 @@ def spread(ids: list[str], count: int) -> list[str]:
 
 class Pictures:
     """Writes the report's PNGs under outputs/RUN/report/ and remembers them, so that pictures of an
-    earlier report (another sample, a stage since removed) can be deleted at the end."""
+    earlier report (another sample, a stage since removed) can be deleted at the end: those the run
+    folder's journal (io.journal, kept while the report holds the run's lock) records, and no file
+    the report did not write, whatever its name."""
 
     def __init__(self, run: Path):
         self.run, self.root = run, run / FOLDER
@@ -194,13 +196,11 @@ class Pictures:
         self.written.add(path)
         return path.relative_to(self.run).as_posix()
 
-    def remove_stale(self) -> None:
-        """Only pictures (what the report writes) go; other files a user put there stay."""
-        for path in sorted(self.root.rglob("*"), reverse=True):
-            if path.is_file() and path.suffix == ".png" and path not in self.written:
-                path.unlink()
-            elif path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
+    def remove_stale(self, page: Path) -> None:
+        """The files earlier reports wrote that this one did not (and `page`, this one's page) go;
+        a user's own files stay."""
+        keep = {p.relative_to(self.run).as_posix() for p in (*self.written, page)}
+        io.remove_journaled(self.run, keep=keep)
 
 
 @dataclass
@@ -678,7 +678,7 @@ def _build(run: Path, sample: int, worst: int) -> Path:
 """
     path = run / PAGE
     io.write_bytes(path, page.encode())
-    pictures.remove_stale()
+    pictures.remove_stale(path)
     return path
 
 

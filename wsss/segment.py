@@ -184,7 +184,13 @@ def run(args) -> dict | None:
                "nets": _net_summary(records)}
     prediction = {"scales": list(args.scales), "flip": args.flip, "crf": args.crf, "gate": args.gate}
     result = None
-    if ctx.val.mask_dir is not None and all(ctx.val.has_mask(i) for i in ctx.val.ids):
+    missing = [i for i in ctx.val.ids if not ctx.val.has_mask(i)] if ctx.val.mask_dir is not None else ctx.val.ids
+    if ctx.val.mask_dir is not None and missing:  # a scoring turned off by a few files must be seen
+        log.warning("%d of %d images of %s have no ground truth (%s): val predictions are not scored; add "
+                    "their masks to %s, or remove them from the list", len(missing), len(ctx.val.ids),
+                    args.val_split, ", ".join(f"{ctx.val.mask_path(i)}" for i in missing[:5])
+                    + (", ..." if len(missing) > 5 else ""), ctx.val.mask_dir)
+    if not missing:
         result = evaluate(out / pred, ctx.val.mask_dir, ctx.val.ids, ctx.num_classes,
                           workers=args.workers, class_names=ctx.val.class_names)
         io.write_json(out / f"eval{pred[len('pred'):]}.json", result)

@@ -4,7 +4,7 @@ One loop, so every network gets the same guarantees: SGD with poly learning rate
 IRN) after a linear warm-up, gradient-norm clipping, mixed precision on CUDA (`--amp`: bf16, or fp16
 with a gradient scaler whose gradients are unscaled before clipping), DistributedDataParallel
 when launched by torchrun, a checkpoint after every epoch written atomically (the last one holds the
-weights alone: `final_weights`), and resume from it
+weights alone: `final_weights`) after the epoch's metrics line, and resume from it
 after a kill (an interrupted epoch is redone from the last finished one, with the same data order
 as an uninterrupted run).
 
@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from wsss import io
 from wsss.run import autocast, count_images, distributed, is_main_process, phase, rank_world
+from wsss.stage import StageError
 
 log = logging.getLogger("wsss")
 CHECKPOINT = "checkpoint.pt"
@@ -192,11 +193,18 @@ def _fit(model, dataset, step_fn, out_dir, *, epochs, batch_size, lr, device, se
         model.load_state_dict(state["model"])
         start_epoch = state["epoch"]
         if start_epoch >= epochs:
+            if is_main_process() and not any(r.get("epoch") == start_epoch for r in read_metrics(out_dir)):
+                raise StageError(f"{ckpt_path}: training finished at epoch {start_epoch} but "
+                                 f"{out_dir / METRICS} has no line for it (a run killed between the two "
+                                 f"writes by an older version); the epoch cannot be redone from the final "
+                                 f"weights: pass --force to redo the stage")
             return model
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         log.info("%s: resuming from %s after epoch %d", desc, ckpt_path, start_epoch)
+    if is_main_process():  # lines of epochs after the checkpoint's (killed before its write) are redone
+        _keep_metrics(out_dir / METRICS, start_epoch)
 
     world = rank_world()[1]
     if batch_size % world:
@@ -292,6 +300,9 @@ def _fit(model, dataset, step_fn, out_dir, *, epochs, batch_size, lr, device, se
                 with precision, phase("epoch-val"):
                     record.update(evaluate(model))
             problem = health(record) if health is not None else None
+            # the epoch's lines first, its checkpoint second: a kill between the two leaves lines the
+            # resumed run replaces when it redoes the epoch, never a checkpoint without its epoch's line
+            _append_metrics(out_dir / METRICS, iterations + [record])
             if problem is None and epoch + 1 == epochs:
                 io.save_checkpoint(ckpt_path, {"model": final_weights(model), "epoch": epoch + 1})
             elif problem is None:
@@ -299,7 +310,6 @@ def _fit(model, dataset, step_fn, out_dir, *, epochs, batch_size, lr, device, se
                 if scaler is not None:
                     state["scaler"] = scaler.state_dict()
                 io.save_checkpoint(ckpt_path, state)
-            _append_metrics(out_dir / METRICS, iterations + [record])
             log.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs,
                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
             if problem is not None:
@@ -331,6 +341,24 @@ def _append_metrics(path: Path, records: list[dict]) -> None:
     epoch = records[-1]["epoch"]
     lines = [r for r in read_metrics(path.parent, iterations=True) if r.get("epoch", math.inf) < epoch] + records
     io.write_bytes(path, "".join(json.dumps(r) + "\n" for r in lines).encode())
+
+
+def _keep_metrics(path: Path, last_epoch: int) -> None:
+    """Drop the lines of epochs after `last_epoch` (those of the checkpoint's epochs stay)."""
+    if not path.is_file():
+        return
+    lines = read_metrics(path.parent, iterations=True)
+    kept = [r for r in lines if r.get("epoch", 0) <= last_epoch]
+    if len(kept) < len(lines):
+        io.write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+def epoch_metrics(out_dir, epoch: int) -> dict:
+    """The epoch line of `epoch` (1-based) in out_dir/metrics.jsonl, found by its number."""
+    found = [r for r in read_metrics(out_dir) if r.get("epoch") == epoch]
+    if not found:
+        raise StageError(f"{Path(out_dir) / METRICS}: no line for epoch {epoch}; pass --force to redo the stage")
+    return found[-1]
 
 
 def read_metrics(out_dir, iterations: bool = False) -> list[dict]:

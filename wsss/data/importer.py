@@ -56,6 +56,7 @@ from wsss.data.voc import (
     find_images,
     list_path,
     read_label_file,
+    read_text,
     safe_id,
     xml_object_names,
 )
@@ -142,7 +143,7 @@ def _label(photo: Photo, tags: list, where: str) -> None:
 
 
 def read_table(path: Path, index: PhotoIndex) -> None:
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in text and "," not in text) else ","
     rows = csv.reader(text.splitlines(), delimiter=delimiter)
     for n, row in enumerate(rows, 1):
@@ -157,15 +158,19 @@ def read_table(path: Path, index: PhotoIndex) -> None:
 
 def read_json_labels(path: Path, index: PhotoIndex) -> None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(read_text(path))
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read JSON ({e})") from e
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected an object {{image: [labels]}}, got {type(data).__name__}")
     for name, tags in data.items():
         where = f"{path} entry '{name}'"
-        if not isinstance(tags, (list, str, int)):
-            raise DatasetError(f"{where}: labels must be a list or a string, got {type(tags).__name__}")
+        # JSON's true/false are Python's bools, which are ints: never take `true` for class 1
+        bad = [t for t in (tags if isinstance(tags, list) else [tags])
+               if isinstance(t, bool) or not isinstance(t, (str, int))]
+        if bad or not isinstance(tags, (list, str, int)):
+            got = type(bad[0] if bad else tags).__name__
+            raise DatasetError(f"{where}: labels must be a list or a string of class names or ids, got {got}")
         _label(index.find(name, where), split_tags(tags if not isinstance(tags, int) else [tags]), where)
 
 
@@ -207,7 +212,7 @@ def parse_classes(spec: str | None) -> tuple[str, ...] | None:
     if spec == "voc":
         return VOC_CLASSES
     path = Path(spec)
-    names = path.read_text().splitlines() if path.is_file() else spec.split(",")
+    names = read_text(path).splitlines() if path.is_file() else spec.split(",")
     names = [n.strip() for n in names if n.strip()]
     if names and names[0].lower() != "background":
         names.insert(0, "background")

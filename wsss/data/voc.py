@@ -18,6 +18,7 @@ builds the layout from any folder of photos and a file of tags.
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
 import shutil
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from wsss.io import IGNORE, PALETTE, read_image, read_mask, write_mask
+from wsss.io import IGNORE, PALETTE, image_size, read_image, read_mask, write_mask
 from wsss.run import is_safe_name
 
 VOC_CLASSES = (
@@ -46,14 +47,35 @@ class DatasetError(ValueError):
     """Bad input in a dataset; the message names the file and the problem."""
 
 
+def read_text(path) -> str:
+    """A text file people write by hand: UTF-8 (a byte-order mark allowed), or UTF-16 with its
+    byte-order mark (what Windows editors save as "Unicode"); anything else is an error naming it."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from e
+
+
 def class_names(root) -> tuple[str, ...]:
     path = Path(root) / "class_names.txt"
     if not path.is_file():
         return VOC_CLASSES
-    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    names, seen = [], {}
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        name = line.strip()
+        if not name:
+            continue
+        if name in seen:  # two ids of one name: labels and scores by name would mix them up
+            raise DatasetError(f"{path}: line {n}: '{name}' is listed twice (first on line {seen[name]})")
+        seen[name] = n
+        names.append(name)
     if len(names) < 2:
         raise DatasetError(f"{path}: needs background plus at least one class, found {len(names)} names")
-    return names
+    return tuple(names)
 
 
 def safe_id(name: str) -> str:
@@ -78,12 +100,76 @@ def find_images(folder) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def read_label_file(path) -> dict:
-    """cls_labels.npy as a dict image id -> multi-hot vector, whichever form of ids it uses (label_key)."""
+def _numpy_globals() -> dict:
+    """The only globals a pickled dict of numpy arrays needs: array and scalar reconstruction
+    (under numpy 1's module name and numpy 2's), and `_codecs.encode`, with which pickle protocol 2
+    (IRN's files) stores the arrays' bytes; it only converts text to bytes."""
     try:
-        labels = np.load(path, allow_pickle=True).item()
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
+    allowed = {}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = multiarray._reconstruct
+        allowed[(module, "scalar")] = multiarray.scalar
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    allowed[("_codecs", "encode")] = _latin1_encode
+    return allowed
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """`_codecs.encode` as protocol-2 pickles of bytes call it, and no other codec."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} is not part of a numpy array")
+    return text.encode("latin1")
+
+
+class _LabelUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, numbers, strings, lists and dicts, and nothing else: a pickle may
+    name any function to call, so a cls_labels.npy from elsewhere could otherwise run code."""
+
+    allowed = _numpy_globals()
+
+    def find_class(self, module, name):
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not part of a numpy array; "
+                                         f"only arrays, numbers and strings are read")
+        return found
+
+
+def _read_pickled_npy(path) -> object:
+    """The object of an .npy file, through _LabelUnpickler when it holds Python objects."""
+    from numpy.lib import format as npy
+
+    with open(path, "rb") as f:
+        version = npy.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npy.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+        if not dtype.hasobject:
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+        array = _LabelUnpickler(f, encoding="latin1").load()
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"expected a pickled numpy array, got {type(array).__name__}")
+    return array
+
+
+def read_label_file(path) -> dict:
+    """cls_labels.npy as a dict image id -> multi-hot vector, whichever form of ids it uses (label_key).
+
+    IRN/PSA/SEAM's format is a pickled dict; it is read without running anything a pickle names
+    (_LabelUnpickler): a file that names anything but numpy's array reconstruction is refused."""
+    try:
+        array = _read_pickled_npy(path)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the same bad input
         raise DatasetError(f"{path}: cannot read image labels ({e})") from e
+    labels = array.item() if array.shape == () else array
     if not isinstance(labels, dict):
         raise DatasetError(f"{path}: expected a dict id -> multi-hot labels, got {type(labels).__name__}")
     return {label_key(k): v for k, v in labels.items()}
@@ -200,15 +286,11 @@ class VOCDataset:
                                f"lists every bad file)") from e
 
     def image_size(self, id_: str) -> tuple[int, int]:
-        """(W, H) from the image header, without decoding it."""
-        from PIL import Image
-
-        path = self.image_path(id_)
+        """(W, H) from the image header, without decoding it (as shown: io.image_size)."""
         try:
-            with Image.open(path) as img:
-                return img.size
+            return image_size(self.image_path(id_))
         except (OSError, ValueError) as e:
-            raise DatasetError(f"{path}: cannot read image ({e})") from e
+            raise DatasetError(str(e)) from e
 
     def has_mask(self, id_: str) -> bool:
         path = self.mask_path(id_)
