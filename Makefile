@@ -1,6 +1,6 @@
 # wsss: `make demo` runs the whole pipeline on the embedded dataset; `make test` runs the tests.
 # `make voc PRESET=voc-vgg16 DATA=data/VOCdevkit/VOC2012 RUN=voc` runs stages 1-3 and eval with a preset
-# (presets/NAME.json); SMOKE=1 shrinks it to minutes on a CPU (wsss/preset.py).
+# (wsss/presets/NAME.json); SMOKE=1 shrinks it to minutes on a CPU (wsss/preset.py).
 # Variables: DATA (dataset root, VOC layout), RUN (outputs/RUN), METHOD (psl|stc; not with PRESET),
 # DEVICE (auto|cpu|cuda), PRESET, SMOKE=1, ARGS (extra flags for every stage script), ARGS1/ARGS2/ARGS3
 # (for stage 1/2/3 only), e.g. `make stage1 DATA=data/VOCdevkit/VOC2012 RUN=voc ARGS1="--backbone resnet50"`.
@@ -52,7 +52,7 @@ eval: setup
 # A preset from download to val mIoU: stages 1-3, then the seeds and pseudo-masks scored on VOC train
 # (IRN's protocol) and the val predictions.
 voc: setup
-	@test -n "$(PRESET)" || { echo "make voc: say which preset, e.g. PRESET=voc-vgg16 (see presets/)"; exit 2; }
+	@test -n "$(PRESET)" || { echo "make voc: say which preset, e.g. PRESET=voc-vgg16 (see wsss/presets/)"; exit 2; }
 	$(PY) stages/stage1.py $(STAGE_FLAGS) $(ARGS1)
 	$(PY) stages/stage2.py $(STAGE_FLAGS) $(ARGS2)
 	$(PY) stages/stage3.py $(STAGE_FLAGS) $(ARGS3)

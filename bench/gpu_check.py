@@ -143,10 +143,10 @@ def run_stages(argv: list[str], stage_argv: dict, outputs: Path, run: str) -> di
 
     cuda = torch.cuda.is_available()
 
-    from stages import stage1, stage2, stage3
+    from wsss.cli import stage1, stage2, stage3
 
     result: dict = {"stages": {}, "problems": []}
-    for name, main in zip(STAGES, (stage1.main, stage2.main, stage3.main), strict=True):
+    for name, main in zip(STAGES, (stage1, stage2, stage3), strict=True):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()

@@ -1,16 +1,7 @@
-"""Stage 2: mined regions + saliency -> fused pseudo-masks -> dense CRF -> outputs/RUN/stage2/ (see wsss/pseudo.py)."""
-from wsss import pseudo
-from wsss.run import common_parser
-from wsss.stage import main as run_stage
-
-
-def build_parser():
-    return pseudo.add_args(common_parser(__doc__, "stage2"))
-
-
-def main(argv=None):
-    return run_stage(pseudo.run, build_parser(), argv)
-
+"""Stage 2: mined regions + saliency -> fused pseudo-masks -> dense CRF -> outputs/RUN/stage2/ (see wsss/pseudo.py).
+The same as `wsss stage2` once the package is installed."""
+from wsss.cli import stage2 as main
+from wsss.cli import stage2_parser as build_parser  # noqa: F401 - used by tests and the report
 
 if __name__ == "__main__":
     main()

@@ -1,14 +1,6 @@
-"""Stage 3: segmentation net (--method: PSL, STC or any registered in wsss.methods) on stage 2's pseudo-masks -> outputs/RUN/stage3/ (see wsss/segment.py)."""
-from wsss import segment
-from wsss.run import common_parser
-from wsss.stage import main as run_stage
-
-
-def main(argv=None):
-    parser = common_parser(__doc__, "stage3")
-    segment.add_args(parser)
-    return run_stage(segment.run, parser, argv)
-
+"""Stage 3: segmentation net (--method: PSL, STC or any registered in wsss.methods) on stage 2's pseudo-masks -> outputs/RUN/stage3/ (see wsss/segment.py).
+The same as `wsss stage3` once the package is installed."""
+from wsss.cli import stage3 as main
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Presets (presets/*.json, wsss.preset): every preset parses for every stage, explicit flags win,
+"""Presets (wsss/presets/*.json, wsss.preset): every preset parses for every stage, explicit flags win,
 and every preset runs end to end in smoke size (so a preset cannot rot)."""
 from __future__ import annotations
 

@@ -96,3 +96,11 @@ def test_a_batch_that_does_not_split_over_the_processes_stops_before_any_work(mo
     check_processes(16)
     monkeypatch.setenv("WORLD_SIZE", "1")
     check_processes(10)
+
+
+def test_without_fcntl_a_stage_stops_with_a_clear_error(tmp_path, monkeypatch):
+    from wsss import stage
+
+    monkeypatch.setattr(stage, "fcntl", None)
+    with pytest.raises(stage.StageError, match="locked with fcntl.*Linux or macOS"):
+        stage.lock(tmp_path, "stage 1", writes=False)

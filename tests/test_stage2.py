@@ -1,5 +1,6 @@
 """Stage 2 end to end on a tiny dataset with hand-made stage-1 regions and saliency maps (seconds)."""
 import importlib.util
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,24 @@ def test_seeds_from_any_folder_in_the_regions_format(setup, tmp_path):
         run("--seeds", str(seeds))
     with pytest.raises(SystemExit, match="not a folder"):
         run("--seeds", str(tmp_path / "nowhere"))
+
+
+def test_a_dataset_other_than_stage1s_is_refused_before_any_work(tmp_path, tiny_voc_factory):
+    """The same photos with the class order reversed: stage 2 stops naming what differs, writes nothing."""
+    from wsss.stage import dataset_inputs, fingerprints
+
+    data = tiny_voc_factory("data", n_train=4, n_val=1)
+    outputs = tmp_path / "outputs"
+    stage1 = make_stage1(data, outputs / "r")
+    io.write_manifest(stage1, {"data": str(data), "train_split": "train"},
+                      fingerprints=fingerprints(dataset_inputs(VOCDataset(data, "train"))))
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    names = (other / "class_names.txt").read_text().split()
+    (other / "class_names.txt").write_text("\n".join([names[0], *reversed(names[1:])]) + "\n")
+    argv = ["--outputs", str(outputs), "--run", "r", "--workers", "1", "--no-crf"]
+    with pytest.raises(SystemExit, match=r"not the one .*stage1 read .*class names differ"):
+        stage2_main()(["--data", str(other), *argv])
+    assert not (outputs / "r" / "stage2").exists()
+    stage2_main()(["--data", str(data), *argv])  # stage 1's own dataset goes on
+    assert (outputs / "r" / "stage2" / "manifest.json").is_file()

@@ -46,7 +46,7 @@ written); then `regions/ID.npz` {"keys", "masks" bool (n, H, W): the union score
 empty CAM and region files.
 
 Defaults run the whole stage on the embedded synthetic dataset on 2 CPU cores in minutes.
-The settings for PASCAL VOC 2012 (train_aug, 10,582 images) on a GPU are the presets in `presets/`
+The settings for PASCAL VOC 2012 (train_aug, 10,582 images) on a GPU are the presets in `wsss/presets/`
 (`--preset voc-vgg16`: the paper's VGG16 with ImageNet init at every step; `voc-r101`). Check the
 seeds of a run with `python -m wsss.eval --run NAME --stage stage1` (step 1 vs the union, and a CAM
 threshold sweep of step 1 and of the union score) and set `--seed-threshold` to the union's best

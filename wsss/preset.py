@@ -1,4 +1,4 @@
-"""Presets: the flags of a published setting, one JSON file per setting in `presets/` at the repo root.
+"""Presets: the flags of a published setting, one JSON file per setting in `wsss/presets/` (installed with the package).
 
 A preset file holds one object per stage, keyed by the flag names as typed on the command line
 (without the dashes), plus an optional `common` object applied to every stage script:
@@ -8,7 +8,7 @@ A preset file holds one object per stage, keyed by the flag names as typed on th
      "stage1": {"backbone": "vgg16", "output-stride": 8, "cam-scales": "0.5,1.0,1.5,2.0"},
      "stage2": {}, "stage3": {"scales": [0.5, 1.0], "crf": true}, "eval": {}}
 
-`--preset NAME` (a name in `presets/` or a path to such a file) makes the preset's values the
+`--preset NAME` (a name in `wsss/presets/` or a path to such a file) makes the preset's values the
 parser's defaults, so an explicit flag still overrides it; the values go through each flag's own
 type and choices, and a key that is not a flag of that stage is an error naming the file. The
 stage's config (`wsss.stage`) therefore records the effective values, never the preset's name:
@@ -27,7 +27,7 @@ import argparse
 import json
 from pathlib import Path
 
-PRESETS = Path(__file__).resolve().parent.parent / "presets"
+PRESETS = Path(__file__).resolve().parent / "presets"
 SECTIONS = ("stage1", "stage2", "stage3", "eval")
 STAGES = ("stage1", "stage2", "stage3")  # the sections the `common` object applies to
 
@@ -52,7 +52,7 @@ def names() -> list[str]:
 
 
 def path_of(name: str) -> Path:
-    """A preset's file: `presets/NAME.json`, or `name` itself when it is a path to a file."""
+    """A preset's file: `wsss/presets/NAME.json`, or `name` itself when it is a path to a file."""
     path = Path(name)
     if path.suffix == ".json" or "/" in name:
         if not path.is_file():

@@ -76,7 +76,7 @@ from wsss.run import (
     safe_name,
 )
 from wsss.segtrain import Stage3
-from wsss.stage import StageError, check_processes, dataset_inputs, open_stage
+from wsss.stage import StageError, check_processes, check_same_dataset, dataset_inputs, open_stage
 from wsss.train import CHECKPOINT, init_distributed, read_metrics, torch_device
 
 WARMUP = 100  # iterations; see "Why these optimiser defaults" in the module docstring
@@ -152,6 +152,7 @@ def run(args) -> dict | None:
         if not (stage2 / io.MANIFEST).is_file():
             raise SystemExit(f"error: {stage2}: stage 2 is not complete (no {io.MANIFEST}); run stages/stage2.py first")
         inputs["stage2"] = stage2
+        check_same_dataset(stage2, train, "stage 3")
     if args.crf:
         check_crf("stage 3", "no --crf")
     name, pred = stage_name(args), pred_folder(args.scales, args.flip, args.crf, args.gate)

@@ -35,11 +35,15 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks of this kind
+    fcntl = None
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -177,6 +181,27 @@ def dataset_inputs(dataset, masks: bool = False, prefix: str = "") -> dict:
     return inputs
 
 
+DATASET_KEYS = ("class names", "labels", "list")  # what makes two splits the same dataset (never --limit)
+
+
+def check_same_dataset(upstream: Path, dataset, who: str) -> None:
+    """The stages of a run read one dataset: `who`'s split must have the class names, labels file and
+    list that stage `upstream` recorded, else it stops before any work (the same photos imported with
+    another class order would train every class under another's name). Silent when `upstream` has
+    no manifest, or recorded none of these (seeds made elsewhere)."""
+    manifest = _read(Path(upstream) / io.MANIFEST)
+    recorded = (manifest or {}).get("inputs", {})
+    inputs = {k: v for k, v in dataset_inputs(dataset).items() if k in DATASET_KEYS and k in recorded}
+    now, legacy = fingerprints(inputs), fingerprints(inputs, legacy=True)
+    differ = [k for k in inputs if recorded[k] not in (now[k], legacy[k])]
+    if differ:
+        config = manifest.get("config", {})
+        raise StageError(f"{who}: the dataset {dataset.root} (split '{dataset.split}') is not the one {upstream} "
+                         f"read ({config.get('data', '?')}, split '{config.get('train_split', '?')}'): its "
+                         f"{', '.join(differ)} differ. Pass that stage's --data and --train-split, or start "
+                         f"another --run")
+
+
 # inputs the stamps before STAMP_VERSION 2 did not record: such a stamp without one is no change
 LATER_INPUTS = ("label masks", "annotations")
 
@@ -195,6 +220,9 @@ def lock(folder: Path, what: str, *, busy: str | None = None, writes: bool = Tru
     release(folder)  # a lock this process already holds (an earlier stage run in the same process)
     if writes:
         io.journal(folder)
+    if fcntl is None:
+        raise StageError(f"{folder}: run folders are locked with fcntl, which this system ({os.name}) lacks; "
+                         f"run wsss on Linux or macOS (on Windows: in WSL)")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

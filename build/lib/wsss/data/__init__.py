@@ -1,0 +1,1 @@
+"""Datasets in the VOC layout, the embedded synthetic dataset, joint augmentation."""
