@@ -219,3 +219,22 @@ def test_kill_between_an_epochs_checkpoint_and_its_metrics_line_resumes_byte_for
     assert artifacts(stage) == artifacts(reference)
     done = io.read_json(stage / step / "done.json")
     assert done["final_loss"] == read_metrics(reference / step)[-1]["loss"]
+
+
+def test_offline_imagenet_weights_are_one_clear_line_and_the_retry_is_not_blocked(tmp_path, tiny_voc_factory,
+                                                                                   monkeypatch):
+    import urllib.error
+
+    def offline(url, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    data = tiny_voc_factory("data", n_train=4, n_val=0)
+    with pytest.raises(SystemExit) as failed:
+        stage1_main()(["--data", str(data), "--outputs", str(tmp_path / "o"), "--run", "r", "--device", "cpu",
+                       "--backbone", "resnet50", "--weights", "imagenet", "--epochs", "1", "--ae-steps", "1"])
+    message = str(failed.value)
+    assert message.startswith("error: could not download the ImageNet weights of resnet50")
+    assert str(Path(torch.hub.get_dir()) / "checkpoints" / "resnet50-") in message and "--weights PATH" in message
+    stage = run_stage1(data, tmp_path / "o", "--ae-steps", "1")  # the retry with other flags needs no --force
+    assert (stage / "manifest.json").is_file()

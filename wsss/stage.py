@@ -51,6 +51,7 @@ from pathlib import Path
 
 from wsss import io
 from wsss.data.voc import DatasetError
+from wsss.errors import WsssError
 from wsss.run import (
     environment,
     is_main_process,
@@ -68,7 +69,7 @@ LOCK = ".lock"
 _held: dict[Path, int] = {}  # lock file -> open descriptor, for this process
 
 
-class StageError(RuntimeError):
+class StageError(WsssError, RuntimeError):
     """A stage cannot (or must not) go on; the message says why and what to do."""
 
 
@@ -427,6 +428,9 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
     before = fingerprints(inputs, legacy=True) if older else {}
     moved = [f"  {k}" for k in sorted(set(old_inputs) | set(prints) - later)
              if old_inputs.get(k) != prints.get(k) and (k not in before or old_inputs.get(k) != before[k])]
+    if (changed or moved) and not _made_anything(ours):
+        log.info("%s: nothing was made with the earlier settings (a start that failed); going on with these", out)
+        changed = moved = []
     if changed or moved:
         what = "finished" if manifest and manifest.get("complete") else "started"
         lines = [f"{out}: {name} was {what} with other settings or inputs; nothing was changed."]
@@ -448,14 +452,24 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
     return stage
 
 
+def _made_anything(entries) -> bool:
+    """Whether a stage's own entries hold any file but its config and stamp (a start that failed before its
+    first artifact leaves none, and must not block a retry with other flags)."""
+    for entry in entries:
+        if entry.name in ("config.json", STAMP):
+            continue
+        if entry.is_file() or any(f.is_file() for f in entry.rglob("*")):
+            return True
+    return False
+
+
 def error_line(e: BaseException) -> str | None:
     """One line for a failure the user can fix (bad input, a full disk...), None for a bug."""
-    if isinstance(e, io.UnsafeFileError):
-        return str(e)
-    if isinstance(e, StageError | DatasetError):
-        text = str(e).strip()
+    if isinstance(e, DatasetError):
         # a DataLoader worker's error comes wrapped with its traceback; its last line is the message
-        return text if isinstance(e, StageError) else text.splitlines()[-1].split("DatasetError: ")[-1]
+        return str(e).strip().splitlines()[-1].split("DatasetError: ")[-1]
+    if isinstance(e, WsssError):
+        return str(e).strip()
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
         return f"cannot write {e.filename or 'the outputs'}: {e.strerror or os.strerror(e.errno)}"
     return None
