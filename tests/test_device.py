@@ -50,3 +50,15 @@ def test_spread_takes_evenly_spaced_items_and_all_for_zero():
     items = list(range(10))
     assert spread(items, 3) == [0, 4, 9] and spread(items, 1) == [0]
     assert spread(items, 0) == items and spread(items, 50) == items and spread([], 5) == []
+
+
+def test_device_takes_a_gpu_index_and_refuses_other_names():
+    from wsss.run import common_parser, resolve_device
+
+    p = common_parser("test")
+    assert p.parse_args(["--device", "cuda:1"]).device == "cuda:1"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--device", "gpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"^error: --device cuda:0: "):
+            resolve_device("cuda:0")

@@ -104,3 +104,27 @@ def test_without_fcntl_a_stage_stops_with_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(stage, "fcntl", None)
     with pytest.raises(stage.StageError, match="locked with fcntl.*Linux or macOS"):
         stage.lock(tmp_path, "stage 1", writes=False)
+
+
+def test_scales_flags_take_both_spellings_and_record_one_value():
+    from wsss import erasing, segment
+    from wsss.run import common_parser
+
+    stage1 = erasing.add_args(common_parser("test", "stage1"))
+    assert stage1.parse_args(["--cam-scales", "0.5", "1"]).cam_scales == (0.5, 1.0)
+    assert stage1.parse_args(["--cam-scales", "0.5,1"]).cam_scales == (0.5, 1.0)
+    assert stage1.parse_args(["--preset", "voc-vgg16"]).cam_scales == (0.5, 1.0, 1.5, 2.0)
+    stage3 = common_parser("test", "stage3")
+    segment.add_args(stage3)
+    assert stage3.parse_args(["--scales", "0.5,0.75", "1"]).scales == [0.5, 0.75, 1.0]
+    assert stage3.parse_args(["--preset", "voc-r101"]).scales == [0.5, 0.75, 1.0]
+    with pytest.raises(SystemExit):
+        stage3.parse_args(["--scales", "0,1"])
+
+
+def test_every_flag_shows_its_default_in_help():
+    from wsss import erasing
+    from wsss.run import common_parser
+
+    text = erasing.add_args(common_parser("test", "stage1")).format_help()
+    assert "--seed SEED           default: 0" in text

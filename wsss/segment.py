@@ -63,6 +63,7 @@ from wsss.nets import open_dataset, stage_name
 from wsss.predict import add_predict_args, net_crf, pred_folder, predict_split
 from wsss.run import (
     add_epoch_val,
+    add_scales,
     autocast,
     barrier,
     is_main_process,
@@ -112,7 +113,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_predict_args(p)
     g = p.add_argument_group("self-training targets (PSL+, STC's E- and P-DCNN): a net's predictions of the "
                              "training images that the next net trains on")
-    g.add_argument("--self-train-scales", type=positive_float, nargs="+", default=[0.75, 1.0, 1.25],
+    add_scales(g, "--self-train-scales", default=[0.75, 1.0, 1.25],
                    help="scales whose probabilities are averaged (as at test time: a target should be the net's "
                         "best guess, not its single-scale one; 3 scales + flip cost 6 forwards per image)")
     g.add_argument("--self-train-flip", action=argparse.BooleanOptionalAction, default=True,

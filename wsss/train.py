@@ -74,8 +74,11 @@ def init_distributed(device: str) -> None:
 
 
 def torch_device(device: str) -> torch.device:
+    """The torch device of a resolved --device: under torchrun the rank's GPU, else the current one
+    (`--device cuda:N` made it N)."""
     if device == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        rank = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(rank) if rank is not None else torch.cuda.current_device())
     return torch.device(device)
 
 
