@@ -43,7 +43,6 @@ import os
 import re
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -53,6 +52,7 @@ from scipy.ndimage import map_coordinates, maximum_filter, minimum_filter
 from tqdm import tqdm
 
 from wsss.io import IGNORE, read_json, write_bytes, write_json, write_mask, write_npy
+from wsss.run import process_pool
 
 CLASS_NAMES = ("background", "beetle", "flower", "turtle", "car", "caterpillar", "fish")
 VERSION = 1  # bump when the drawing changes, so old folders are regenerated
@@ -674,7 +674,7 @@ def generate(out, seed: int = 0, n_train: int = 400, n_val: int = 100, size: int
     if workers == 1:
         records = [_write_task(t) for t in tqdm(tasks, desc="synthetic", unit="img")]
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        with process_pool(workers) as pool:  # spawned, one thread each, dying with this process
             records = list(tqdm(pool.map(_write_task, tasks, chunksize=4), total=len(tasks),
                                 desc="synthetic", unit="img"))
 

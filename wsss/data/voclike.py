@@ -36,7 +36,6 @@ import os
 import sys
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -49,6 +48,7 @@ from tqdm import tqdm
 from wsss.data import synthetic
 from wsss.data.voc import IGNORE, VOC_CLASSES, labels_from_mask, read_ids
 from wsss.io import read_json, read_mask, write_bytes, write_json, write_mask, write_npy
+from wsss.run import process_pool
 
 VERSION = 2
 PART_FRACTION = 0.2  # of an object's height: its discriminative part
@@ -155,7 +155,7 @@ def generate(layouts, out, n_train: int = 1464, n_val: int = 1449, scale: float 
         for t in tqdm(tasks, desc="voclike", unit="img"):
             _write_one(t)
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        with process_pool(workers) as pool:  # spawned, one thread each, dying with this process
             list(tqdm(pool.map(_write_one, tasks, chunksize=8), total=len(tasks), desc="voclike", unit="img"))
     lists = root / "ImageSets" / "Segmentation"
     for name, ids in (("train", splits["train"]), ("train_aug", splits["train"]), ("val", splits["val"])):

@@ -75,6 +75,7 @@ from wsss.data.voc import DatasetError, VOCDataset, list_path
 from wsss.models.classifier import build_classifier
 from wsss.run import (
     add_epoch_val,
+    add_scales,
     barrier,
     count_images,
     is_main_process,
@@ -110,16 +111,6 @@ CAM_CHUNK = 8  # images per task of a CAM worker process
 # default chain on the VOC-like data").
 SEED_THRESHOLD = 0.55
 
-def _scales(text: str) -> tuple[float, ...]:
-    try:
-        scales = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}': expected comma-separated numbers, e.g. 0.5,1.0,1.5") from None
-    if not scales or min(scales) <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}': scales must be positive")
-    return scales
-
-
 def _stop_loss(text: str) -> str | float:
     if text == "auto":
         return text
@@ -139,8 +130,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=positive_int, default=16)
     g.add_argument("--lr", type=float, default=0.01, help="backbone learning rate (the head gets 10x)")
     g.add_argument("--crop", type=positive_int, default=160, help="training crop size")
-    g.add_argument("--cam-scales", type=_scales, default=(0.5, 1.0, 1.5),
-                   help="CAM scales, comma-separated (0.5,1.0,1.5,2.0 as PSA/IRN on a GPU)")
+    add_scales(g, "--cam-scales", container=tuple, default=(0.5, 1.0, 1.5),
+               help="CAM scales, 0.5,1,1.5 or 0.5 1 1.5 (0.5,1.0,1.5,2.0 as PSA/IRN on a GPU)")
     g.add_argument("--cam-flip", action=argparse.BooleanOptionalAction, default=True,
                    help="add the CAM of the mirrored image")
     g.add_argument("--ae-steps", type=positive_int, default=3, help="erasing steps K")

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsss.errors import WsssError
 from wsss.io import IGNORE, read_mask, write_json
 from wsss.scoremaps import CAMFileError, restore_scores
 
@@ -71,7 +72,7 @@ CHUNK = 32  # images a worker scores before handing back its partial sum
 SHOW_MISSING = 5
 
 
-class EvalError(ValueError):
+class EvalError(WsssError, ValueError):
     """Bad input to the evaluation; the message names the file and the problem."""
 
 

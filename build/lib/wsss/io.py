@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from wsss.errors import WsssError
+
 MANIFEST = "manifest.json"
 IGNORE = 255  # the label of pixels no loss or score counts, in every mask of the pipeline
 _UMASK = os.umask(0)
@@ -320,7 +322,7 @@ def save_checkpoint(path, state: dict) -> None:
     write_bytes(path, buf.getvalue())
 
 
-class UnsafeFileError(ValueError):
+class UnsafeFileError(WsssError, ValueError):
     """A data file or checkpoint that is not plain data (it would run code, or cannot be read as
     data); the message names the file."""
 

@@ -540,10 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
 def add_predict_args(p: argparse.ArgumentParser) -> None:
     """Test-time flags, shared with stages/stage3.py: they name the prediction folder (pred_folder)
     and are never part of stage 3's config."""
-    from wsss.run import positive_float, test_time
+    from wsss.run import add_scales, test_time
 
-    test_time(p.add_argument("--scales", type=positive_float, nargs="+", default=[1.0],
-                             help="test scales (probabilities averaged)"))
+    test_time(add_scales(p, "--scales", default=[1.0],
+                         help="test scales, 0.5 1 1.5 or 0.5,1,1.5 (probabilities averaged)"))
     test_time(p.add_argument("--flip", action="store_true", help="also average the horizontally flipped image"))
     test_time(p.add_argument("--crf", action="store_true",
                              help="dense CRF on the predictions, with the kernels published for the net "

@@ -27,6 +27,8 @@ import argparse
 import json
 from pathlib import Path
 
+from wsss.errors import WsssError
+
 PRESETS = Path(__file__).resolve().parent / "presets"
 SECTIONS = ("stage1", "stage2", "stage3", "eval")
 STAGES = ("stage1", "stage2", "stage3")  # the sections the `common` object applies to
@@ -43,7 +45,7 @@ SMOKE = {
 }
 
 
-class PresetError(ValueError):
+class PresetError(WsssError, ValueError):
     """A preset that cannot be used; the message names the file and the key."""
 
 

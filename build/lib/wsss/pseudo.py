@@ -88,7 +88,7 @@ from wsss.run import (
     stage_dir,
 )
 from wsss.scoremaps import CAMFileError, restore_scores
-from wsss.stage import StageError, dataset_inputs, error_line, open_stage
+from wsss.stage import StageError, check_same_dataset, dataset_inputs, error_line, open_stage
 
 PER_IMAGE = ("fused", "pseudo", "overlay")
 # One overlay per image took 0.1 MB of the 0.15 MB an image may cost on disk over a whole run
@@ -507,6 +507,7 @@ def run(args) -> dict | None:
         if not (stage1 / io.MANIFEST).is_file():
             raise SystemExit(f"error: {stage1}: stage 1 is not complete (no {io.MANIFEST}); run stage 1 first")
         seeds, inputs = stage1 / "regions", {"stage1": stage1}
+        check_same_dataset(stage1, dataset, "stage 2")
     dataset.validate()
     if args.seeds is not None:
         check_seeds(dataset, args.seeds)

@@ -41,6 +41,12 @@ class Parser(argparse.ArgumentParser):
 
     preset_section: str | None = None
 
+    def format_help(self) -> str:
+        for a in self._actions:  # the formatter adds a default only to a flag with help text: give every one
+            if a.help is None and a.option_strings and a.default not in (None, argparse.SUPPRESS):
+                a.help = "default: %(default)s"
+        return super().format_help()
+
     def parse_known_args(self, args=None, namespace=None):
         if self.preset_section is not None:
             from wsss import preset
@@ -51,6 +57,7 @@ class Parser(argparse.ArgumentParser):
             except preset.PresetError as e:
                 self.error(str(e))
         namespace, rest = super().parse_known_args(args, namespace)
+        _flatten_scales(namespace, self._actions)
         namespace._kinds = {a.dest: a.kind for a in self._actions if hasattr(a, "kind")}
         return namespace, rest
 
@@ -75,6 +82,34 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"'{text}': expected a positive number")
     return value
+
+
+def scale_list(text: str) -> tuple[float, ...]:
+    """argparse type of one token of a scales flag: "1.0" or "0.5,1.0,1.5"."""
+    try:
+        scales = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': expected numbers, e.g. 0.5,1,1.5 or 0.5 1 1.5") from None
+    if not scales or min(scales) <= 0 or max(scales) == float("inf"):
+        raise argparse.ArgumentTypeError(f"'{text}': scales must be positive numbers")
+    return scales
+
+
+def add_scales(parser, *names, container=list, **kwargs) -> argparse.Action:
+    """A scales flag that takes both spellings, `0.5,1,1.5` and `0.5 1 1.5`; its value is a flat
+    `container` of floats (what a config records, whichever spelling was typed)."""
+    action = parser.add_argument(*names, nargs="+", type=scale_list, **kwargs)
+    action.flatten = container
+    return action
+
+
+def _flatten_scales(namespace, actions) -> None:
+    for a in actions:
+        container = getattr(a, "flatten", None)
+        value = getattr(namespace, a.dest, None)
+        if container is not None and isinstance(value, list | tuple):
+            flat = [float(x) for v in value for x in (v if isinstance(v, list | tuple) else [v])]
+            setattr(namespace, a.dest, container(flat))
 
 
 def is_safe_name(text: str) -> bool:
@@ -112,7 +147,7 @@ def common_parser(description: str, section: str | None = None) -> argparse.Argu
     p.add_argument("--val-split", default="val")
     p.add_argument("--limit", type=int, default=0,
                    help="use only the first N images of each split (0: all; smoke runs)")
-    runtime(p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    runtime(p.add_argument("--device", default="auto", type=device_flag, metavar="{auto,cpu,cuda,cuda:N}",
                            help="auto: cuda when it works, else cpu (the log says which and why)"))
     runtime(p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                            help="mixed precision on CUDA for training, CAMs and predictions: auto = bf16 where "
@@ -174,15 +209,31 @@ def cuda_problem() -> str | None:
     return "torch.cuda.is_available() is False"
 
 
+def device_flag(text: str) -> str:
+    """argparse type of --device: auto, cpu, cuda or cuda:N (the N-th visible GPU)."""
+    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"'{text}': choose auto, cpu, cuda or cuda:N")
+
+
 def device_choice(name: str) -> tuple[str, str]:
-    """(device, why) for --device; `cuda` without a working CUDA is an error naming the cause."""
+    """(device, why) for --device; `cuda` without a working CUDA is an error naming the cause. With
+    `cuda:N` the N-th GPU becomes this process's current one (torchrun's ranks take their LOCAL_RANK)."""
     if name == "cpu":
         return "cpu", "--device cpu"
     problem = cuda_problem()
-    if name == "cuda":
+    if name.startswith("cuda"):
         if problem:
-            raise SystemExit(f"error: --device cuda: {problem}")
-        return "cuda", "--device cuda"
+            raise SystemExit(f"error: --device {name}: {problem}")
+        if ":" in name and not distributed():
+            import torch
+
+            index = int(name.split(":")[1])
+            if index >= torch.cuda.device_count():
+                raise SystemExit(f"error: --device {name}: {torch.cuda.device_count()} GPUs are visible (0.."
+                                 f"{torch.cuda.device_count() - 1})")
+            torch.cuda.set_device(index)
+        return "cuda", f"--device {name}"
     return ("cpu", f"--device auto: {problem}") if problem else ("cuda", "--device auto: CUDA works")
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from wsss.errors import WsssError
+
 STORE_STRIDE = 4
 
 
-class CAMFileError(ValueError):
+class CAMFileError(WsssError, ValueError):
     """A CAM or seeds file that is missing, unreadable or does not fit its image; the message names it."""
 
 

@@ -63,6 +63,7 @@ from wsss.nets import open_dataset, stage_name
 from wsss.predict import add_predict_args, net_crf, pred_folder, predict_split
 from wsss.run import (
     add_epoch_val,
+    add_scales,
     autocast,
     barrier,
     is_main_process,
@@ -76,7 +77,7 @@ from wsss.run import (
     safe_name,
 )
 from wsss.segtrain import Stage3
-from wsss.stage import StageError, check_processes, dataset_inputs, open_stage
+from wsss.stage import StageError, check_processes, check_same_dataset, dataset_inputs, open_stage
 from wsss.train import CHECKPOINT, init_distributed, read_metrics, torch_device
 
 WARMUP = 100  # iterations; see "Why these optimiser defaults" in the module docstring
@@ -112,7 +113,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_predict_args(p)
     g = p.add_argument_group("self-training targets (PSL+, STC's E- and P-DCNN): a net's predictions of the "
                              "training images that the next net trains on")
-    g.add_argument("--self-train-scales", type=positive_float, nargs="+", default=[0.75, 1.0, 1.25],
+    add_scales(g, "--self-train-scales", default=[0.75, 1.0, 1.25],
                    help="scales whose probabilities are averaged (as at test time: a target should be the net's "
                         "best guess, not its single-scale one; 3 scales + flip cost 6 forwards per image)")
     g.add_argument("--self-train-flip", action=argparse.BooleanOptionalAction, default=True,
@@ -152,6 +153,7 @@ def run(args) -> dict | None:
         if not (stage2 / io.MANIFEST).is_file():
             raise SystemExit(f"error: {stage2}: stage 2 is not complete (no {io.MANIFEST}); run stages/stage2.py first")
         inputs["stage2"] = stage2
+        check_same_dataset(stage2, train, "stage 3")
     if args.crf:
         check_crf("stage 3", "no --crf")
     name, pred = stage_name(args), pred_folder(args.scales, args.flip, args.crf, args.gate)

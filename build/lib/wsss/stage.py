@@ -35,11 +35,15 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks of this kind
+    fcntl = None
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -47,6 +51,7 @@ from pathlib import Path
 
 from wsss import io
 from wsss.data.voc import DatasetError
+from wsss.errors import WsssError
 from wsss.run import (
     environment,
     is_main_process,
@@ -64,7 +69,7 @@ LOCK = ".lock"
 _held: dict[Path, int] = {}  # lock file -> open descriptor, for this process
 
 
-class StageError(RuntimeError):
+class StageError(WsssError, RuntimeError):
     """A stage cannot (or must not) go on; the message says why and what to do."""
 
 
@@ -177,6 +182,27 @@ def dataset_inputs(dataset, masks: bool = False, prefix: str = "") -> dict:
     return inputs
 
 
+DATASET_KEYS = ("class names", "labels", "list")  # what makes two splits the same dataset (never --limit)
+
+
+def check_same_dataset(upstream: Path, dataset, who: str) -> None:
+    """The stages of a run read one dataset: `who`'s split must have the class names, labels file and
+    list that stage `upstream` recorded, else it stops before any work (the same photos imported with
+    another class order would train every class under another's name). Silent when `upstream` has
+    no manifest, or recorded none of these (seeds made elsewhere)."""
+    manifest = _read(Path(upstream) / io.MANIFEST)
+    recorded = (manifest or {}).get("inputs", {})
+    inputs = {k: v for k, v in dataset_inputs(dataset).items() if k in DATASET_KEYS and k in recorded}
+    now, legacy = fingerprints(inputs), fingerprints(inputs, legacy=True)
+    differ = [k for k in inputs if recorded[k] not in (now[k], legacy[k])]
+    if differ:
+        config = manifest.get("config", {})
+        raise StageError(f"{who}: the dataset {dataset.root} (split '{dataset.split}') is not the one {upstream} "
+                         f"read ({config.get('data', '?')}, split '{config.get('train_split', '?')}'): its "
+                         f"{', '.join(differ)} differ. Pass that stage's --data and --train-split, or start "
+                         f"another --run")
+
+
 # inputs the stamps before STAMP_VERSION 2 did not record: such a stamp without one is no change
 LATER_INPUTS = ("label masks", "annotations")
 
@@ -195,6 +221,9 @@ def lock(folder: Path, what: str, *, busy: str | None = None, writes: bool = Tru
     release(folder)  # a lock this process already holds (an earlier stage run in the same process)
     if writes:
         io.journal(folder)
+    if fcntl is None:
+        raise StageError(f"{folder}: run folders are locked with fcntl, which this system ({os.name}) lacks; "
+                         f"run wsss on Linux or macOS (on Windows: in WSL)")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -399,6 +428,9 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
     before = fingerprints(inputs, legacy=True) if older else {}
     moved = [f"  {k}" for k in sorted(set(old_inputs) | set(prints) - later)
              if old_inputs.get(k) != prints.get(k) and (k not in before or old_inputs.get(k) != before[k])]
+    if (changed or moved) and not _made_anything(ours):
+        log.info("%s: nothing was made with the earlier settings (a start that failed); going on with these", out)
+        changed = moved = []
     if changed or moved:
         what = "finished" if manifest and manifest.get("complete") else "started"
         lines = [f"{out}: {name} was {what} with other settings or inputs; nothing was changed."]
@@ -420,14 +452,24 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
     return stage
 
 
+def _made_anything(entries) -> bool:
+    """Whether a stage's own entries hold any file but its config and stamp (a start that failed before its
+    first artifact leaves none, and must not block a retry with other flags)."""
+    for entry in entries:
+        if entry.name in ("config.json", STAMP):
+            continue
+        if entry.is_file() or any(f.is_file() for f in entry.rglob("*")):
+            return True
+    return False
+
+
 def error_line(e: BaseException) -> str | None:
     """One line for a failure the user can fix (bad input, a full disk...), None for a bug."""
-    if isinstance(e, io.UnsafeFileError):
-        return str(e)
-    if isinstance(e, StageError | DatasetError):
-        text = str(e).strip()
+    if isinstance(e, DatasetError):
         # a DataLoader worker's error comes wrapped with its traceback; its last line is the message
-        return text if isinstance(e, StageError) else text.splitlines()[-1].split("DatasetError: ")[-1]
+        return str(e).strip().splitlines()[-1].split("DatasetError: ")[-1]
+    if isinstance(e, WsssError):
+        return str(e).strip()
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
         return f"cannot write {e.filename or 'the outputs'}: {e.strerror or os.strerror(e.errno)}"
     return None

@@ -45,6 +45,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from wsss import io
+from wsss.errors import WsssError
 from wsss.run import autocast, count_images, distributed, is_main_process, phase, rank_world
 from wsss.stage import StageError
 
@@ -55,7 +56,7 @@ LOG_EVERY = 10  # iterations between the "iter" lines of metrics.jsonl
 MAX_SKIPPED = 20  # fp16: consecutive overflowing steps (each halves the loss scale) before training stops
 
 
-class TrainingCollapsed(RuntimeError):
+class TrainingCollapsed(WsssError, RuntimeError):
     """The net stopped learning (see `fit`'s `health`); the message says what was seen and which flags to look at."""
 
 
@@ -73,8 +74,11 @@ def init_distributed(device: str) -> None:
 
 
 def torch_device(device: str) -> torch.device:
+    """The torch device of a resolved --device: under torchrun the rank's GPU, else the current one
+    (`--device cuda:N` made it N)."""
     if device == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        rank = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(rank) if rank is not None else torch.cuda.current_device())
     return torch.device(device)
 
 

