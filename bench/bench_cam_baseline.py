@@ -1,4 +1,4 @@
-"""The erasing union against plain CAMs of the same run's classifiers (issue 10): does erasing beat
+"""The erasing union against plain CAMs of the same run's classifiers: does erasing beat
 a tuned CAM threshold, or only more training?
 
     python -m bench.bench_cam_baseline --run R [--steps 1 3] [--outputs outputs] [--limit N]

@@ -1,6 +1,6 @@
 """Time the dense CRF on the 48 real VOC photos two ways in one run, and compare the 255 rules.
 
-    python -m bench.bench_crf [--voc ../shared/voc12] [--workers N] [--no-modes]
+    python -m bench.bench_crf [--voc VOC_ROOT] [--workers N] [--no-modes]
 
 1. Speed. Unaries are 21-class softmax-like maps made from the ground truth, deterministically
    (seed = image index): the one-hot mask (255 -> uniform over the image's classes), blurred

@@ -1,4 +1,4 @@
-"""Disk a finished run takes, per stage and per training image (issue 12's target: 0.15 MB an image).
+"""Disk a finished run takes, per stage and per training image (the aim: at most 0.15 MB an image).
 
     python -m bench.bench_disk [--run demo] [--outputs outputs] [--target 0.15]
 

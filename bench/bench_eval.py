@@ -1,7 +1,7 @@
 """Time `wsss.eval` on the 1,449 real VOC 2012 val masks (ground truth scored against itself)
 against a straightforward per-image numpy loop, in one run.
 
-    python -m bench.bench_eval [--voc ../shared/voc12] [--repeat 3] [--workers N]
+    python -m bench.bench_eval [--voc VOC_ROOT] [--repeat 3] [--workers N]
 
 The naive loop is the usual first version: read each pair with PIL, then for every class build
 boolean masks and count TP / FP / FN. Both read the same PNGs; the files are read once beforehand so

@@ -1,4 +1,4 @@
-"""Score every stage-2 fusion rule, with and without the dense CRF, on a finished run (issue 15).
+"""Score every stage-2 fusion rule, with and without the dense CRF, on a finished run.
 
     python -m bench.bench_fusion --run R [--outputs outputs] [--data D] [--workers N]
         [--bg-threshold T] [--fg-threshold T] [--conflict score|ignore] [--no-crf] [--out FILE]

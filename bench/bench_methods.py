@@ -1,4 +1,4 @@
-"""Every step of every stage-3 method, over seeds: the masks each net trains on and its val mIoU (issue 13).
+"""Every step of every stage-3 method, over seeds: the masks each net trains on and its val mIoU.
 
     python -m bench.bench_methods --run R [--outputs outputs] [--stc TAG ...] [--psl-plus TAG ...]
         [--psl-off TAG ...] [--gt TAG ...] [--workers N] [--out FILE]
@@ -9,7 +9,7 @@ row too: their `psl` net is the PSL net of that seed), `--psl-off` runs of `--ps
 `--gt` runs of `--method gt`. The seed of each is read from its config.json.
 
 A method's step is meant to improve on the one before because the masks it trains on are better,
-so each row has two figures (issue 13, item 2):
+so each row has two figures:
 * targets: the masks the net trains on, scored against the training ground truth over the images
   it trains on, as pseudo-masks are (ignore counted as background: the headline; over labelled
   pixels; the ignored share) and the share of the objects' pixels they label background (what

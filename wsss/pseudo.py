@@ -7,7 +7,7 @@ ignored by stage 3); "low saliency" is saliency < `--bg-threshold`, "high" is >=
 - `mined-first` (this project's first reading of AE-PSL, Wei et al. CVPR 2017): a pixel in a mined
   region keeps its class even where saliency is low; saliency decides only the background among
   unmined pixels; the rest is ignored. Trusts the classifier's evidence over class-agnostic saliency.
-- `ae-psl` (AE-PSL as its talk states it, quoted in issue 15: saliency supplies the background, the
+- `ae-psl` (AE-PSL as its talk states it: saliency supplies the background, the
   mined regions the objects, unassigned pixels are ignored): as mined-first, except that a mined
   pixel of low saliency is claimed by both sources, and the talk gives neither precedence, so it is
   ignored.

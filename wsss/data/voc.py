@@ -456,7 +456,7 @@ def main(argv=None) -> int:
     p.add_argument("--voc", required=True, type=Path, help="VOCdevkit/VOC2012")
     p.add_argument("--sbd", type=Path, help="benchmark_RELEASE/dataset (SBD)")
     s = sub.add_parser("subset", help="copy the images of a split that have a JPEG into a small VOC-layout folder")
-    s.add_argument("--src", required=True, type=Path, help="dataset root (e.g. ../shared/voc12)")
+    s.add_argument("--src", required=True, type=Path, help="dataset root (e.g. data/VOCdevkit/VOC2012)")
     s.add_argument("--split", default="train_aug", help="the images to copy: those of this list with a JPEG")
     s.add_argument("--out", required=True, type=Path, help="a new folder")
     c = sub.add_parser("check", help="scan a split for missing or corrupt files")

@@ -1,11 +1,11 @@
 """A VOC-like dataset: the real PASCAL VOC object layouts, painted.
 
-    python -m wsss.data.voclike --layouts ../shared/voc12 --out data/voclike [--train 1464] [--val 1449]
+    python -m wsss.data.voclike --layouts data/VOCdevkit/VOC2012 --out data/voclike [--train 1464] [--val 1449]
 
 Why it exists: defaults chosen on the embedded dataset (6 classes of cartoon things, one to three
 objects of 4-50 % of the image) must also hold on VOC, where 20 classes share the images, most
 objects are small, and a class appears in a few percent of the images. Real VOC photos cannot be
-had here, but their ground-truth masks can (`../shared/voc12/SegmentationClassAug`): this dataset
+had here, but their ground-truth masks can (`SegmentationClassAug` of a VOC + SBD folder): this dataset
 keeps the real layouts (every object's shape, size and position, the classes that occur together,
 the 255 borders) and paints each class with its own look, so it is exactly as hard as VOC in
 everything that depends on layout, and easier than VOC in appearance.
@@ -22,8 +22,8 @@ for a classifier to tell apart (docs/results.md), and each class must be learnab
 on this data to say anything. Pixels under VOC's 255 borders are painted as the nearest object or
 background, and stay 255 in the mask.
 
-Images are the VOC masks scaled by `--scale` (0.5: about 250 x 190 px, the size the held-out check
-of issue 10 used), ids are the VOC ids, splits follow VOC's `train` and `val` lists. Output is the
+Images are the VOC masks scaled by `--scale` (0.5: about 250 x 190 px, the size the project's
+VOC-like measurements use), ids are the VOC ids, splits follow VOC's `train` and `val` lists. Output is the
 VOC layout of `wsss/data/voc.py` with `class_names.txt` and `cls_labels.npy` from the masks, and a
 `dataset.json` written last; each image is drawn from a generator seeded by (seed, id), so the
 files do not depend on the worker count.
@@ -174,7 +174,7 @@ def generate(layouts, out, n_train: int = 1464, n_val: int = 1449, scale: float 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wsss.data.voclike", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layouts", type=Path, default=Path("../shared/voc12"),
+    parser.add_argument("--layouts", type=Path, required=True,
                         help="VOC folder with SegmentationClassAug/ and ImageSets/Segmentation/{train,val}.txt")
     parser.add_argument("--out", type=Path, default=Path("data/voclike"))
     parser.add_argument("--train", type=int, default=1464, help="first N ids of VOC train")

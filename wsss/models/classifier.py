@@ -9,7 +9,7 @@ connected fc6/fc7 as convolutions (`backbones.largefov_fc`: fc6 3x3 at dilation 
 channels each, ReLU and dropout), initialised from VGG16's fc6/fc7 by DeepLab's decimation
 (`backbones.decimate_vgg16_fc`) and trained at the backbone's learning rate: AE-PSL (Wei et al.,
 CVPR 2017) builds its classification network, like its segmentation network, on DeepLab-LargeFOV's
-ImageNet VGG16 (as issue 12 reads the paper), here with the CAM classifier (Zhou et al., CVPR 2016:
+ImageNet VGG16 (as we read the paper), here with the CAM classifier (Zhou et al., CVPR 2016:
 global average pooling, then the class layer) in place of fc8. Other backbones have no neck.
 """
 from __future__ import annotations
