@@ -159,6 +159,9 @@ def common_parser(description: str, section: str | None = None) -> argparse.Argu
     runtime(p.add_argument("--workers", type=int, default=cpu_count(),
                            help="worker processes for data loading, CAMs on a CPU, saliency and CRFs "
                                 "(default: the cores this process may use)"))
+    runtime(p.add_argument("--tensorboard", action="store_true",
+                           help="also write TensorBoard curves to outputs/RUN/STAGE/tensorboard/ (pip install "
+                                "tensorboard; then tensorboard --logdir outputs/RUN)"))
     runtime(p.add_argument("--force", action="store_true",
                            help="redo the stage in place: removes what it wrote before (and only that)"))
     return p

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsss import io
+from wsss import io, tblog
 from wsss.data.transforms import normalize, train_augment
 from wsss.data.voc import DatasetError, VOCDataset
 from wsss.eval import confusion_matrix, scores
@@ -25,6 +25,7 @@ from wsss.predict import label_map, predict_masks, predict_split
 from wsss.pseudo import stc_soft_target
 from wsss.run import autocast, log, phase, resolve_amp, run_dir, spread
 from wsss.train import fit, torch_device
+from wsss.viz import overlay
 
 # transforms.train_augment pads masks with 255. To tell padding (outside the image) apart from a
 # map's own values, a map's 255 travels as 254: ignore of a hard mask (back to 255 after), or full
@@ -176,12 +177,12 @@ class Stage3:
         model = fit(model, trainset, step_fn, self.out / name, epochs=self.args.epochs if epochs is None else epochs,
                     batch_size=self.args.batch_size, lr=self.args.lr, device=self.device, seed=self.args.seed,
                     workers=self.args.workers, param_groups=model.param_groups, warmup=self.args.warmup,
-                    clip_grad=self.args.clip_grad, evaluate=self.val_evaluator(gate), health=health, desc=name,
+                    clip_grad=self.args.clip_grad, evaluate=self.val_evaluator(gate, name), health=health, desc=name,
                     amp=self.amp)
         self.nets[name] = (model, cls_branch)
         return model
 
-    def val_evaluator(self, gate: bool):
+    def val_evaluator(self, gate: bool, name: str = "net"):
         """evaluate(model) -> {"val_miou", "val_classes": how many classes it predicts anywhere,
         "val_class": the most predicted one} at one scale on --epoch-val images, or None when val has
         no ground truth."""
@@ -191,9 +192,14 @@ class Stage3:
 
         def evaluate(model) -> dict:
             conf = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
-            for id_, _, probs in predict_masks(model, self.val, ids, device=torch_device(self.device),
-                                               gate=gate, desc="val"):
-                conf += confusion_matrix(self.val.mask(id_), label_map(probs), self.num_classes)
+            shown = []
+            for id_, image, probs in predict_masks(model, self.val, ids, device=torch_device(self.device),
+                                                   gate=gate, desc="val"):
+                pred = label_map(probs)
+                conf += confusion_matrix(self.val.mask(id_), pred, self.num_classes)
+                if tblog.active() and len(shown) < tblog.IMAGES:
+                    shown.append(np.concatenate([image, overlay(image, pred)], axis=1))
+            tblog.images(f"{name}/val", shown)
             predicted = conf.sum(0)
             return {"val_miou": scores(conf)["miou"], "val_classes": int((predicted > 0).sum()),
                     "val_class": int(predicted.argmax())}

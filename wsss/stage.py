@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsss import io
+from wsss import io, tblog
 from wsss.data.voc import DatasetError
 from wsss.errors import WsssError
 from wsss.run import (
@@ -290,6 +290,7 @@ class Stage:
     def finish(self, outputs: dict) -> dict:
         """Write the manifest (the stage is complete) and release the locks."""
         manifest = None
+        tblog.stop()
         phases = phase_times()
         if phases:
             log.info("phases: %s", ", ".join(f"{k} {v['seconds']:.1f} s" + (f" ({v['images']} images)" if v["images"]
@@ -397,6 +398,8 @@ def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage |
         io.write_json(out / STAMP, {"config": opened.config, "inputs": opened.inputs, "version": STAMP_VERSION})
         io.write_json(out / "config.json", flags(args))
     seed_everything(args.seed, getattr(args, "deterministic", False))
+    if getattr(args, "tensorboard", False) and main:
+        tblog.start(out)
     return opened
 
 

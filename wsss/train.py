@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from wsss import io
+from wsss import io, tblog
 from wsss.errors import WsssError
 from wsss.run import autocast, count_images, distributed, is_main_process, phase, rank_world
 from wsss.stage import StageError
@@ -288,6 +288,8 @@ def _fit(model, dataset, step_fn, out_dir, *, epochs, batch_size, lr, device, se
                     if step % log_every == 0:
                         iterations.append({"epoch": epoch + 1, "iter": step + 1, **{k: float(v) for k, v in logs.items()},
                                            "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(norm)})
+                        if is_main_process():
+                            tblog.scalars(f"{desc}/iter", step + 1, iterations[-1])
                     bar.set_postfix(loss=f"{float(sums['loss']) / (it + 1):.4f}")
             sums = {k: float(v) for k, v in sums.items()}  # waits for the epoch's last kernels: the phase ends after
             count_images(iters_per_epoch * batch_size)
@@ -314,6 +316,7 @@ def _fit(model, dataset, step_fn, out_dir, *, epochs, batch_size, lr, device, se
                 if scaler is not None:
                     state["scaler"] = scaler.state_dict()
                 io.save_checkpoint(ckpt_path, state)
+            tblog.scalars(f"{desc}/epoch", epoch + 1, record)
             log.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs,
                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
             if problem is not None:
