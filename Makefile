@@ -22,7 +22,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 PRESET_FLAGS = $(if $(PRESET),--preset $(PRESET)) $(if $(SMOKE),--smoke)
 STAGE_FLAGS = $(PRESET_FLAGS) --data $(DATA) --run $(RUN) --device $(DEVICE) $(ARGS)
 
-.PHONY: setup data demo voc stage1 stage2 stage3 eval report check-report test lint bench gpu-check gpu-deps gpu-check-offline clean
+.PHONY: setup data demo voc stage1 stage2 stage3 eval report check-report test test-fast lint bench gpu-check gpu-deps gpu-check-offline clean
 
 setup: $(VENV)/.installed
 
@@ -72,6 +72,10 @@ check-report: report
 test: setup
 	$(PY) -m pytest
 
+# The tests without the end-to-end runs (marked slow): about a minute.
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
 lint: setup
 	$(VENV)/bin/ruff check wsss stages tests bench
 
@@ -104,5 +108,6 @@ gpu-check-offline:
 	$(PYTHON) -m pip install -q --no-index --no-deps --no-build-isolation --target $(GPU_SITE) .gpu-deps/pydensecrf2-*.tar.gz
 	PYTHONPATH=$(GPU_SITE):. $(PYTHON) -m bench.gpu_check
 
+# Generated data and caches only: runs in outputs/ are the user's work (remove one with rm -r outputs/RUN).
 clean:
-	rm -rf outputs/* data/synthetic
+	rm -rf data/synthetic .pytest_cache .ruff_cache
