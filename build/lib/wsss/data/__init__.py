@@ -1,1 +1,0 @@
-"""Datasets in the VOC layout, the embedded synthetic dataset, joint augmentation."""
