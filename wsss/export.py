@@ -223,7 +223,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.model is not None and (args.net or args.tag):
         parser.error("--net and --tag go with --run")
-    torch.set_grad_enabled(False)
     try:
         if args.model is not None:
             net, info = modelfile.load_model(args.model, "cpu")
