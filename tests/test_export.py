@@ -63,7 +63,7 @@ def test_a_trace_that_bakes_in_the_padding_is_refused(net, tmp_path, monkeypatch
     """A plain trace of the net pads every input as it padded the example: the check catches it."""
     monkeypatch.setattr(export, "export_form", lambda net, onnx=False: export.ExportForm(copy.deepcopy(net)))
     out = tmp_path / "net.ts"
-    with pytest.raises(export.ExportError, match=r"at input 321x257 .* differ from the net's by up to .*not written"):
+    with pytest.raises(export.ExportError, match=r"at input 321x257 .* differ .*not written"):
         export.export(net, INFO, "torchscript", out)
     assert not out.exists() and not list(tmp_path.iterdir())
 

@@ -103,7 +103,8 @@ def export_form(net: nn.Module, onnx: bool = False) -> ExportForm:
     for module in list(form.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, Conv2dDynamicSamePadding):
-                setattr(module, name, TracedSamePadConv(child) if onnx else torch.jit.script(SamePadConv(child)))
+                same = TracedSamePadConv(child) if onnx else torch.jit.script(SamePadConv(child))
+                setattr(module, name, same)
             elif isinstance(child, MemoryEfficientSwish):  # a custom autograd Function: no trace can hold it
                 setattr(module, name, Swish())
     return form.requires_grad_(False)
@@ -131,8 +132,8 @@ def compare(run_exported, net: nn.Module, sizes=CHECK_SIZES) -> dict:
         for name, g, w in zip(("segmentation logits", "class logits"), got, want, strict=False):
             g = torch.as_tensor(g)
             if tuple(g.shape) != tuple(w.shape):
-                raise ExportError(f"at input {key} the exported net's {name} have shape {tuple(g.shape)}, the "
-                                  f"net's {tuple(w.shape)}; not written")
+                raise ExportError(f"at input {key} the exported net's {name} have shape {tuple(g.shape)}, "
+                                  f"the net's {tuple(w.shape)}; not written")
             diff, allowed = float((g.float() - w).abs().max()), TOLERANCE * float(w.abs().max()) + FLOOR
             if diff > allowed:
                 raise ExportError(f"at input {key} the exported net's {name} differ from the net's by up to "
@@ -146,7 +147,7 @@ def to_torchscript(net: nn.Module, info: dict, sizes=CHECK_SIZES) -> tuple[bytes
     without weights) goes into the file as META, for `torch.jit.load(..., _extra_files=...)`."""
     example = torch.zeros(1, 3, *sizes[0])
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TorchScript's deprecation, the tracer's warnings (checked below instead)
+        warnings.simplefilter("ignore")  # TorchScript's deprecation; the tracer's warnings: checked below
         form = export_form(net)
         traced = torch.jit.trace(form, example, check_trace=False)
         buf = _io.BytesIO()
@@ -173,8 +174,8 @@ def to_onnx(net: nn.Module, info: dict, sizes=CHECK_SIZES, opset: int = 17) -> t
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         form = export_form(net, onnx=True)
-        torch.onnx.export(form, (torch.zeros(1, 3, *sizes[0]),), buf, input_names=["image"], output_names=outputs,
-                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+        torch.onnx.export(form, (torch.zeros(1, 3, *sizes[0]),), buf, input_names=["image"],
+                          output_names=outputs, dynamic_axes=axes, opset_version=opset, dynamo=False)
     model = onnx.load_from_string(buf.getvalue())
     entry = model.metadata_props.add()
     entry.key, entry.value = META, json.dumps(info, default=str)
@@ -185,7 +186,7 @@ def to_onnx(net: nn.Module, info: dict, sizes=CHECK_SIZES, opset: int = 17) -> t
 
 
 def export(net: nn.Module, info: dict, fmt: str, out, sizes=CHECK_SIZES) -> dict:
-    """Export `net` to `out` in `fmt` (FORMATS) once it matches the eager net (`compare`); returns the report."""
+    """Export `net` to `out` in `fmt` (FORMATS) once it matches the eager net; returns `compare`'s report."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     data, report = (to_torchscript if fmt == "torchscript" else to_onnx)(net, info, sizes)
@@ -200,12 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="python -m wsss.export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Export a trained net to TorchScript (torch.jit.load) or ONNX (onnxruntime): input a float "
-                    "tensor (N, 3, H, W) of any size, normalised as the model file says; output the segmentation "
-                    "logits at the input size (and the class logits of PSL nets). The export is checked "
-                    f"against the net at {len(CHECK_SIZES)} input sizes before it is written.")
+        description="Export a trained net to TorchScript (torch.jit.load) or ONNX (onnxruntime): input a "
+                    "float tensor (N, 3, H, W) of any size, normalised as the model file says; output the "
+                    "segmentation logits at the input size (and PSL nets' class logits). The export is "
+                    f"checked against the net at {len(CHECK_SIZES)} input sizes before it is written.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path, help="a model file (stage3/model.pt, or python -m wsss.modelfile)")
+    src.add_argument("--model", type=Path,
+                     help="a model file (stage3/model.pt, or python -m wsss.modelfile)")
     src.add_argument("--run", type=safe_name, help="a run name: its stage-3 final net (or --net)")
     p.add_argument("--outputs", default="outputs", help="with --run: folder holding all runs")
     p.add_argument("--tag", default=None, type=safe_name, help="with --run: reads OUTPUTS/RUN/stage3-TAG")

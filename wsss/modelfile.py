@@ -63,8 +63,9 @@ def model_content(state_dict: dict, *, classes, backbone: str, head: str, output
                          "cls_branch": bool(cls_branch)},
         "input": {"channels": "RGB", "layout": "NCHW", "scale": 1 / 255,
                   "mean": [round(float(m), 6) for m in MEAN], "std": [round(float(s), 6) for s in STD]},
-        "test_time": {"scales": [float(s) for s in scales], "flip": bool(flip), "gate": bool(gate and cls_branch),
-                      "crf": bool(crf), "crf_params": dict(crf_params or {}), "max_side": int(max_side)},
+        "test_time": {"scales": [float(s) for s in scales], "flip": bool(flip),
+                      "gate": bool(gate and cls_branch), "crf": bool(crf),
+                      "crf_params": dict(crf_params or {}), "max_side": int(max_side)},
         "source": dict(source or {}),
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
     }
@@ -88,13 +89,15 @@ def read_model(path) -> dict:
     except (OSError, RuntimeError) as e:
         raise ModelFileError(f"{path}: not a wsss model file ({e})") from e
     if not isinstance(content, dict) or content.get("format") != FORMAT:
-        what = "a stage-3 checkpoint" if isinstance(content, dict) and "model" in content else "something else"
+        checkpoint = isinstance(content, dict) and "model" in content
+        what = "a stage-3 checkpoint" if checkpoint else "something else"
         raise ModelFileError(f"{path}: not a wsss model file (it holds {what}); write one with "
                              f"python -m wsss.modelfile --run RUN --out FILE")
     if content.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelFileError(f"{path}: model file format {content['format_version']} is newer than this wsss "
-                             f"reads ({FORMAT_VERSION}); upgrade wsss")
-    missing = [k for k in ("classes", "architecture", "input", "test_time", "state_dict") if k not in content]
+        raise ModelFileError(f"{path}: model file format {content['format_version']} is newer than this "
+                             f"wsss reads ({FORMAT_VERSION}); upgrade wsss")
+    keys = ("classes", "architecture", "input", "test_time", "state_dict")
+    missing = [k for k in keys if k not in content]
     if missing:
         raise ModelFileError(f"{path}: not a complete wsss model file (missing {', '.join(missing)})")
     return content
@@ -167,12 +170,14 @@ def from_checkpoint(stage: Path, config: dict, classes, net: str, prediction: di
         raise FileNotFoundError(f"{checkpoint}: no trained net (has stage 3 finished?)")
     state = io.load_checkpoint(checkpoint)["model"]
     has_cls = any(k.startswith("cls.") for k in state)
+    source = {"run": Path(stage).parent.name, "stage": Path(stage).name, "net": net,
+              "val_miou": prediction.get("val_miou")}
     return model_content(
-        state, classes=classes, backbone=config["backbone"], head=resolve_head(config["backbone"], config["head"]),
-        output_stride=config["output_stride"], width=None, cls_branch=has_cls, scales=prediction["scales"],
-        flip=prediction["flip"], gate=has_cls and prediction.get("gate", "on") == "on", crf=prediction["crf"],
-        crf_params=net_crf(config), source={"run": Path(stage).parent.name, "stage": Path(stage).name, "net": net,
-                                            "val_miou": prediction.get("val_miou")})
+        state, classes=classes, backbone=config["backbone"],
+        head=resolve_head(config["backbone"], config["head"]), output_stride=config["output_stride"],
+        width=None, cls_branch=has_cls, scales=prediction["scales"], flip=prediction["flip"],
+        gate=has_cls and prediction.get("gate", "on") == "on", crf=prediction["crf"],
+        crf_params=net_crf(config), source=source)
 
 
 def run_classes(config: dict, stage: Path) -> list[str]:
@@ -184,8 +189,8 @@ def run_classes(config: dict, stage: Path) -> list[str]:
         return list(class_names(data))
     if (stage / MODEL).is_file():
         return read_model(stage / MODEL)["classes"]
-    raise FileNotFoundError(f"{data}: the run's dataset is not there (its class_names.txt names the classes); "
-                            f"run this from the folder the run was made in")
+    raise FileNotFoundError(f"{data}: the run's dataset is not there (its class_names.txt names the "
+                            f"classes); run this from the folder the run was made in")
 
 
 # ---------------------------------------------------------------- command line
@@ -195,15 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="python -m wsss.modelfile", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Write a model file (the net, its classes, architecture, input normalisation and test-time "
-                    "settings in one file) from a finished stage-3 run; python -m wsss.predict --model and "
-                    "python -m wsss.export --model read it from anywhere.")
+        description="Write a model file (the net, its classes, architecture, input normalisation and "
+                    "test-time settings in one file) from a finished stage-3 run; python -m wsss.predict "
+                    "--model and python -m wsss.export --model read it from anywhere.")
     p.add_argument("--run", required=True, type=safe_name, help="run name: reads OUTPUTS/RUN/stage3")
     p.add_argument("--outputs", default="outputs", help="folder holding all runs")
-    p.add_argument("--tag", default=None, type=safe_name, help="stage-3 variant: reads OUTPUTS/RUN/stage3-TAG")
+    p.add_argument("--tag", default=None, type=safe_name,
+                   help="stage-3 variant: reads OUTPUTS/RUN/stage3-TAG")
     p.add_argument("--net", default=None,
-                   help="another net the stage trained, by folder (the manifest's outputs.nets; default: the final "
-                        "net)")
+                   help="another net the stage trained, by folder (the manifest's outputs.nets; default: "
+                        "the final net)")
     p.add_argument("--out", type=Path, required=True, help="the model file to write")
     return p
 
@@ -223,7 +229,8 @@ def main(argv=None) -> int:
         return 1
     try:
         out = args.out.resolve()
-        if out != (stage / MODEL).resolve() and any(out.is_relative_to(f.resolve()) for f in stage_folders(run_dir(args))):
+        inside = [f for f in stage_folders(run_dir(args)) if out.is_relative_to(f.resolve())]
+        if inside and out != (stage / MODEL).resolve():
             raise StageError(f"--out {args.out}: inside a stage folder of the run, whose artifacts it could "
                              f"replace; write it elsewhere (or to {stage / MODEL})")
         content = from_run(stage, config, run_classes(config, stage), args.net)
@@ -242,7 +249,8 @@ def describe(content: dict, path) -> str:
     settings = f"scales {' '.join(f'{s:g}' for s in tt['scales'])}" + (", flip" if tt["flip"] else "") \
         + (", crf" if tt["crf"] else "") + (", gate" if tt["gate"] else "")
     return (f"wrote {path}: {source.get('net', 'net')} of {source.get('run', '?')}, {arch['backbone']} + "
-            f"{arch['head']} (output stride {arch['output_stride']}{', PSL branch' if arch['cls_branch'] else ''}), "
+            f"{arch['head']} (output stride {arch['output_stride']}"
+            f"{', PSL branch' if arch['cls_branch'] else ''}), "
             f"{len(content['classes'])} classes, test time {settings}")
 
 
