@@ -147,3 +147,7 @@ def test_weights_that_do_not_fit_the_architecture_are_refused(tmp_path):
     modelfile.save_model(tmp_path / "m.pt", content)
     with pytest.raises(ModelFileError, match=r"m\.pt: its weights do not fit its architecture"):
         load_model(tmp_path / "m.pt")
+    content["architecture"]["backbone"] = "no-such-net"
+    modelfile.save_model(tmp_path / "m.pt", content)
+    with pytest.raises(ModelFileError, match=r"m\.pt: its architecture cannot be built .*no-such-net"):
+        load_model(tmp_path / "m.pt")

@@ -109,11 +109,14 @@ def build(content: dict, device="cpu", source: str = "the model file"):
     from wsss.train import torch_device
 
     arch = content["architecture"]
-    with warnings.catch_warnings():  # "randomly initialised backbone": the weights are loaded next
-        warnings.simplefilter("ignore", UserWarning)
-        net = build_segnet(arch["backbone"], len(content["classes"]), head=arch["head"],
-                           output_stride=arch["output_stride"], cls_branch=arch["cls_branch"], weights=None,
-                           width=arch["width"])
+    try:
+        with warnings.catch_warnings():  # "randomly initialised backbone": the weights are loaded next
+            warnings.simplefilter("ignore", UserWarning)
+            net = build_segnet(arch["backbone"], len(content["classes"]), head=arch["head"],
+                               output_stride=arch["output_stride"], cls_branch=arch["cls_branch"],
+                               weights=None, width=arch["width"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{source}: its architecture cannot be built ({type(e).__name__}: {e})") from e
     try:
         net.load_state_dict(content["state_dict"])
     except RuntimeError as e:
