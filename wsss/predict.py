@@ -1,5 +1,7 @@
 """Predict label maps with a trained segmentation net: `python -m wsss.predict --run RUN --split val`,
-or of any folder of photos with `--images DIR --out OUT` (`predict_folder`).
+or of any folder of photos with `--images DIR --out OUT` (`predict_folder`), with a run's net or a
+model file (`--model FILE`, `wsss.modelfile`: no run folder or dataset needed; its test-time settings
+are the defaults).
 
 One path serves every use: val predictions at the end of stage 3 (`stage3/pred/ID.png`), the
 per-epoch val mIoU, and the training-set predictions that STC and PSL+ retrain on (restricted to
@@ -304,6 +306,7 @@ def net_crf(config: dict) -> dict:
 
 # ---------------------------------------------------------------- any folder of photos
 
+MAX_SIDE = 1024  # the default --max-side (wsss.modelfile.MAX_SIDE: a model file's default)
 MASKS, OVERLAYS, INDEX = "masks", "overlays", "masks.json"  # the layout of OUT (see predict_folder)
 PHOTO_KEY = "wsss-photo"  # a mask's (and overlay's) PNG text: the hash of the photo it was made from
 
@@ -515,7 +518,8 @@ def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=Fal
 def build_parser() -> argparse.ArgumentParser:
     from wsss.run import common_parser, safe_name
 
-    p = common_parser("Predict label maps of a split with the final net of a stage-3 run.")
+    p = common_parser("Predict label maps of a split with the final net of a stage-3 run, or of any folder "
+                      "of photos with a run's net or a model file (--model: no run folder or dataset needed).")
     p.add_argument("--tag", default=None, type=safe_name,
                    help="stage-3 variant: reads outputs/RUN/stage3-TAG (default stage3)")
     p.add_argument("--split", default=None, type=safe_name, help="split to predict (default: the run's --val-split)")
@@ -527,30 +531,59 @@ def build_parser() -> argparse.ArgumentParser:
                         "STAGE/pred_folder(), with the split's name after 'pred' for another split than val); "
                         "with --images, any folder outside the dataset, DIR and the run's stage folders (required)")
     g = p.add_argument_group("any folder of photos (see predict_folder in wsss/predict.py)")
+    g.add_argument("--model", type=Path, default=None,
+                   help="a model file (stage3/model.pt, or python -m wsss.modelfile) instead of --run: its "
+                        "net, class names and test-time settings; needs --images and --out")
     g.add_argument("--images", type=Path, default=None,
                    help="predict every photo under this folder (nested; jpg/jpeg/png/webp) instead of a split; "
                         "needs --out")
     g.add_argument("--overlay", action="store_true", help="also write each photo blended with its mask, with a legend")
-    g.add_argument("--max-side", type=int, default=1024,
-                   help="predict larger photos at this longer side (the mask is returned at full size)")
-    add_predict_args(p)
+    g.add_argument("--max-side", type=int, default=None,
+                   help="predict larger photos at this longer side (the mask is returned at full size); "
+                        f"default {MAX_SIDE}, or the model file's")
+    add_predict_args(p, from_model=True)
     return p
 
 
-def add_predict_args(p: argparse.ArgumentParser) -> None:
+def add_predict_args(p: argparse.ArgumentParser, from_model: bool = False) -> None:
     """Test-time flags, shared with stages/stage3.py: they name the prediction folder (pred_folder)
-    and are never part of stage 3's config."""
+    and are never part of stage 3's config. `from_model` (wsss.predict): each defaults to None, the
+    model file's setting with --model and stage 3's default otherwise (`test_time_settings`), and
+    --flip/--crf have --no-flip/--no-crf to turn off a model file's."""
     from wsss.run import add_scales, test_time
 
-    test_time(add_scales(p, "--scales", default=[1.0],
-                         help="test scales, 0.5 1 1.5 or 0.5,1,1.5 (probabilities averaged)"))
-    test_time(p.add_argument("--flip", action="store_true", help="also average the horizontally flipped image"))
-    test_time(p.add_argument("--crf", action="store_true",
+    switch = argparse.BooleanOptionalAction if from_model else "store_true"
+
+    def default(run_default: str) -> str:
+        return f"; default: the model file's with --model, else {run_default}" if from_model else ""
+
+    test_time(add_scales(p, "--scales", default=None if from_model else [1.0],
+                         help="test scales, 0.5 1 1.5 or 0.5,1,1.5 (probabilities averaged)" + default("1")))
+    test_time(p.add_argument("--flip", action=switch, default=None if from_model else False,
+                             help="also average the horizontally flipped image" + default("off")))
+    test_time(p.add_argument("--crf", action=switch, default=None if from_model else False,
                              help="dense CRF on the predictions, with the kernels published for the net "
-                                  "(DeepLab v1's for VGG16 LargeFOV, DeepLab v2's otherwise)"))
-    test_time(p.add_argument("--gate", choices=["on", "off"], default="on",
+                                  "(DeepLab v1's for VGG16 LargeFOV, DeepLab v2's otherwise)"
+                                  + default("off")))
+    test_time(p.add_argument("--gate", choices=["on", "off"], default=None if from_model else "on",
                              help="PSL nets: multiply the class maps by the classification branch's probabilities "
-                                  "(as AE-PSL does at test time); nets without the branch ignore it"))
+                                  "(as AE-PSL does at test time); nets without the branch ignore it"
+                                  + default("on")))
+
+
+def test_time_settings(args, model_info: dict | None = None) -> None:
+    """Fill in the test-time flags left out (None): the model file's settings, else stage 3's defaults."""
+    tt = (model_info or {}).get("test_time")
+    if args.scales is None:
+        args.scales = list(tt["scales"]) if tt else [1.0]
+    if args.flip is None:
+        args.flip = bool(tt["flip"]) if tt else False
+    if args.crf is None:
+        args.crf = bool(tt["crf"]) if tt else False
+    if args.gate is None:
+        args.gate = "off" if tt and not tt["gate"] else "on"
+    if args.max_side is None:
+        args.max_side = int(tt["max_side"]) if tt else MAX_SIDE
 
 
 def pred_folder(scales, flip: bool, crf: bool, gate: str, split: str = "", net: str = "") -> str:
@@ -575,6 +608,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.images is not None and args.out is None:
         parser.error("--images needs --out (the folder the masks go to)")
+    if args.model is not None:
+        if args.images is None:
+            parser.error("--model needs --images and --out (a model file predicts folders of photos)")
+        return _predict_with_model(args)
+    test_time_settings(args)
     stage = nets.stage_path(args)
     try:
         config = io.read_json(stage / "config.json")
@@ -620,6 +658,40 @@ def main(argv=None) -> int:
     return 0
 
 
+def _predict_with_model(args) -> int:
+    """--model FILE --images DIR --out OUT: the model file holds the net, its classes and its test-time
+    settings (flags given override them); no run folder, dataset or lock is involved."""
+    from wsss.crf import check_crf
+    from wsss.modelfile import load_model
+    from wsss.run import resolve_device
+    from wsss.stage import StageError, error_line
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        device = resolve_device(args.device)
+        model, info = load_model(args.model, device)
+        test_time_settings(args, info)
+        if args.crf:
+            check_crf("predict", "--no-crf")
+        gate = info["architecture"]["cls_branch"] and args.gate == "on"
+        result = predict_folder(model, args.images, args.out, info["classes"], device=device,
+                                scales=args.scales, flip=args.flip, gate=gate, crf=args.crf,
+                                crf_params=info["test_time"]["crf_params"] or None, max_side=args.max_side,
+                                overlay=args.overlay, checkpoint=args.model)
+    except (FileNotFoundError, StageError, OSError, ValueError) as e:
+        print(f"error: {error_line(e) or e}", file=sys.stderr)
+        return 1
+    _report(args, result)
+    return 0
+
+
+def _report(args, result: dict) -> None:
+    print(f"wrote {len(result['images'])} masks to {args.out / 'masks'}"
+          + (f" and overlays to {args.out / 'overlays'}" if args.overlay else "")
+          + f", index {args.out / 'masks.json'}")
+
+
 def _predict_folder(args, model, checkpoint, has_cls, config, device) -> int:
     from wsss.data.voc import class_names
 
@@ -627,8 +699,7 @@ def _predict_folder(args, model, checkpoint, has_cls, config, device) -> int:
                             scales=args.scales, flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf,
                             crf_params=net_crf(config), max_side=args.max_side, overlay=args.overlay,
                             checkpoint=checkpoint)
-    print(f"wrote {len(result['images'])} masks to {args.out / 'masks'}"
-          + (f" and overlays to {args.out / 'overlays'}" if args.overlay else "") + f", index {args.out / 'masks.json'}")
+    _report(args, result)
     return 0
 
 

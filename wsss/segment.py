@@ -24,6 +24,8 @@ other; `stage3/pred` is the default product that `make eval` scores.
     pred/ID.png             val predictions of the final net (palette PNGs), default test-time flags
     pred-SETTINGS/          the same with other test-time flags (`wsss.predict.pred_folder`)
     metrics.jsonl           every epoch of every net, with "net": its folder
+    model.pt                the final net with its classes, architecture, input normalisation and
+                            best scored test-time settings (`wsss.modelfile`): usable anywhere
     eval.json               wsss.eval scores of pred/ against the val ground truth (eval-SETTINGS.json)
 
 Defaults (CPU): efficientnet-lite0 + ASPP at output stride 16, 8 epochs of 160 px crops, batch 8,
@@ -59,6 +61,7 @@ from wsss import io
 from wsss.crf import check_crf
 from wsss.eval import evaluate, format_table
 from wsss.methods import METHODS
+from wsss.modelfile import MODEL, best_prediction, from_checkpoint, save_model
 from wsss.nets import open_dataset, stage_name
 from wsss.predict import add_predict_args, net_crf, pred_folder, predict_split
 from wsss.run import (
@@ -158,7 +161,8 @@ def run(args) -> dict | None:
         check_crf("stage 3", "no --crf")
     name, pred = stage_name(args), pred_folder(args.scales, args.flip, args.crf, args.gate)
     folders = {f for m in METHODS.values() for f in m["folders"]}
-    stage = open_stage(args, name, inputs, owned=(*sorted(folders), "pred", "pred-*", "eval*.json", "metrics.jsonl"),
+    owned = (*sorted(folders), "pred", "pred-*", "eval*.json", "metrics.jsonl", MODEL)
+    stage = open_stage(args, name, inputs, owned=owned,
                        done=lambda manifest: pred in manifest.get("outputs", {}).get("predictions", {pred: 0}))
     if stage is None:
         return None
@@ -203,8 +207,18 @@ def run(args) -> dict | None:
     if stage.manifest:  # the nets were finished before: keep their figures, add this prediction folder
         outputs = {**stage.manifest["outputs"]}
     outputs["predictions"] = {**outputs.get("predictions", {}), pred: prediction}
+    outputs["model"] = _write_model(out, config, final, ctx.val.class_names, outputs["predictions"])
     stage.finish(outputs)
     return result
+
+
+def _write_model(out: Path, config: dict, final: str, classes, predictions: dict) -> str:
+    """stage3/model.pt: the final net with what it takes to use it anywhere (`wsss.modelfile`), with
+    the test-time settings of the best scored prediction folder; returns its name in the stage folder."""
+    save_model(out / MODEL, from_checkpoint(out, config, classes, final, best_prediction(predictions)))
+    log.info("model file: %s (python -m wsss.predict --model %s --images DIR --out DIR)", out / MODEL,
+             out / MODEL)
+    return MODEL
 
 
 def _net_summary(records: list[dict]) -> dict:
