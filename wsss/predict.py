@@ -516,10 +516,10 @@ def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=Fal
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from wsss.run import common_parser, safe_name
+    from wsss.run import runtime_parser, safe_name
 
-    p = common_parser("Predict label maps of a split with the final net of a stage-3 run, or of any folder "
-                      "of photos with a run's net or a model file (--model: no run folder or dataset needed).")
+    p = runtime_parser("Predict label maps of a split with the final net of a stage-3 run, or of any folder "
+                       "of photos with a run's net or a model file (--model: no run folder or dataset needed).")
     p.add_argument("--tag", default=None, type=safe_name,
                    help="stage-3 variant: reads outputs/RUN/stage3-TAG (default stage3)")
     p.add_argument("--split", default=None, type=safe_name, help="split to predict (default: the run's --val-split)")

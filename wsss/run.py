@@ -124,6 +124,34 @@ def safe_name(text: str) -> str:
     return text
 
 
+def _run_flags(p) -> None:
+    runtime(p.add_argument("--run", "--name", dest="run", default="demo", type=safe_name,
+                           help="run name: artifacts go to <outputs>/<run>/ (--name for torchrun, whose "
+                                "--run-path shadows --run)"))
+    runtime(p.add_argument("--outputs", default="outputs", help="folder holding all runs"))
+
+
+def _device_flag(p) -> None:
+    runtime(p.add_argument("--device", default="auto", type=device_flag, metavar="{auto,cpu,cuda,cuda:N}",
+                           help="auto: cuda when it works, else cpu (the log says which and why)"))
+
+
+def _workers_flag(p) -> None:
+    runtime(p.add_argument("--workers", type=int, default=cpu_count(),
+                           help="worker processes for data loading, CAMs on a CPU, saliency and CRFs "
+                                "(default: the cores this process may use)"))
+
+
+def runtime_parser(description: str) -> argparse.ArgumentParser:
+    """The flags of a command that reads a finished run and makes nothing of a stage's (predict):
+    the run, the device, the workers; no dataset, seed or --force, which it would ignore."""
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _run_flags(p)
+    _device_flag(p)
+    _workers_flag(p)
+    return p
+
+
 def common_parser(description: str, section: str | None = None) -> argparse.ArgumentParser:
     """Flags shared by every stage script; each stage adds its own. `section` ("stage1"...): the
     preset section the script reads (`--preset`, `--smoke`; see wsss.preset)."""
@@ -139,16 +167,12 @@ def common_parser(description: str, section: str | None = None) -> argparse.Argu
                                help="shrink the run to minutes on a CPU (few images, 1 epoch, small crops, random "
                                     "weights, one scale): checks a preset end to end, says nothing of quality"))
     p.add_argument("--data", default="data/synthetic", help="dataset root in the VOC layout")
-    runtime(p.add_argument("--run", "--name", dest="run", default="demo", type=safe_name,
-                           help="run name: artifacts go to <outputs>/<run>/ (--name for torchrun, whose "
-                                "--run-path shadows --run)"))
-    runtime(p.add_argument("--outputs", default="outputs", help="folder holding all runs"))
+    _run_flags(p)
     p.add_argument("--train-split", default="train", help="list of training images (train_aug on VOC)")
     p.add_argument("--val-split", default="val")
     p.add_argument("--limit", type=int, default=0,
                    help="use only the first N images of each split (0: all; smoke runs)")
-    runtime(p.add_argument("--device", default="auto", type=device_flag, metavar="{auto,cpu,cuda,cuda:N}",
-                           help="auto: cuda when it works, else cpu (the log says which and why)"))
+    _device_flag(p)
     runtime(p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                            help="mixed precision on CUDA for training, CAMs and predictions: auto = bf16 where "
                                 "the GPU supports it, else fp16 with a gradient scaler; always off on a CPU"))
@@ -156,9 +180,7 @@ def common_parser(description: str, section: str | None = None) -> argparse.Argu
                            help="deterministic cuDNN algorithms on a GPU (slower; CPU runs are deterministic "
                                 "anyway)"))
     p.add_argument("--seed", type=int, default=0)
-    runtime(p.add_argument("--workers", type=int, default=cpu_count(),
-                           help="worker processes for data loading, CAMs on a CPU, saliency and CRFs "
-                                "(default: the cores this process may use)"))
+    _workers_flag(p)
     runtime(p.add_argument("--tensorboard", action="store_true",
                            help="also write TensorBoard curves to outputs/RUN/STAGE/tensorboard/ (pip install "
                                 "tensorboard; then tensorboard --logdir outputs/RUN)"))
