@@ -273,3 +273,15 @@ def test_self_training_targets_ignore_unsure_pixels_and_crf_changes(tiny_voc, tm
     crf, agree = masks("crf", crf=True), masks("crf-t0", crf=True, ignore_below=0.0)
     for i in train.ids:
         np.testing.assert_array_equal(agree[i], np.where(crf[i] != plain[i], 255, plain[i]))
+
+
+def test_predict_refuses_a_dataset_whose_classes_changed_since_stage3(run, tiny_voc, capsys):
+    """The run's dataset with its class order reversed: every class would be named wrongly."""
+    go, run_dir = run
+    go("--epochs", "1")
+    argv = ["--run", "r", "--outputs", str(run_dir.parent), "--device", "cpu", "--workers", "0", "--flip"]
+    names = (tiny_voc / "class_names.txt").read_text().split()
+    (tiny_voc / "class_names.txt").write_text("\n".join([names[0], *reversed(names[1:])]) + "\n")
+    assert predict.main(argv) == 1
+    assert "class names differ" in capsys.readouterr().err
+    assert not (run_dir / "stage3" / "pred-flip").exists()

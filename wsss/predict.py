@@ -602,7 +602,7 @@ def main(argv=None) -> int:
     from wsss import nets
     from wsss.crf import check_crf
     from wsss.run import resolve_device, run_dir, setup_logging
-    from wsss.stage import StageError, error_line, lock, release
+    from wsss.stage import StageError, check_same_dataset, error_line, lock, release
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -645,6 +645,7 @@ def main(argv=None) -> int:
         if args.images is not None:
             return _predict_folder(args, model, checkpoint, has_cls, config, device)
         dataset = nets.open_dataset(config["data"], split)
+        check_same_dataset(stage, dataset, "predict", keys=("class names", "labels"))
         dataset.validate()
         predict_split(model, dataset, dataset.ids, out, device=device, scales=args.scales, flip=args.flip,
                       gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),

@@ -185,14 +185,15 @@ def dataset_inputs(dataset, masks: bool = False, prefix: str = "") -> dict:
 DATASET_KEYS = ("class names", "labels", "list")  # what makes two splits the same dataset (never --limit)
 
 
-def check_same_dataset(upstream: Path, dataset, who: str) -> None:
+def check_same_dataset(upstream: Path, dataset, who: str, keys=DATASET_KEYS) -> None:
     """The stages of a run read one dataset: `who`'s split must have the class names, labels file and
     list that stage `upstream` recorded, else it stops before any work (the same photos imported with
     another class order would train every class under another's name). Silent when `upstream` has
-    no manifest, or recorded none of these (seeds made elsewhere)."""
+    no manifest, or recorded none of these (seeds made elsewhere). `keys`: what to compare (another
+    split of the same dataset has its own list, the same class names and labels file)."""
     manifest = _read(Path(upstream) / io.MANIFEST)
     recorded = (manifest or {}).get("inputs", {})
-    inputs = {k: v for k, v in dataset_inputs(dataset).items() if k in DATASET_KEYS and k in recorded}
+    inputs = {k: v for k, v in dataset_inputs(dataset).items() if k in keys and k in recorded}
     now, legacy = fingerprints(inputs), fingerprints(inputs, legacy=True)
     differ = [k for k in inputs if recorded[k] not in (now[k], legacy[k])]
     if differ:
