@@ -258,7 +258,7 @@ def build_backbone(name: str = "efficientnet-lite0", output_stride: int = 16,
 
 def largefov_fc(in_channels: int, width: int = LARGEFOV_WIDTH, dropout: float = 0.5) -> list[nn.Module]:
     """DeepLab-LargeFOV's fc6 (3x3 conv, dilation 12) and fc7 (1x1 conv), each with ReLU and dropout:
-    layers 0 and 3 of the list are fc6 and fc7 (`load_largefov_fc`)."""
+    layers 0 and 3 of the list are fc6 and fc7 (where `decimate_vgg16_fc` loads VGG16's weights)."""
     return [nn.Conv2d(in_channels, width, FC6_KERNEL, padding=FC6_DILATION, dilation=FC6_DILATION),
             nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Conv2d(width, width, 1), nn.ReLU(inplace=True), nn.Dropout(dropout)]
