@@ -195,8 +195,9 @@ def check_demo(tmp: Path, amp: str, device: str = "cuda") -> dict:
     result = run_stages(argv, {}, outputs, "demo")
     if not result["problems"]:
         result["seconds"] = round(sum(s["seconds"] for s in result["stages"].values()), 1)
-        result["val_miou"] = json.loads((outputs / "demo" / "stage3" / "manifest.json").read_text())[
-            "outputs"].get("val_miou")
+        miou = json.loads((outputs / "demo" / "stage3" / "manifest.json").read_text())["outputs"].get("val_miou")
+        result["val_miou"] = None if miou is None else round(miou, 2)
+    result["device"] = device
     return result
 
 
@@ -238,7 +239,7 @@ def report(results: dict, spans, samples) -> list[str]:
     demo = results.get("demo")
     if demo and not demo["problems"]:
         per = ", ".join(f"{k} {v['seconds']} s" for k, v in demo["stages"].items())
-        lines.append(f"demo on CUDA: {demo['seconds']} s ({per}; target <= {DEMO_TARGET_S} s); val mIoU "
+        lines.append(f"demo on {demo.get('device', 'cuda')}: {demo['seconds']} s ({per}; target <= {DEMO_TARGET_S} s); val mIoU "
                      f"{demo.get('val_miou')} (CPU {CPU_DEMO_MIOU}, within 1 point wanted)")
     for name, r in results.items():
         if name == "demo" or r["problems"]:
