@@ -91,7 +91,7 @@ def scale_list(text: str) -> tuple[float, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}': expected numbers, e.g. 0.5,1,1.5 or 0.5 1 1.5") from None
     if not scales or min(scales) <= 0 or max(scales) == float("inf"):
-        raise argparse.ArgumentTypeError(f"'{text}': scales must be positive numbers")
+        raise argparse.ArgumentTypeError(f"'{text}': expected a positive number (or several: 0.5,1,1.5)")
     return scales
 
 
