@@ -17,7 +17,7 @@ import torch
 from wsss.eval import confusion_matrix, scores
 from wsss.losses import cross_entropy
 from wsss.nets import build_net, open_dataset
-from wsss.predict import label_map, predict_masks
+from wsss.predict import label_map, labels_at, predict_masks
 from wsss.segtrain import SegmentationTrainSet
 from wsss.train import EpochSeeded, scheduled_lr
 
@@ -68,8 +68,9 @@ def main(argv=None) -> None:
             step += 1
     model.eval()
     conf = np.zeros((val.num_classes,) * 2, np.int64)
-    for id_, _, probs in predict_masks(model, val, val.ids[:a.val], device=torch.device("cpu"), gate=False, desc="val"):
-        conf += confusion_matrix(val.mask(id_), label_map(probs), val.num_classes)
+    for id_, image, probs in predict_masks(model, val, val.ids[:a.val], device=torch.device("cpu"), gate=False,
+                                           desc="val"):
+        conf += confusion_matrix(val.mask(id_), labels_at(label_map(probs), image.shape[:2]), val.num_classes)
     print(json.dumps({**vars(a), "val_miou": round(scores(conf)["miou"], 2), "seconds": round(time.time() - t0)}))
 
 

@@ -141,3 +141,26 @@ def test_ranks_share_the_images_once_each(tiny_voc_factory, monkeypatch):
         shares.append(rank_share(dataset, dataset.ids, (1.0,), "cpu"))
     assert sorted(i for share in shares for i in share) == sorted(dataset.ids)
     assert all(shares)
+
+
+def test_a_photo_larger_than_max_side_is_predicted_at_that_size(tiny_voc_factory, monkeypatch, tmp_path):
+    """Memory stays bounded: the net sees the photo at MAX_SIDE, the mask comes out at full size."""
+    from wsss import io, predict
+    from wsss.data.voc import VOCDataset
+
+    dataset = VOCDataset(tiny_voc_factory(n_train=2), "train")
+    seen = []
+    real = predict.predict_probs_batch
+
+    def spy(model, images, *args, **kwargs):
+        seen.extend(im.shape[:2] for im in images)
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(predict, "MAX_SIDE", 32)
+    monkeypatch.setattr(predict, "predict_probs_batch", spy)
+    for crf in (False, True):
+        out = tmp_path / f"pred-{crf}"
+        predict.predict_split(PoolCAM(), dataset, dataset.ids, out, device="cpu", restrict=True, crf=crf)
+        for id_ in dataset.ids:
+            assert io.read_mask(out / f"{id_}.png").shape == dataset.image(id_).shape[:2]
+    assert seen and all(max(s) == 32 for s in seen)

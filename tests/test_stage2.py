@@ -258,3 +258,29 @@ def test_a_dataset_other_than_stage1s_is_refused_before_any_work(tmp_path, tiny_
     assert not (outputs / "r" / "stage2").exists()
     stage2_main()(["--data", str(data), *argv])  # stage 1's own dataset goes on
     assert (outputs / "r" / "stage2" / "manifest.json").is_file()
+
+
+def test_a_photo_larger_than_max_side_is_fused_at_that_size_and_written_at_its_own(setup, monkeypatch):
+    """Memory stays bounded on a huge photo: fusion, CRF and built-in saliency work at MAX_SIDE."""
+    from wsss import pseudo, saliency
+
+    data, stage, run = setup
+    seen = []
+    real = pseudo.pseudo_mask
+
+    def spy(image, *args, **kwargs):
+        seen.append(image.shape[:2])
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(pseudo, "MAX_SIDE", 32)
+    monkeypatch.setattr(saliency, "MAX_SIDE", 32)
+    monkeypatch.setattr(pseudo, "pseudo_mask", spy)
+    stage2_main()(["--data", str(data), "--outputs", str(stage.parent.parent), "--run", "r", "--workers", "1"])
+    ds = VOCDataset(data, "train")
+    assert seen and all(max(shape) == 32 for shape in seen)
+    for id_ in ds.ids:
+        shape = ds.image(id_).shape[:2]
+        assert io.read_mask(stage / "pseudo" / f"{id_}.png").shape == shape
+        assert io.read_mask(stage / "fused" / f"{id_}.png").shape == shape
+    assert all(np.asarray(io.read_image(p)).shape[:2] == ds.image(p.stem).shape[:2]
+               for p in (stage / "saliency").glob("*.png"))

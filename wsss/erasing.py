@@ -90,7 +90,7 @@ from wsss.run import (
     spread,
 )
 from wsss.scoremaps import restore_scores, store_scores
-from wsss.shapes import batches, bucket, fitted_size, shard_batches, size_divisor
+from wsss.shapes import MAX_SIDE, batches, bucket, fitted_size, shard_batches, size_divisor
 from wsss.stage import check_processes, dataset_inputs, open_stage
 from wsss.train import CHECKPOINT, epoch_metrics, fit, init_distributed, torch_device
 
@@ -145,7 +145,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--ae-stop-loss", type=_stop_loss, default="auto",
                    help="stop when a step's final-epoch loss exceeds this; auto = halfway between step 1's "
                         "final loss and the loss of predicting each class at its frequency")
-    g.add_argument("--max-side", type=positive_int, default=1024,
+    g.add_argument("--max-side", type=positive_int, default=MAX_SIDE,
                    help="images whose longer side exceeds this are downscaled to it for their CAMs (and the "
                         "CAMs upscaled back), so one huge photo cannot exhaust memory: a 1024x768 image at "
                         "scales 0.5,1.0,1.5 with flip took 1.0 GB more (efficientnet-lite0, resnet50), 1.9 GB "

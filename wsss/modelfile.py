@@ -33,10 +33,10 @@ import warnings
 from pathlib import Path
 
 from wsss import io
+from wsss.shapes import MAX_SIDE
 
 FORMAT, FORMAT_VERSION = "wsss-model", 1
 MODEL = "model.pt"  # stage 3's model file, beside its nets
-MAX_SIDE = 1024  # photos larger than this (longer side) are predicted at this size (wsss.predict)
 
 
 class ModelFileError(ValueError):

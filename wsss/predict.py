@@ -49,7 +49,7 @@ from wsss.cam import crop_to_view, pad_to, to_input
 from wsss.crf import TEST_CRF, net_crf_params
 from wsss.data.voc import DatasetError, find_images
 from wsss.run import count_images, inference_kernels, rank_world
-from wsss.shapes import batches, bucket, scaled_size, shard_batches, size_divisor
+from wsss.shapes import MAX_SIDE, batches, bucket, scaled_size, shard_batches, size_divisor
 from wsss.viz import overlay_with_legend, resize
 
 log = logging.getLogger("wsss")
@@ -129,8 +129,10 @@ def restrict_probs(probs: torch.Tensor, label_ids) -> torch.Tensor:
 
 def predict_masks(model, dataset, ids, *, device, scales=(1.0,), flip=False, gate=False, restrict=False,
                   desc="predict"):
-    """Yield (id, RGB image, probs: (C, H, W) float32 tensor on `device`) for `ids` of a VOCDataset
-    (steps 1-3), in batches of one bucket (`wsss.shapes`; on a CPU one image at a time, in order)."""
+    """Yield (id, RGB image, probs: (C, h, w) float32 tensor on `device`) for `ids` of a VOCDataset
+    (steps 1-3), in batches of one bucket (`wsss.shapes`; on a CPU one image at a time, in order).
+    An image larger than MAX_SIDE is predicted at that size, so `probs` may be smaller than the
+    image: `labels_at` gives the label map at the image's size."""
     from wsss.train import unwrap
 
     model = unwrap(model).eval()
@@ -140,12 +142,13 @@ def predict_masks(model, dataset, ids, *, device, scales=(1.0,), flip=False, gat
     planned = bucket_batches(dataset, ids, scales, divisor, batch_size) if batch_size > 1 else [[i] for i in ids]
     with tqdm(total=len(ids), desc=desc, leave=False) as bar:
         for batch in planned:
-            images = [dataset.image(id_) for id_ in batch]
+            fulls = [dataset.image(id_) for id_ in batch]
+            images = [bounded(image, MAX_SIDE) for image in fulls]  # a huge photo: memory stays bounded
             shapes = [bucket(image.shape[:2], scales, divisor) for image in images]
             for group in batches(range(len(batch)), shapes.__getitem__, len(batch)):  # a header that lied
                 probs = predict_probs_batch(model, [images[k] for k in group], device, scales, flip, gate, divisor)
                 for k, p in zip(group, probs, strict=True):
-                    yield batch[k], images[k], restrict_probs(p, dataset.label_ids(batch[k])) if restrict else p
+                    yield batch[k], fulls[k], restrict_probs(p, dataset.label_ids(batch[k])) if restrict else p
             bar.update(len(batch))
 
 
@@ -173,6 +176,11 @@ def label_map(probs) -> np.ndarray:
     return np.asarray(torch.as_tensor(probs).argmax(0).to(torch.uint8).cpu())
 
 
+def labels_at(mask: np.ndarray, shape) -> np.ndarray:
+    """A label map at `shape` (nearest neighbour when it was predicted smaller, see `predict_masks`)."""
+    return mask if mask.shape == tuple(shape) else resize(mask, tuple(shape), nearest=True)
+
+
 def unsure(probs: np.ndarray, ignore_below: float | None) -> np.ndarray | None:
     """Where a prediction is unsure: its largest probability (over the classes in `probs`,
     renormalised) is below `ignore_below`; None when `ignore_below` is None."""
@@ -188,7 +196,7 @@ def _crf_job(params: dict, job, ignore_below: float | None = None):
     IGNORE where the CRF and the net disagree or the net is unsure."""
     from wsss.crf import dense_crf
 
-    id_, image, probs, present = job
+    id_, image, probs, present = job[:4]
     probs = probs / np.maximum(probs.sum(0, keepdims=True), 1e-8)
     crf = dense_crf(image, probs, **params).argmax(0)
     mask = present[crf].astype(np.uint8)
@@ -254,13 +262,13 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
     stream = predict_masks(model, dataset, todo, device=device, scales=scales, flip=flip, gate=gate,
                            restrict=restrict, desc=desc)
     if crf_params is None:
-        for id_, _, probs in stream:
+        for id_, image, probs in stream:
             mask = label_map(probs)
             if ignore_below is not None:
                 present = _present(probs, dataset.label_ids(id_) if restrict else None)
                 mask[unsure(probs[torch.as_tensor(present, device=probs.device)].cpu().numpy(), ignore_below)] = \
                     io.IGNORE
-            io.write_mask(out_dir / f"{id_}.png", mask)
+            io.write_mask(out_dir / f"{id_}.png", labels_at(mask, image.shape[:2]))
     else:
         _run_crfs(_crf_jobs(stream, dataset, restrict), len(todo), crf_params, workers, out_dir, ignore_below)
     barrier()
@@ -268,10 +276,13 @@ def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=F
 
 
 def _crf_jobs(stream, dataset, restrict: bool):
-    """CRF jobs (id, image, probabilities of the labels present, those labels) of a prediction stream."""
+    """CRF jobs (id, image at the probabilities' size, probabilities of the labels present, those
+    labels, the image's own size) of a prediction stream."""
     for id_, image, probs in stream:
         present = _present(probs, dataset.label_ids(id_) if restrict else None)
-        yield id_, image, probs[torch.as_tensor(present, device=probs.device)].cpu().numpy(), present
+        small = image if probs.shape[1:] == image.shape[:2] else resize(image, tuple(probs.shape[1:]))
+        yield (id_, small, probs[torch.as_tensor(present, device=probs.device)].cpu().numpy(), present,
+               image.shape[:2])
 
 
 def _run_crfs(jobs, total: int, params, workers, out_dir: Path, ignore_below=None) -> None:
@@ -282,11 +293,11 @@ def _run_crfs(jobs, total: int, params, workers, out_dir: Path, ignore_below=Non
     from wsss.stage import StageError
 
     crf = partial(_crf_job, params, ignore_below=ignore_below)
-    for (id_, _, _, _), mask, error in parallel_map(crf, jobs, workers, desc="crf", total=total):
+    for (id_, _, _, _, shape), mask, error in parallel_map(crf, jobs, workers, desc="crf", total=total):
         if error is not None:
             raise StageError(f"{out_dir}: the dense CRF failed on {id_} ({type(error).__name__}: {error}); "
                              f"rerun without --crf to predict without it")
-        io.write_mask(out_dir / f"{id_}.png", mask)
+        io.write_mask(out_dir / f"{id_}.png", labels_at(mask, shape))
 
 
 def crf_settings(crf: bool, crf_params=None) -> dict | None:
@@ -306,7 +317,6 @@ def net_crf(config: dict) -> dict:
 
 # ---------------------------------------------------------------- any folder of photos
 
-MAX_SIDE = 1024  # the default --max-side (wsss.modelfile.MAX_SIDE: a model file's default)
 MASKS, OVERLAYS, INDEX = "masks", "overlays", "masks.json"  # the layout of OUT (see predict_folder)
 PHOTO_KEY = "wsss-photo"  # a mask's (and overlay's) PNG text: the hash of the photo it was made from
 

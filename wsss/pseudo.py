@@ -88,6 +88,7 @@ from wsss.run import (
     stage_dir,
 )
 from wsss.scoremaps import CAMFileError, restore_scores
+from wsss.shapes import MAX_SIDE, fitted_size
 from wsss.stage import StageError, check_same_dataset, dataset_inputs, error_line, open_stage
 
 PER_IMAGE = ("fused", "pseudo", "overlay")
@@ -382,6 +383,21 @@ def _overlay(image, saliency, fused, pseudo, id_, s: Settings):
                         height=OVERLAY_HEIGHT)
 
 
+def bounded_pseudo_mask(image, keys, masks, score, saliency, s: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """`pseudo_mask` of a photo at most MAX_SIDE large, its masks brought back to full size (nearest)."""
+    from wsss.viz import resize
+
+    shape = image.shape[:2]
+    size = fitted_size(shape, MAX_SIDE)
+    if size == shape:
+        return pseudo_mask(image, keys, masks, score, saliency, s)
+    masks = np.stack([resize(m.astype(np.uint8), size, nearest=True) for m in masks]).astype(bool) if len(masks) \
+        else np.zeros((0, *size), bool)
+    score = np.stack([resize(c, size) for c in score]) if len(score) else np.zeros((0, *size), np.float32)
+    fused, pseudo = pseudo_mask(resize(image, size), keys, masks, score, resize(saliency, size), s)
+    return resize(fused, shape, nearest=True), resize(pseudo, shape, nearest=True)
+
+
 def pseudo_mask(image, keys, masks, score, saliency, s: Settings) -> tuple[np.ndarray, np.ndarray]:
     """(fused, pseudo-mask) of one image by the rule and CRF of `s`."""
     fused = fuse_with_saliency(masks, keys, score, saliency, s.bg_threshold, s.conflict, rule=s.fusion,
@@ -422,7 +438,7 @@ def process_image(s: Settings, job: Job) -> dict:
         if done:
             fused, pseudo = io.read_mask(paths["fused"]), io.read_mask(paths["pseudo"])
         else:
-            fused, pseudo = pseudo_mask(image, keys, masks, score, saliency, s)
+            fused, pseudo = bounded_pseudo_mask(image, keys, masks, score, saliency, s)
             io.write_mask(paths["fused"], fused)
             io.write_mask(paths["pseudo"], pseudo)  # written last: marks the image done
         if job.overlay and not paths["overlay"].is_file():

@@ -45,6 +45,8 @@ from tqdm import tqdm
 from wsss.data.voc import DatasetError
 from wsss.io import write_png
 from wsss.run import count_images, process_pool
+from wsss.shapes import MAX_SIDE, fitted_size
+from wsss.viz import resize
 
 BUILTIN = "builtin"
 WORK_SIDE = 256  # longer side of the working image; maps are resized back to the image size
@@ -228,7 +230,11 @@ def _write_one(id_: str, out_dir: str, source: str, dataset=None) -> None:
     dataset = dataset if dataset is not None else _worker_dataset
     image = dataset.image(id_)
     if source == BUILTIN:
-        saliency = compute_saliency(image)
+        size = fitted_size(image.shape[:2], MAX_SIDE)
+        if size == image.shape[:2]:
+            saliency = compute_saliency(image)
+        else:  # a huge photo: computed at MAX_SIDE (memory stays bounded), written at its own size
+            saliency = resize(compute_saliency(resize(image, size)), image.shape[:2])
     else:
         saliency = read_saliency(source, id_, image.shape[:2])
     write_png(saliency_path(out_dir, id_), to_uint8(saliency))

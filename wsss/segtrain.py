@@ -21,7 +21,7 @@ from wsss.eval import confusion_matrix, scores
 from wsss.io import IGNORE
 from wsss.losses import cross_entropy
 from wsss.nets import build_net
-from wsss.predict import label_map, predict_masks, predict_split
+from wsss.predict import label_map, labels_at, predict_masks, predict_split
 from wsss.pseudo import stc_soft_target
 from wsss.run import autocast, log, phase, resolve_amp, run_dir, spread
 from wsss.train import fit, torch_device
@@ -195,7 +195,7 @@ class Stage3:
             shown = []
             for id_, image, probs in predict_masks(model, self.val, ids, device=torch_device(self.device),
                                                    gate=gate, desc="val"):
-                pred = label_map(probs)
+                pred = labels_at(label_map(probs), image.shape[:2])
                 conf += confusion_matrix(self.val.mask(id_), pred, self.num_classes)
                 if tblog.active() and len(shown) < tblog.IMAGES:
                     shown.append(np.concatenate([image, overlay(image, pred)], axis=1))

@@ -27,6 +27,12 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 SIZE_DIVISOR = {"cuda": 64, "cpu": 1}
 
 
+# The longest side a photo is processed at (CAMs, saliency, fusion and CRF, predictions); larger photos
+# are scaled down to it and their outputs brought back to full size. VOC's photos (500 px) are far
+# below it; a 6000x4000 photo at full size took about 8 GB in stages 2 and 3.
+MAX_SIDE = 1024
+
+
 def size_divisor(device_type: str) -> int:
     """The size divisor inference pads to on `device_type` ("cuda", "cpu", ...)."""
     return SIZE_DIVISOR.get(device_type, 1)
