@@ -164,3 +164,20 @@ def test_a_photo_larger_than_max_side_is_predicted_at_that_size(tiny_voc_factory
         for id_ in dataset.ids:
             assert io.read_mask(out / f"{id_}.png").shape == dataset.image(id_).shape[:2]
     assert seen and all(max(s) == 32 for s in seen)
+
+
+def test_the_classifiers_val_map_sees_photos_at_most_max_side(tiny_voc_factory, monkeypatch):
+    from wsss import erasing
+    from wsss.data.voc import VOCDataset
+
+    dataset = VOCDataset(tiny_voc_factory(n_train=3), "train")
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return torch.zeros(len(x), dataset.num_classes - 1)
+
+    monkeypatch.setattr(erasing, "MAX_SIDE", 32)
+    erasing.classification_map(Spy(), dataset, dataset.ids, "cpu")
+    assert seen and all(max(s) == 32 for s in seen)

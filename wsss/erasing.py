@@ -230,13 +230,13 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def classification_map(model, dataset: VOCDataset, ids: list[str], device) -> float:
-    """Mean average precision of the image labels on `ids` (whole images, one scale; under the
-    caller's autocast: wsss.train.fit runs it under the training's)."""
+    """Mean average precision of the image labels on `ids` (whole images at most MAX_SIDE, one scale;
+    under the caller's autocast: wsss.train.fit runs it under the training's)."""
     model.eval()
     scores, labels = [], []
     with torch.inference_mode():
         for id_ in ids:
-            x = torch.from_numpy(normalize(dataset.image(id_)))[None].to(device)
+            x = torch.from_numpy(normalize(fit_side(dataset.image(id_), MAX_SIDE)))[None].to(device)  # bounded memory
             scores.append(torch.sigmoid(model(x.contiguous(memory_format=torch.channels_last))).float().cpu()[0])
             labels.append(dataset.labels(id_))
     scores, labels = torch.stack(scores).numpy(), np.stack(labels)
