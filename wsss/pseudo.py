@@ -274,7 +274,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def check_thresholds(fusion: str, bg_threshold: float, fg_threshold: float) -> None:
     """Thresholds a rule cannot use stop before any work, with the flags to fix."""
     if fusion == "saliency-first" and fg_threshold < bg_threshold:
-        raise SystemExit(f"error: --fg-threshold {fg_threshold} is below --bg-threshold {bg_threshold}: "
+        raise StageError(f"--fg-threshold {fg_threshold} is below --bg-threshold {bg_threshold}: "
                          f"saliency-first needs fg >= bg")
 
 
@@ -521,7 +521,7 @@ def run(args) -> dict | None:
     if args.seeds is None:
         stage1 = stage_dir(args, "stage1")
         if not (stage1 / io.MANIFEST).is_file():
-            raise SystemExit(f"error: {stage1}: stage 1 is not complete (no {io.MANIFEST}); run stage 1 first")
+            raise StageError(f"{stage1}: stage 1 is not complete (no {io.MANIFEST}); run stage 1 first")
         seeds, inputs = stage1 / "regions", {"stage1": stage1}
         check_same_dataset(stage1, dataset, "stage 2")
     dataset.validate()
@@ -531,7 +531,7 @@ def run(args) -> dict | None:
     inputs.update(dataset_inputs(dataset, masks=True))
     if args.saliency != "builtin":
         if not Path(args.saliency).is_dir():
-            raise SystemExit(f"error: --saliency {args.saliency}: not 'builtin' and not a folder")
+            raise StageError(f"--saliency {args.saliency}: not 'builtin' and not a folder")
         inputs["saliency"] = Path(args.saliency)
     if args.crf:
         check_crf("stage 2", "--no-crf")
@@ -551,7 +551,7 @@ def run(args) -> dict | None:
         log.info("%d images have no label: their pseudo-masks are all background", len(unlabelled))
     labelled = [j.id for j in jobs if j.regions is not None]
     if not labelled:
-        raise SystemExit(f"error: {seeds}: no seeds file for any labelled image of "
+        raise StageError(f"{seeds}: no seeds file for any labelled image of "
                          f"split '{args.train_split}'")
     drawn = set(spread(labelled, args.overlays)) if args.overlays > 0 else set()
     jobs = [replace(j, overlay=j.id in drawn) for j in jobs]

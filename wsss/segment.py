@@ -154,7 +154,7 @@ def run(args) -> dict | None:
     inputs = {**dataset_inputs(train, masks=on_gt), **dataset_inputs(val, masks=True, prefix="val ")}
     if not on_gt:
         if not (stage2 / io.MANIFEST).is_file():
-            raise SystemExit(f"error: {stage2}: stage 2 is not complete (no {io.MANIFEST}); run stages/stage2.py first")
+            raise StageError(f"{stage2}: stage 2 is not complete (no {io.MANIFEST}); run stages/stage2.py first")
         inputs["stage2"] = stage2
         check_same_dataset(stage2, train, "stage 3")
     if args.crf:

@@ -24,6 +24,7 @@ from wsss.nets import build_net
 from wsss.predict import label_map, labels_at, predict_masks, predict_split
 from wsss.pseudo import stc_soft_target
 from wsss.run import autocast, log, phase, resolve_amp, run_dir, spread
+from wsss.stage import StageError
 from wsss.train import fit, torch_device
 from wsss.viz import overlay
 
@@ -105,7 +106,7 @@ def with_targets(ids, folder: Path, what: str) -> list[str]:
     have = {p.stem for p in Path(folder).glob("*.png")}
     kept = [i for i in ids if i in have]
     if not kept:
-        raise SystemExit(f"error: {folder}: no {what} for any of the {len(ids)} training images")
+        raise StageError(f"{folder}: no {what} for any of the {len(ids)} training images")
     if len(kept) < len(ids):
         missing = [i for i in ids if i not in have]
         log.warning("%s: %d of %d training images have no %s and are skipped (%s%s)", folder, len(missing),

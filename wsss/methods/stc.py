@@ -52,6 +52,7 @@ from wsss import io
 from wsss.losses import soft_cross_entropy
 from wsss.run import is_main_process, log, positive_int
 from wsss.segtrain import SegmentationTrainSet, ce_step, with_targets
+from wsss.stage import StageError
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -100,7 +101,7 @@ def simple_ids(ctx) -> list[str]:
                         threshold=args.stc_saliency_threshold, concentration=args.stc_concentration,
                         background=args.stc_background)]
     if len(ids) < args.batch_size:
-        raise SystemExit(f"error: only {len(ids)} of {len(ctx.train.ids)} training images are simple; "
+        raise StageError(f"only {len(ids)} of {len(ctx.train.ids)} training images are simple; "
                          "relax --stc-concentration / --stc-background")
     if is_main_process():
         io.write_bytes(path, ("\n".join(ids) + "\n").encode())
