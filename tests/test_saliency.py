@@ -116,3 +116,24 @@ def test_real_photos_objects_are_more_salient_than_background():
         assert saliency.shape == mask.shape
         wins += saliency[(mask > 0) & (mask < 255)].mean() > saliency[mask == 0].mean()
     assert wins >= 3
+
+
+def test_the_max_of_the_cues_finds_more_of_an_object_at_the_border():
+    """A large object that reaches the top border (by a short neck) and one inside: both combinations
+    find the inner one and leave the background; the minimum-barrier cue sees no barrier between the
+    border and the first object, so the cues' product loses all of it where their maximum keeps it (the
+    robust-background cue finds it: little border for its area)."""
+    rng = np.random.default_rng(1)
+    image = np.clip(rng.normal(128, 10, (120, 160, 3)), 0, 255).astype(np.uint8)
+    image[25:85, 20:80] = (200, 40, 40)
+    image[0:25, 45:55] = (200, 40, 40)  # its neck, on the top border
+    image[60:100, 100:145] = (40, 60, 200)
+    found = {}
+    for combine in ("product", "max"):
+        s = compute_saliency(image, combine)
+        assert (s[65:95, 105:140] >= 0.5).mean() > 0.9  # the inner object, either way
+        assert (s[0:20, 100:160] >= 0.5).mean() < 0.05  # background stays background
+        found[combine] = float((s[25:85, 20:80] >= 0.5).mean())
+    assert found["product"] < 0.2 and found["max"] > 0.9, found
+    with pytest.raises(ValueError, match="combine"):
+        compute_saliency(image, "sum")

@@ -224,7 +224,9 @@ def stc_soft_target(saliency: np.ndarray, class_id: int, num_classes: int) -> np
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("stage 2: saliency fusion and dense CRF")
     g.add_argument("--saliency", default="builtin",
-                   help="builtin (unsupervised, wsss.saliency) or a folder of grey ID.png maps (DSS, DRFI...)")
+                   help="builtin (unsupervised, wsss.saliency: its two border cues multiplied), builtin-max (the "
+                        "cues' maximum: finds more of the objects that touch the border, less precisely; "
+                        "bench/bench_saliency_border.py) or a folder of grey ID.png maps (DSS, DRFI...)")
     g.add_argument("--seeds", type=Path, default=None,
                    help="a folder of ID.npz seeds (keys, masks, score: the format of stage 1's regions, in the "
                         "module docstring of wsss/pseudo.py) to use instead of stage 1's; stage 1 is then not needed")
@@ -513,7 +515,7 @@ def _contact_sheet(out: Path, ids: list[str], count: int, seed: int) -> None:
 
 def run(args) -> dict | None:
     """Stage 2 (see the module docstring); returns the manifest, or None when skipped."""
-    from wsss.saliency import ensure_saliency
+    from wsss.saliency import BUILTINS, ensure_saliency
     from wsss.train import init_distributed
 
     check_thresholds(args.fusion, args.bg_threshold, args.fg_threshold)
@@ -529,9 +531,9 @@ def run(args) -> dict | None:
         check_seeds(dataset, args.seeds)
         seeds, inputs = args.seeds, {"seeds": [args.seeds / f"{i}.npz" for i in dataset.ids]}
     inputs.update(dataset_inputs(dataset, masks=True))
-    if args.saliency != "builtin":
+    if args.saliency not in BUILTINS:
         if not Path(args.saliency).is_dir():
-            raise StageError(f"--saliency {args.saliency}: not 'builtin' and not a folder")
+            raise StageError(f"--saliency {args.saliency}: not {' or '.join(BUILTINS)} and not a folder")
         inputs["saliency"] = Path(args.saliency)
     if args.crf:
         check_crf("stage 2", "--no-crf")

@@ -49,6 +49,8 @@ from wsss.shapes import MAX_SIDE, fitted_size
 from wsss.viz import resize
 
 BUILTIN = "builtin"
+# the built-in saliency by its cue combination: `--saliency builtin` (product) or `builtin-max`
+BUILTINS = {BUILTIN: "product", "builtin-max": "max"}
 WORK_SIDE = 256  # longer side of the working image; maps are resized back to the image size
 SUPERPIXELS = 300
 # Robust background detection, the paper's settings (colour distances in CIE-Lab units).
@@ -169,8 +171,16 @@ def _enhance(saliency: np.ndarray) -> np.ndarray:
     return _normalise(1 / (1 + np.exp(-SIGMOID_GAIN * (saliency - threshold))))
 
 
-def compute_saliency(image: np.ndarray) -> np.ndarray:
-    """Unsupervised salient-object map of an RGB uint8 image (HxWx3): float32 HxW in [0, 1]."""
+COMBINE = ("product", "max")  # how the two border cues are joined (bench/bench_saliency_border.py)
+
+
+def compute_saliency(image: np.ndarray, combine: str = "product") -> np.ndarray:
+    """Unsupervised salient-object map of an RGB uint8 image (HxWx3): float32 HxW in [0, 1].
+
+    `combine`: "product" (both cues must find an object: precise, but both treat the border as
+    background, so an object touching it is lost when either does) or "max" (either cue suffices)."""
+    if combine not in COMBINE:
+        raise ValueError(f"combine {combine!r}: choose one of {', '.join(COMBINE)}")
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"compute_saliency needs an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
@@ -182,7 +192,11 @@ def compute_saliency(image: np.ndarray) -> np.ndarray:
     superpixels = slic(lab, n_segments=SUPERPIXELS, compactness=10, start_label=0, convert2lab=False,
                        channel_axis=-1)
     background_cue = _robust_background(superpixels, lab)[superpixels]
-    saliency = _normalise(background_cue * _normalise(_minimum_barrier(lab)))
+    barrier = _normalise(_minimum_barrier(lab))
+    if combine == "product":
+        saliency = _normalise(background_cue * barrier)
+    else:
+        saliency = _normalise(np.maximum(_normalise(background_cue), barrier))
     if saliency.max() == 0:  # a featureless image: nothing stands out
         return np.zeros((h, w), np.float32)
     saliency = _enhance(_colour_posterior(lab, saliency))
@@ -229,12 +243,12 @@ def _init_worker(dataset) -> None:
 def _write_one(id_: str, out_dir: str, source: str, dataset=None) -> None:
     dataset = dataset if dataset is not None else _worker_dataset
     image = dataset.image(id_)
-    if source == BUILTIN:
+    if source in BUILTINS:
         size = fitted_size(image.shape[:2], MAX_SIDE)
         if size == image.shape[:2]:
-            saliency = compute_saliency(image)
+            saliency = compute_saliency(image, BUILTINS[source])
         else:  # a huge photo: computed at MAX_SIDE (memory stays bounded), written at its own size
-            saliency = resize(compute_saliency(resize(image, size)), image.shape[:2])
+            saliency = resize(compute_saliency(resize(image, size), BUILTINS[source]), image.shape[:2])
     else:
         saliency = read_saliency(source, id_, image.shape[:2])
     write_png(saliency_path(out_dir, id_), to_uint8(saliency))
@@ -249,7 +263,7 @@ def ensure_saliency(dataset, ids, out_dir, source: str = BUILTIN, workers: int =
     """
     out_dir = Path(out_dir)
     todo = [id_ for id_ in ids if not saliency_path(out_dir, id_).is_file()]
-    if source != BUILTIN:
+    if source not in BUILTINS:
         folder = Path(source)
         if not folder.is_dir():
             raise DatasetError(f"{folder}: saliency folder not found (give a folder of ID.png maps or 'builtin')")
@@ -262,7 +276,7 @@ def ensure_saliency(dataset, ids, out_dir, source: str = BUILTIN, workers: int =
     if not todo:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    desc = "saliency" if source == BUILTIN else "saliency maps"
+    desc = "saliency" if source in BUILTINS else "saliency maps"
     if workers <= 1:
         for id_ in tqdm(todo, desc=desc):
             _write_one(id_, str(out_dir), source, dataset)
