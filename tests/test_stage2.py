@@ -137,7 +137,7 @@ def test_crf_pool_and_builtin_saliency(setup, tmp_path):
     stage2_main()(["--data", str(data), "--outputs", str(tmp_path / "outputs"), "--run", "r",
                    "--workers", "2", "--sample", "1"])
     manifest = io.read_json(stage / "manifest.json")
-    assert manifest["config"]["saliency"] == "builtin"
+    assert manifest["config"]["saliency"] == "builtin-max"  # the default
     assert (stage / "pseudo").is_dir() and len(list((stage / "pseudo").glob("*.png"))) == 4
 
 

@@ -257,7 +257,8 @@ def _write_one(id_: str, out_dir: str, source: str, dataset=None) -> None:
 def ensure_saliency(dataset, ids, out_dir, source: str = BUILTIN, workers: int = 1) -> None:
     """Write `out_dir/ID.png` (grey 0..255 at image size) for every id that has none yet.
 
-    `source` is "builtin" (compute_saliency) or a folder of precomputed grey PNGs `ID.png` of any
+    `source` is "builtin" or "builtin-max" (compute_saliency, its cues multiplied or their maximum:
+    `BUILTINS`) or a folder of precomputed grey PNGs `ID.png` of any
     size (DSS / PoolNet / DRFI maps as WSSS papers distribute them), resized to the image. Existing
     files are kept, so an interrupted run resumes; each file is written atomically.
     """
