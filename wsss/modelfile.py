@@ -224,11 +224,10 @@ def main(argv=None) -> int:
     from wsss.stage import StageError, error_line
 
     args = build_parser().parse_args(argv)
-    stage = nets.stage_path(args)
     try:
-        config = io.read_json(stage / "config.json")
-    except FileNotFoundError:
-        print(f"error: {stage / 'config.json'} not found (run stage 3 first)", file=sys.stderr)
+        stage, config = nets.stage_config(args)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     try:
         out = args.out.resolve()

@@ -25,6 +25,17 @@ def stage_path(args) -> Path:
     return run_dir(args) / stage_name(args)
 
 
+def stage_config(args) -> tuple[Path, dict]:
+    """The stage-3 folder `args` name and its config.json; a stage 3 never started is an error."""
+    from wsss.stage import StageError
+
+    stage = stage_path(args)
+    try:
+        return stage, io.read_json(stage / "config.json")
+    except FileNotFoundError:
+        raise StageError(f"{stage / 'config.json'} not found (run stage 3 first)") from None
+
+
 def open_dataset(root, split: str, mask_dir=None, limit: int = 0) -> VOCDataset:
     return VOCDataset(root, split, mask_dir=mask_dir, limit=limit)
 

@@ -623,11 +623,10 @@ def main(argv=None) -> int:
             parser.error("--model needs --images and --out (a model file predicts folders of photos)")
         return _predict_with_model(args)
     test_time_settings(args)
-    stage = nets.stage_path(args)
     try:
-        config = io.read_json(stage / "config.json")
-    except FileNotFoundError:
-        print(f"error: {stage / 'config.json'} not found (run stage 3 first)", file=sys.stderr)
+        stage, config = nets.stage_config(args)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     split = args.split or config["val_split"]
     net = ""  # the final net's predictions are named without it
