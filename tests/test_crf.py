@@ -147,7 +147,7 @@ def test_crf_many_falls_back_to_the_pre_crf_labels_of_a_failing_image():
 
 
 def test_each_net_gets_the_test_time_crf_published_for_it():
-    from wsss.predict import net_crf
+    from wsss.nets import net_crf
 
     def kernels(backbone, head="auto"):
         p = net_crf({"backbone": backbone, "head": head})

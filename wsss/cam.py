@@ -53,6 +53,15 @@ def pad_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x if (h, w) == tuple(size) else F.pad(x, (0, size[1] - w, 0, size[0] - h))
 
 
+def scaled_views(xs, sizes, scale: float, flip: bool) -> list[torch.Tensor]:
+    """Each input (1, 3, h, w) of an image of `sizes[i]` at `scale` (bilinear; unscaled as is), then,
+    with `flip`, each mirrored: the views of one forward, in the order the outputs are read back."""
+    views = [x if scaled_size(size, scale) == size else
+             F.interpolate(x, scaled_size(size, scale), mode="bilinear", align_corners=False)
+             for x, size in zip(xs, sizes, strict=True)]
+    return views + [v.flip(-1) for v in views] if flip else views
+
+
 def crop_to_view(out: torch.Tensor, view, padded) -> torch.Tensor:
     """The part of a net's output map (..., h, w) for a `padded` input that covers the `view` itself.
 
@@ -99,11 +108,7 @@ def multiscale_cams_batch(model, images, keys_list, scales=SCALES, flip: bool = 
         xs_full = [to_input(im[None], dev) for im in images]
         sums = [None] * n
         for scale, padded in zip(scales, buckets.pop(), strict=True):
-            views = [x if scaled_size(size, scale) == size else
-                     F.interpolate(x, scaled_size(size, scale), mode="bilinear", align_corners=False)
-                     for x, size in zip(xs_full, sizes, strict=True)]
-            if flip:
-                views += [v.flip(-1) for v in views]
+            views = scaled_views(xs_full, sizes, scale, flip)
             batch = torch.cat([pad_to(v, padded) for v in views]).contiguous(memory_format=torch.channels_last)
             with precision, kernels:
                 raw = model.cams(batch).float()

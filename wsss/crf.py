@@ -218,6 +218,8 @@ def parallel_map(fn, items, workers: int = 1, desc: str = "images", total: int |
     """
     if total is None and hasattr(items, "__len__"):
         total = len(items)
+    if total is not None:
+        workers = min(workers, total)  # every worker starts up front: none for nothing to do
     bar = tqdm(total=total, desc=desc)
     try:
         if workers <= 1:

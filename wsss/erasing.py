@@ -302,7 +302,8 @@ def cam_batches(job: CamJob, ids: list[str], divisor: int, batch_size: int) -> l
 def write_cams(model, job: CamJob, ids: list[str], device: torch.device) -> int:
     """cam/ID.npz and regions/ID.png of `ids` (erased by the earlier steps); returns len(ids).
 
-    The labelled images go through the net in batches of one bucket (`cam_batches`)."""
+    The labelled images go through the net CAM_BATCH at a time, in the order given: callers pass
+    them grouped by bucket (`cam_batches`), so a batch shares one input shape."""
     cam_dir, region_dir = job.step_dir / "cam", job.step_dir / "regions"
     divisor = size_divisor(device.type)
     for id_ in ids:
@@ -311,7 +312,8 @@ def write_cams(model, job: CamJob, ids: list[str], device: torch.device) -> int:
             save_cams(cam_dir, id_, np.zeros((0, h, w), np.float32), np.zeros(0, np.int64))
             io.write_mask(region_dir / f"{id_}.png", np.zeros((h, w), np.uint8))
     labelled = [i for i in ids if i in job.labelled]
-    for planned in cam_batches(job, labelled, divisor, CAM_BATCH[device.type]):
+    size = CAM_BATCH[device.type]
+    for planned in (labelled[i:i + size] for i in range(0, len(labelled), size)):
         fulls = [erased_image(job.dataset, id_, list(job.region_dirs)) for id_ in planned]
         images = [fit_side(full, job.max_side) for full in fulls]
         # a header that disagrees with the decoded image (a rotated photo) splits the batch, never fails it
@@ -365,11 +367,14 @@ def compute_step_cams(model, dataset: VOCDataset, ids: list[str], labelled: set[
                  args.cam_flip, args.ae_threshold, args.max_side, resolve_amp(args.amp, device.type))
     # ranks split the bucket-ordered images, so each meets few shapes (one rank: all of them, in that order)
     planned = cam_batches(job, list(ids), size_divisor(device.type), CAM_BATCH[device.type])
-    mine_ = [i for b in shard_batches(planned, *rank_world()) for i in b]
-    todo = [i for i in mine_ if not ((cam_dir / f"{i}.npz").is_file() and (region_dir / f"{i}.png").is_file())]
+    pending = [[i for i in b if not ((cam_dir / f"{i}.npz").is_file() and (region_dir / f"{i}.png").is_file())]
+               for b in shard_batches(planned, *rank_world())]
+    pending = [b for b in pending if b]
+    todo = [i for b in pending for i in b]
     count_images(len(todo))
     processes = min(args.workers, len(todo)) if device.type == "cpu" else 1
-    chunks = [todo[i:i + CAM_CHUNK] for i in range(0, len(todo), CAM_CHUNK)]
+    # one process: a task per bucket batch; CPU workers: tasks of CAM_CHUNK images (their batch is one)
+    chunks = pending if processes <= 1 else [todo[i:i + CAM_CHUNK] for i in range(0, len(todo), CAM_CHUNK)]
     with tqdm(total=len(todo), desc=f"CAM {step_dir.name}", disable=not is_main_process(), leave=False) as bar:
         if processes <= 1:
             for chunk in chunks:

@@ -165,7 +165,7 @@ def from_checkpoint(stage: Path, config: dict, classes, net: str, prediction: di
     """Model file content of the net in the folder `net` of a stage 3 with `config`, with the
     test-time settings `prediction` ({scales, flip, crf, gate, val_miou}: a manifest's prediction)."""
     from wsss.models.segnet import resolve_head
-    from wsss.predict import net_crf
+    from wsss.nets import net_crf
     from wsss.train import CHECKPOINT
 
     checkpoint = Path(stage) / net / CHECKPOINT
@@ -219,9 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from wsss import nets
-    from wsss.predict import stage_folders
     from wsss.run import run_dir
-    from wsss.stage import StageError, error_line
+    from wsss.stage import StageError, error_line, stage_folders
 
     args = build_parser().parse_args(argv)
     try:

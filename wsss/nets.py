@@ -25,6 +25,14 @@ def stage_path(args) -> Path:
     return run_dir(args) / stage_name(args)
 
 
+def net_crf(config: dict) -> dict:
+    """The test-time CRF kernels published for a stage-3 run's net (`wsss.crf.net_crf_params`)."""
+    from wsss.crf import net_crf_params
+    from wsss.models.segnet import resolve_head
+
+    return net_crf_params(config["backbone"], resolve_head(config["backbone"], config["head"]))
+
+
 def stage_config(args) -> tuple[Path, dict]:
     """The stage-3 folder `args` name and its config.json; a stage 3 never started is an error."""
     from wsss.stage import StageError

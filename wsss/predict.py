@@ -45,11 +45,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from wsss import io
-from wsss.cam import crop_to_view, pad_to, to_input
-from wsss.crf import TEST_CRF, net_crf_params
+from wsss.cam import crop_to_view, pad_to, scaled_views, to_input
+from wsss.crf import TEST_CRF
 from wsss.data.voc import DatasetError, find_images
+from wsss.nets import net_crf
 from wsss.run import count_images, inference_kernels, rank_world
 from wsss.shapes import MAX_SIDE, batches, bucket, scaled_size, shard_batches, size_divisor
+from wsss.stage import stage_folders
 from wsss.viz import overlay_with_legend, resize
 
 log = logging.getLogger("wsss")
@@ -77,11 +79,7 @@ def predict_probs_batch(model, images, device, scales=(1.0,), flip: bool = False
     probs, cls_probs = [0.0] * n, [0.0] * n
     views = 0
     for scale, padded in zip(scales, bucket(sizes[0], scales, divisor), strict=True):
-        scaled = [x if scaled_size(size, scale) == size else
-                  F.interpolate(x, size=scaled_size(size, scale), mode="bilinear", align_corners=False)
-                  for x, size in zip(xs, sizes, strict=True)]
-        if flip:
-            scaled += [v.flip(-1) for v in scaled]
+        scaled = scaled_views(xs, sizes, scale, flip)
         valid = [tuple(v.shape[-2:]) for v in scaled]
         with inference_kernels(model, torch.device(device).type):
             seg, cls = _forward(model, torch.cat([pad_to(v, padded) for v in scaled]),
@@ -308,13 +306,6 @@ def crf_settings(crf: bool, crf_params=None) -> dict | None:
     return dict(TEST_CRF["deeplab-v2-aspp-resnet101"] if crf_params is None else crf_params)
 
 
-def net_crf(config: dict) -> dict:
-    """The test-time CRF kernels published for a stage-3 run's net (`wsss.crf.net_crf_params`)."""
-    from wsss.models.segnet import resolve_head
-
-    return net_crf_params(config["backbone"], resolve_head(config["backbone"], config["head"]))
-
-
 # ---------------------------------------------------------------- any folder of photos
 
 MASKS, OVERLAYS, INDEX = "masks", "overlays", "masks.json"  # the layout of OUT (see predict_folder)
@@ -365,18 +356,6 @@ def check_apart(out: Path, folders: dict[str, Path]) -> None:
         a = Path(folder).resolve()
         if a == b or a in b.parents or b in a.parents:
             raise DatasetError(f"--out {out} and {what} {folder} overlap; write the masks to a separate folder")
-
-
-def stage_folders(run: Path) -> list[Path]:
-    """The stage folders of a run (stage1, stage2, stage3, stage3-TAG...): its subfolders named
-    stage*, or holding a stage's stamp, manifest or lock."""
-    run = Path(run)
-    if not run.is_dir():
-        return []
-    from wsss.stage import LOCK, STAMP
-
-    return sorted(p for p in run.iterdir() if p.is_dir() and (
-        p.name.startswith("stage") or any((p / f).exists() for f in (STAMP, io.MANIFEST, LOCK))))
 
 
 def check_split_out(out: Path, run: Path, stage: Path, default: Path) -> None:

@@ -476,21 +476,19 @@ def _init_worker(parent: int, initializer, initargs) -> None:
         initializer(*initargs)
 
 
-class _OneThreadEach(contextlib.AbstractContextManager):
+@contextlib.contextmanager
+def _one_thread_each():
     """The thread variables set to 1 while workers start (each reads them as its libraries load)."""
-
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
-        os.environ.update(dict.fromkeys(THREAD_VARIABLES, "1"))
-        return self
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
+    saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    os.environ.update(dict.fromkeys(THREAD_VARIABLES, "1"))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        return None
 
 
 def process_pool(workers: int, initializer=None, initargs=(), **kwargs):
@@ -503,7 +501,7 @@ def process_pool(workers: int, initializer=None, initargs=(), **kwargs):
 
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                initargs=(os.getpid(), initializer, initargs), **kwargs)
-    with _OneThreadEach():  # start every worker now: on demand, later ones would miss the variables
+    with _one_thread_each():  # start every worker now: on demand, later ones would miss the variables
         while len(pool._processes) < workers:
             pool._spawn_process()
     return pool

@@ -62,8 +62,8 @@ from wsss.crf import check_crf
 from wsss.eval import evaluate, format_table
 from wsss.methods import METHODS
 from wsss.modelfile import MODEL, best_prediction, from_checkpoint, save_model
-from wsss.nets import open_dataset, stage_name
-from wsss.predict import add_predict_args, net_crf, pred_folder, predict_split
+from wsss.nets import net_crf, open_dataset, stage_name
+from wsss.predict import add_predict_args, pred_folder, predict_split
 from wsss.run import (
     add_epoch_val,
     add_scales,

@@ -241,6 +241,16 @@ def lock(folder: Path, what: str, *, busy: str | None = None, writes: bool = Tru
     _held[path] = fd
 
 
+def stage_folders(run: Path) -> list[Path]:
+    """The stage folders of a run (stage1, stage2, stage3, stage3-TAG...): its subfolders named
+    stage*, or holding a stage's stamp, manifest or lock."""
+    run = Path(run)
+    if not run.is_dir():
+        return []
+    return sorted(p for p in run.iterdir() if p.is_dir() and (
+        p.name.startswith("stage") or any((p / f).exists() for f in (STAMP, io.MANIFEST, LOCK))))
+
+
 def downstream(run: Path, name: str) -> list[Path]:
     """The stage folders of `run` that read stage `name`'s artifacts (stage 1 -> 2 -> 3, 3-TAG)."""
     later = {"stage1": ("stage2", "stage3"), "stage2": ("stage3",)}.get(name, ())
