@@ -10,14 +10,14 @@
      - the reference way (DeepLab's test-time CRF, and PSA/IRN/SEAM's `crf_inference` when
        called with all 21 labels): all 21 labels, one process, images one after the other;
      - ours: `wsss.crf.dense_crf` over background + the classes present, the probabilities of
-       those renormalised, images spread over a process pool (`wsss.crf.parallel_map`).
+       those renormalised, images spread over a process pool (`wsss.workers.parallel_map`).
    Both from the same probability arrays to label maps; prints both times, the ratio, and how
    often the two label maps agree (all pixels; the 21-label run may pick an absent class, which
    ours cannot).
 2. The 255 rule (`wsss.crf.crf_labels`), unless --no-modes. Fused masks are simulated from the
    ground truth the way stage 2 makes them (`simulate`: mined regions that spill over the object
    or are cut short, CAM-like scores, the built-in saliency of the real photo,
-   `wsss.pseudo.fuse_with_saliency` with its default threshold); then the CRF with the stage-2
+   `wsss.fusion.fuse_with_saliency` with its default threshold); then the CRF with the stage-2
    defaults (mode "agree", DeepLab v2 test-time kernels, no soft scores) and variants: with soft
    scores, with the PSA kernels, mode "fill".
    mIoU over labelled pixels and pixel accuracy (percent), and the ignored fraction.
@@ -44,8 +44,9 @@ from scipy import ndimage as ndi
 
 from bench.common import RESULTS, machine_info, write_result
 from wsss import eval as ev
-from wsss.crf import CRF_DEFAULTS, crf_labels, dense_crf, parallel_map
+from wsss.crf import CRF_DEFAULTS, crf_labels, dense_crf
 from wsss.io import read_image, read_mask
+from wsss.workers import parallel_map
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 21
@@ -141,7 +142,7 @@ def simulate(gt: np.ndarray, saliency: np.ndarray, seed: int, kind: str):
     grown by 6 px; "cam-like", the score (blurred more, sigma 16) above 0.35. In 7 of 10 objects
     only the part above a random height is mined, as when erasing stops before the whole object.
     """
-    from wsss.pseudo import fuse_with_saliency
+    from wsss.fusion import fuse_with_saliency
 
     rng = np.random.default_rng(seed)
     keys = np.unique(gt[(gt > 0) & (gt < 255)]).astype(np.int64)
@@ -162,7 +163,7 @@ def simulate(gt: np.ndarray, saliency: np.ndarray, seed: int, kind: str):
 
 def mode_job(job):
     """Confusion matrices and ignored pixel counts of every kind x variant for one photo."""
-    from wsss.pseudo import soft_scores
+    from wsss.fusion import soft_scores
     from wsss.saliency import compute_saliency
 
     index, image, gt = job

@@ -4,7 +4,7 @@
         [--bg-threshold T] [--fg-threshold T] [--conflict score|ignore] [--no-crf] [--out FILE]
 
 From the run's stage-1 regions (stage1/regions/ID.npz) and stage-2 saliency maps
-(stage2/saliency/ID.png), the pseudo-masks of every rule of `wsss.pseudo.FUSION_RULES` are made as
+(stage2/saliency/ID.png), the pseudo-masks of every rule of `wsss.fusion.FUSION_RULES` are made as
 stage 2 makes them (`wsss.pseudo.pseudo_mask`, with the run's stage-2 CRF settings), into a
 temporary folder, and scored by `wsss.eval.evaluate` on the images `python -m wsss.eval --run R
 --stage stage2` scores (VOC `train` where the run trained on a split that holds it, else the run's
@@ -14,7 +14,7 @@ without a label get all-background masks, as in stage 2.
 Columns: mIoU with ignore counted as background (the IRN/SEAM protocol: the headline), mIoU over the
 labelled pixels only and the percentage of valid ground-truth pixels left ignored. The thresholds
 and the conflict rule are the run's stage-2 flags unless given, so the row of the run's own rule
-reproduces its stage-2 figures. `*` marks the stage-2 default (`wsss.pseudo.FUSION_DEFAULT`).
+reproduces its stage-2 figures. `*` marks the stage-2 default (`wsss.fusion.FUSION_DEFAULT`).
 
 Without --run, scores outputs/demo (`make demo`) if it has a stage 2, and says it skipped otherwise
 (so `make bench` runs on a fresh clone). Writes bench/results/fusion-RUN.json (--out).
@@ -34,12 +34,10 @@ import numpy as np
 from bench.common import publish
 from wsss import eval as ev
 from wsss import io
-from wsss.crf import check_crf, parallel_map
+from wsss.crf import check_crf
 from wsss.data.voc import DatasetError, VOCDataset
+from wsss.fusion import FG_THRESHOLD, FUSION_DEFAULT, FUSION_RULES
 from wsss.pseudo import (
-    FG_THRESHOLD,
-    FUSION_DEFAULT,
-    FUSION_RULES,
     Job,
     Settings,
     image_jobs,
@@ -48,6 +46,7 @@ from wsss.pseudo import (
     settings_of,
 )
 from wsss.saliency import read_saliency
+from wsss.workers import parallel_map
 
 DEFAULT_RUN = "demo"
 

@@ -15,7 +15,7 @@ so each row has two figures:
   pixels; the ignored share) and the share of the objects' pixels they label background (what
   teaches a net to under-segment, which the mIoU alone hides: ignore and background cost the
   same there, but a net learns nothing from an ignored pixel). The I-DCNN trains on soft saliency
-  targets (`wsss.pseudo.stc_soft_target`): their argmax is scored. The gt bound's targets are the
+  targets (`wsss.fusion.stc_soft_target`): their argmax is scored. The gt bound's targets are the
   ground truth.
 * val: the net's val predictions (stage 3's test-time defaults: one scale, no flip, no CRF). The
   nets before a method's last (STC's I and E, PSL before PSL+) are predicted here with
@@ -39,8 +39,8 @@ from bench.common import publish
 from wsss import eval as ev
 from wsss import io
 from wsss.data.voc import VOCDataset
+from wsss.fusion import stc_soft_target
 from wsss.methods.psl import plus_targets
-from wsss.pseudo import stc_soft_target
 from wsss.saliency import read_saliency
 
 # (row, the flag whose runs hold it, net folder, what it trains on); in the order of the table

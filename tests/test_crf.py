@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from wsss.crf import crf_labels, crf_many, dense_crf, label_unary, parallel_map
+from wsss.crf import crf_labels, dense_crf, label_unary
+from wsss.workers import crf_many, parallel_map
 
 pytest.importorskip("pydensecrf.densecrf")
 

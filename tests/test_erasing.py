@@ -7,18 +7,16 @@ from wsss.cam import load_cams, save_cams
 from wsss.data.transforms import MEAN, normalize
 from wsss.data.voc import VOCDataset
 from wsss.erasing import (
-    MEAN_PIXEL,
     ErasedImages,
     average_precision,
     constant_predictor_loss,
-    erase,
     erased_image,
     erased_region,
-    label_map,
-    mine,
     stop_loss_of,
     write_union,
 )
+from wsss.fusion import regions_label_map
+from wsss.mining import MEAN_PIXEL, erase, mine
 from wsss.scoremaps import restore_scores
 
 torch.set_num_threads(2)
@@ -80,7 +78,7 @@ def test_mine_and_label_map_resolve_overlaps_by_the_higher_cam():
     masks, region = mine(cam, np.array([3, 5]), 0.5)
     assert masks[0, :, :3].all() and not masks[0, :, 3].any()
     assert region[0].tolist() == [3, 3, 5, 5]
-    assert label_map(np.zeros((0, 4, 4), bool), np.zeros((0, 4, 4)), np.zeros(0, np.int64)).max() == 0
+    assert regions_label_map(np.zeros((0, 4, 4), bool), np.zeros(0, np.int64), np.zeros((0, 4, 4))).max() == 0
     assert mine(cam, np.array([3, 5]), 0.95)[1].max() == 0
 
 

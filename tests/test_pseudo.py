@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from wsss.pseudo import FUSION_RULES, fuse_with_saliency, regions_label_map, soft_scores, stc_soft_target
+from wsss.fusion import FUSION_RULES, fuse_with_saliency, regions_label_map, soft_scores, stc_soft_target
 
 # Eight pixels in a row, two classes (mask ids 3 and 7):
 #   pixel        0     1     2      3      4     5     6     7

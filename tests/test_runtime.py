@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from wsss.crf import parallel_map
 from wsss.run import THREAD_VARIABLES, process_pool
+from wsss.workers import parallel_map
 
 
 def _thread_settings(_):

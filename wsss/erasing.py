@@ -70,8 +70,11 @@ from tqdm import tqdm
 
 from wsss import io
 from wsss.cam import load_cams, multiscale_cams_batch, save_cams
-from wsss.data.transforms import MEAN, normalize, train_augment
+from wsss.data.transforms import normalize, train_augment
 from wsss.data.voc import DatasetError, VOCDataset, list_path
+from wsss.fusion import regions_label_map
+from wsss.layout import CAMS, DONE, OVERLAY, REGIONS, STAGE1, STEP_GLOB, Stage1Folder, item, step_name
+from wsss.mining import erase, mine
 from wsss.models.classifier import build_classifier
 from wsss.run import (
     add_epoch_val,
@@ -92,11 +95,9 @@ from wsss.run import (
 from wsss.scoremaps import restore_scores, store_scores
 from wsss.shapes import MAX_SIDE, batches, bucket, fitted_size, shard_batches, size_divisor
 from wsss.stage import check_processes, dataset_inputs, open_stage
-from wsss.train import CHECKPOINT, epoch_metrics, fit, init_distributed, torch_device
+from wsss.train import epoch_metrics, fit, init_distributed, torch_device
 
 log = logging.getLogger("wsss")
-MEAN_PIXEL = np.round(MEAN * 255).astype(np.uint8)
-DONE = "done.json"
 CAM_BATCH = {"cuda": 8, "cpu": 1}  # same-size images per multiscale_cams_batch call (see wsss/cam.py)
 CAM_CHUNK = 8  # images per task of a CAM worker process
 
@@ -157,20 +158,11 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- erasing
 
-def erase(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """A copy of `image` with the pixels of `mask` set to the mean pixel (zero after normalisation)."""
-    if mask.shape != image.shape[:2]:
-        raise ValueError(f"erase mask {mask.shape} does not fit image {image.shape[:2]}")
-    out = image.copy()
-    out[mask] = MEAN_PIXEL
-    return out
-
-
 def erased_region(id_: str, region_dirs: list[Path], shape: tuple[int, int]) -> np.ndarray:
     """Pixels mined for any class in the steps whose region folders are given (bool H x W)."""
     mask = np.zeros(shape, dtype=bool)
     for d in region_dirs:
-        path = d / f"{id_}.png"
+        path = item(d, id_)
         region = io.read_mask(path)
         if region.shape != tuple(shape):
             raise DatasetError(f"{path}: region size {region.shape[1]}x{region.shape[0]} differs from the "
@@ -204,20 +196,6 @@ class ErasedImages:
 def classification_step(model, batch: dict, epoch: int):
     logits = model(batch["image"].contiguous(memory_format=torch.channels_last))
     return F.multilabel_soft_margin_loss(logits.float(), batch["label"]), {}
-
-
-def mine(cam: np.ndarray, keys: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class regions (cam > threshold) and their label map (overlaps -> the higher CAM)."""
-    masks = cam > threshold
-    return masks, label_map(masks, cam, keys)
-
-
-def label_map(masks: np.ndarray, score: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """uint8 H x W: the class id of the highest-scoring class whose mask holds the pixel, else 0."""
-    if masks.shape[0] == 0:
-        return np.zeros(masks.shape[1:], dtype=np.uint8)
-    best = np.argmax(np.where(masks, score, -np.inf), axis=0)
-    return np.where(masks.any(axis=0), keys[best], 0).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- evaluation of the classifier
@@ -263,7 +241,7 @@ def build_model(args, num_classes: int, step: int, out: Path):
     weights = None if args.weights == "none" else args.weights
     model = build_classifier(args.backbone, num_classes - 1, output_stride=args.output_stride, weights=weights)
     if args.ae_init == "previous" and step > 1:
-        model.load_state_dict(io.load_checkpoint(out / f"step{step - 1}" / CHECKPOINT)["model"])
+        model.load_state_dict(io.load_checkpoint(Stage1Folder(out).checkpoint(step - 1))["model"])
     return model.to(memory_format=torch.channels_last)
 
 
@@ -304,13 +282,13 @@ def write_cams(model, job: CamJob, ids: list[str], device: torch.device) -> int:
 
     The labelled images go through the net CAM_BATCH at a time, in the order given: callers pass
     them grouped by bucket (`cam_batches`), so a batch shares one input shape."""
-    cam_dir, region_dir = job.step_dir / "cam", job.step_dir / "regions"
+    cam_dir, region_dir = job.step_dir / CAMS, job.step_dir / REGIONS
     divisor = size_divisor(device.type)
     for id_ in ids:
         if id_ not in job.labelled:
             w, h = job.dataset.image_size(id_)
             save_cams(cam_dir, id_, np.zeros((0, h, w), np.float32), np.zeros(0, np.int64))
-            io.write_mask(region_dir / f"{id_}.png", np.zeros((h, w), np.uint8))
+            io.write_mask(item(region_dir, id_), np.zeros((h, w), np.uint8))
     labelled = [i for i in ids if i in job.labelled]
     size = CAM_BATCH[device.type]
     for planned in (labelled[i:i + size] for i in range(0, len(labelled), size)):
@@ -331,9 +309,9 @@ def _write_cam(job: CamJob, id_: str, cam: np.ndarray, keys, shape: tuple[int, i
     if cam.shape[1:] != shape:  # a downscaled image: its CAM back at full size
         cam = F.interpolate(torch.from_numpy(np.asarray(cam, np.float32))[None], size=shape,
                             mode="bilinear", align_corners=False)[0].numpy()
-    cam = save_cams(job.step_dir / "cam", id_, cam, keys)  # mine what is stored, so a resumed run mines the same
+    cam = save_cams(job.step_dir / CAMS, id_, cam, keys)  # mine what is stored, so a resumed run mines the same
     _, region = mine(cam, keys, job.threshold)
-    io.write_mask(job.step_dir / "regions" / f"{id_}.png", region)
+    io.write_mask(item(job.step_dir / REGIONS, id_), region)
 
 
 _worker: tuple | None = None  # (model, job) of a CAM worker process, set once by its initializer
@@ -362,12 +340,12 @@ def compute_step_cams(model, dataset: VOCDataset, ids: list[str], labelled: set[
     image keeps two threads far from busy, so single-thread processes mine more images a second
     (docs/results.md, "Speed").
     """
-    cam_dir, region_dir = step_dir / "cam", step_dir / "regions"
+    cam_dir, region_dir = step_dir / CAMS, step_dir / REGIONS
     job = CamJob(dataset, frozenset(labelled), step_dir, tuple(region_dirs), tuple(args.cam_scales),
                  args.cam_flip, args.ae_threshold, args.max_side, resolve_amp(args.amp, device.type))
     # ranks split the bucket-ordered images, so each meets few shapes (one rank: all of them, in that order)
     planned = cam_batches(job, list(ids), size_divisor(device.type), CAM_BATCH[device.type])
-    pending = [[i for i in b if not ((cam_dir / f"{i}.npz").is_file() and (region_dir / f"{i}.png").is_file())]
+    pending = [[i for i in b if not (item(cam_dir, i, ".npz").is_file() and item(region_dir, i).is_file())]
                for b in shard_batches(planned, *rank_world())]
     pending = [b for b in pending if b]
     todo = [i for b in pending for i in b]
@@ -389,7 +367,7 @@ def compute_step_cams(model, dataset: VOCDataset, ids: list[str], labelled: set[
 
 def coverage(region_dir: Path, ids: list[str]) -> float:
     """Mean fraction of the image mined, over `ids`."""
-    fractions = [float((io.read_mask(region_dir / f"{i}.png") != 0).mean()) for i in ids]
+    fractions = [float((io.read_mask(item(region_dir, i)) != 0).mean()) for i in ids]
     return float(np.mean(fractions)) if fractions else 0.0
 
 
@@ -397,7 +375,7 @@ def run_step(step: int, args, dataset, ids, labelled, out: Path, region_dirs, st
     """Train, compute CAMs and mine regions for one step; resumable; returns its done.json.
 
     A step after the first whose final-epoch loss exceeds `stop_loss` is discarded (no CAMs)."""
-    step_dir = out / f"step{step}"
+    step_dir = Stage1Folder(out).step(step)
     if (step_dir / DONE).is_file():
         info = io.read_json(step_dir / DONE)
         log.info("step %d already done: %s", step, info)
@@ -422,7 +400,7 @@ def run_step(step: int, args, dataset, ids, labelled, out: Path, region_dirs, st
                     "classes; discarding this step and stopping", step, final["loss"], stop_loss)
     barrier()
     info = {"step": step, "final_loss": final["loss"], "val_mAP": final.get("val_mAP"), "kept": kept,
-            "coverage": coverage(step_dir / "regions", train_ids) if kept and is_main_process() else None}
+            "coverage": coverage(step_dir / REGIONS, train_ids) if kept and is_main_process() else None}
     if is_main_process():
         io.write_json(step_dir / DONE, info)
     barrier()
@@ -443,23 +421,24 @@ def held_out(args) -> VOCDataset | None:
 
 def write_union(dataset: VOCDataset, ids: list[str], out: Path, steps: list[int], threshold: float) -> None:
     """regions/ID.npz and regions/ID.png: per class the union of the steps' regions (this rank's share)."""
+    folder = Stage1Folder(out)
     for id_ in tqdm(shard(ids), desc="union", disable=not is_main_process(), leave=False):
         w, h = dataset.image_size(id_)
         cams, keys = [], None
         for k in steps:
-            cam, step_keys = load_cams(out / f"step{k}" / "cam", id_, expected_shape=(h, w))
+            cam, step_keys = load_cams(folder.cams(k), id_, expected_shape=(h, w))
             if keys is not None and not np.array_equal(keys, step_keys):
-                raise DatasetError(f"{out / f'step{k}' / 'cam' / (id_ + '.npz')}: class ids {step_keys.tolist()} "
+                raise DatasetError(f"{item(folder.cams(k), id_, '.npz')}: class ids {step_keys.tolist()} "
                                    f"differ from step {steps[0]}'s {keys.tolist()}")
             cams.append(cam)
             keys = step_keys
         cams = np.stack(cams)  # (steps, n, H, W)
         masks = (cams > threshold).any(axis=0)
-        path = out / "regions" / f"{id_}.npz"
+        path = item(folder.regions, id_, ".npz")
         stored = store_scores(cams.max(axis=0))
         io.write_npz(path, keys=keys, masks=masks, score=stored)
         score = restore_scores(stored, (h, w), path)
-        io.write_mask(out / "regions" / f"{id_}.png", label_map(masks, score, keys))
+        io.write_mask(item(folder.regions, id_), regions_label_map(masks, keys, score))
 
 
 def write_overlays(dataset: VOCDataset, ids: list[str], out: Path, steps: list[int], count: int) -> None:
@@ -468,21 +447,22 @@ def write_overlays(dataset: VOCDataset, ids: list[str], out: Path, steps: list[i
     the union, and the ground truth when there is one."""
     from wsss.viz import colorize, heatmap, side_by_side
 
+    folder = Stage1Folder(out)
     for id_ in tqdm(spread(ids, count) if count > 0 else [], desc="overlays", leave=False):
         image = dataset.image(id_)
         panels, titles = [image], ["image"]
         for j, k in enumerate(steps):
-            cam, _ = load_cams(out / f"step{k}" / "cam", id_, expected_shape=image.shape[:2])
-            seen = erased_image(dataset, id_, [out / f"step{s}" / "regions" for s in steps[:j]])
+            cam, _ = load_cams(folder.cams(k), id_, expected_shape=image.shape[:2])
+            seen = erased_image(dataset, id_, [folder.step_regions(s) for s in steps[:j]])
             panels += [heatmap(cam.max(axis=0) if len(cam) else np.zeros(image.shape[:2], np.float32), seen),
-                       colorize(io.read_mask(out / f"step{k}" / "regions" / f"{id_}.png"))]
+                       colorize(io.read_mask(item(folder.step_regions(k), id_)))]
             titles += [f"CAM step {k}", f"mined step {k}"]
-        panels.append(colorize(io.read_mask(out / "regions" / f"{id_}.png")))
+        panels.append(colorize(io.read_mask(item(folder.regions, id_))))
         titles.append("union")
         if dataset.has_mask(id_):
             panels.append(colorize(dataset.mask(id_)))
             titles.append("ground truth")
-        io.write_png(out / "overlay" / f"{id_}.png", side_by_side(panels, titles))
+        io.write_png(item(folder.overlay, id_), side_by_side(panels, titles))
 
 
 # ---------------------------------------------------------------- the stage
@@ -494,7 +474,7 @@ def run(args) -> dict | None:
     init_distributed(device)
     dataset = VOCDataset(args.data, args.train_split, limit=args.limit)
     dataset.validate()
-    stage = open_stage(args, "stage1", dataset_inputs(dataset), owned=("step*", "regions", "overlay"))
+    stage = open_stage(args, STAGE1, dataset_inputs(dataset), owned=(STEP_GLOB, REGIONS, OVERLAY))
     if stage is None:
         return None
     out = stage.path
@@ -516,7 +496,7 @@ def run(args) -> dict | None:
     steps: list[dict] = []
     stop_loss = float("inf")  # step 1 is always kept
     for k in range(1, args.ae_steps + 1):
-        kept_dirs = [out / f"step{s['step']}" / "regions" for s in steps if s["kept"]]
+        kept_dirs = [Stage1Folder(out).step_regions(s["step"]) for s in steps if s["kept"]]
         info = run_step(k, args, dataset, ids, labelled, out, kept_dirs, stop_loss, device)
         steps.append(info)
         if not info["kept"]:
@@ -540,10 +520,10 @@ def run(args) -> dict | None:
         "images": len(ids), "skipped_unlabelled": len(ids) - len(labelled), "chance_loss": round(chance_loss, 4),
         "stop_loss": round(stop_loss, 4) if np.isfinite(stop_loss) else None,
         "steps_run": len(steps), "steps_done": len(kept), "stopped_early": len(kept) < len(steps),
-        "final_loss": {f"step{s['step']}": round(s["final_loss"], 4) for s in steps},
-        "val_mAP": {f"step{s['step']}": s["val_mAP"] for s in steps if s.get("val_mAP") is not None},
-        "coverage": {f"step{s['step']}": round(s["coverage"], 4) for s in steps if s["kept"]},
-        "union_coverage": round(coverage(out / "regions", labelled_ids), 4),
+        "final_loss": {step_name(s["step"]): round(s["final_loss"], 4) for s in steps},
+        "val_mAP": {step_name(s["step"]): s["val_mAP"] for s in steps if s.get("val_mAP") is not None},
+        "coverage": {step_name(s["step"]): round(s["coverage"], 4) for s in steps if s["kept"]},
+        "union_coverage": round(coverage(Stage1Folder(out).regions, labelled_ids), 4),
     }
     for s in steps:
         log.info("step %d: final loss %.4f, region coverage %s%s", s["step"], s["final_loss"],

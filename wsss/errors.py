@@ -8,3 +8,24 @@ from __future__ import annotations
 
 class WsssError(Exception):
     """A failure the user can fix; its message says what is wrong and what to do."""
+
+
+class StageError(WsssError, RuntimeError):
+    """A stage cannot (or must not) go on; the message says why and what to do."""
+
+
+class DatasetError(WsssError, ValueError):
+    """Bad input in a dataset; the message names the file and the problem.
+
+    `message` is that one line wherever the error was raised. A DataLoader worker's error reaches the
+    main process rebuilt by torch from text (`DatasetError("Caught DatasetError in DataLoader worker
+    process 0. Original Traceback ...: MESSAGE")`), so the constructor takes the message back out
+    of such a text: one place knows that format, and callers read a field. Pickles (a process pool's
+    worker sends it whole) as any exception built from its text does."""
+
+    WORKER_TEXT = "DatasetError: "  # how a traceback's last line names this error before its message
+
+    def __init__(self, text: str = "", *args):
+        super().__init__(text, *args)
+        lines = str(text).strip().splitlines() or [""]
+        self.message = lines[-1].split(self.WORKER_TEXT)[-1]

@@ -22,33 +22,15 @@ import numpy as np
 from PIL import Image
 
 from wsss.errors import WsssError
+from wsss.labels import IGNORE, PALETTE  # noqa: F401 - IGNORE: io.IGNORE is the mask convention beside its reader
+from wsss.layout import JOURNAL, MANIFEST
 
-MANIFEST = "manifest.json"
-IGNORE = 255  # the label of pixels no loss or score counts, in every mask of the pipeline
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def voc_palette(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map (bit-interleaved), shape (n, 3) uint8."""
-    palette = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette[i] = (r, g, b)
-    return palette
-
-
-PALETTE = voc_palette()
-
-
 # ---------------------------------------------------------------- what a folder's owner wrote
 
-JOURNAL = ".written"  # in a journaled folder: one JSON string a line, each a path it wrote (relative)
 _JOURNALED = "WSSS_JOURNALED"  # os.pathsep-separated folders journaled now; spawned workers inherit it
 
 

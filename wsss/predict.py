@@ -287,8 +287,8 @@ def _run_crfs(jobs, total: int, params, workers, out_dir: Path, ignore_below=Non
     """CRF the predictions as the net makes them, in one process pool that runs beside it (the pass
     takes about the longer of the two, not their sum); a CRF that fails fails the prediction (the
     images already written are kept, a rerun resumes)."""
-    from wsss.crf import parallel_map
     from wsss.stage import StageError
+    from wsss.workers import parallel_map
 
     crf = partial(_crf_job, params, ignore_below=ignore_below)
     for (id_, _, _, _, shape), mask, error in parallel_map(crf, jobs, workers, desc="crf", total=total):

@@ -39,8 +39,8 @@ from tqdm import tqdm
 from wsss import io
 from wsss.data.transforms import MEAN
 from wsss.data.voc import DatasetError, VOCDataset
+from wsss.fusion import fusion_of
 from wsss.image_scores import score_images
-from wsss.pseudo import fusion_of
 from wsss.run import safe_name
 from wsss.scoremaps import restore_scores
 from wsss.stage import StageError

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from wsss.layout import RunLayout, is_safe_name, log_file
+
 log = logging.getLogger("wsss")
-SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
@@ -112,11 +113,6 @@ def _flatten_scales(namespace, actions) -> None:
             setattr(namespace, a.dest, container(flat))
 
 
-def is_safe_name(text: str) -> bool:
-    """One folder or file name: letters, digits and -_. only, never '.', '..' or a path."""
-    return bool(SAFE_NAME.fullmatch(text)) and text not in (".", "..")
-
-
 def safe_name(text: str) -> str:
     """argparse type of --run and --tag."""
     if not is_safe_name(text):
@@ -209,7 +205,12 @@ def spread(items: list, count: int) -> list:
 
 
 def run_dir(args) -> Path:
-    return Path(args.outputs) / args.run
+    return layout(args).path
+
+
+def layout(args) -> RunLayout:
+    """The folders of the run the flags --outputs and --run name."""
+    return RunLayout.of(args.outputs, args.run)
 
 
 def stage_dir(args, stage: str) -> Path:
@@ -393,7 +394,7 @@ def setup_logging(stage_dir: Path, name: str) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if is_main_process():
         stage_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(stage_dir / f"{name}.log"))
+        handlers.append(logging.FileHandler(stage_dir / log_file(name)))
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 

@@ -18,11 +18,11 @@ from wsss import io, tblog
 from wsss.data.transforms import normalize, train_augment
 from wsss.data.voc import DatasetError, VOCDataset
 from wsss.eval import confusion_matrix, scores
-from wsss.io import IGNORE
+from wsss.fusion import stc_soft_target
+from wsss.labels import IGNORE
 from wsss.losses import cross_entropy
 from wsss.nets import build_net
 from wsss.predict import label_map, labels_at, predict_masks, predict_split
-from wsss.pseudo import stc_soft_target
 from wsss.run import autocast, log, phase, resolve_amp, run_dir, spread
 from wsss.stage import StageError
 from wsss.train import fit, torch_device
@@ -42,7 +42,7 @@ class SegmentationTrainSet:
     `target_dir`: folder of ID.png maps at image size (None: the dataset's ground-truth masks).
     Hard targets (`soft=False`): mask ids, 255 = ignore. Soft targets (`soft=True`, STC's I-DCNN):
     a grey map 0..255 (the saliency) is the foreground probability of the image's one class,
-    expanded after augmentation by `wsss.pseudo.stc_soft_target` into per-pixel class probabilities.
+    expanded after augmentation by `wsss.fusion.stc_soft_target` into per-pixel class probabilities.
     Items: "image" float32 3xHxW normalised, "target" int64 HxW (255 on ignore and padding) or
     float32 CxHxW probabilities, "valid" bool HxW (inside the image, not padding), "label" float32[C-1].
     """

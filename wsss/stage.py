@@ -49,9 +49,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsss import io, tblog
-from wsss.data.voc import DatasetError
-from wsss.errors import WsssError
+from wsss import io, layout, tblog
+from wsss.errors import DatasetError, StageError, WsssError
 from wsss.run import (
     environment,
     is_main_process,
@@ -64,13 +63,8 @@ from wsss.run import (
 )
 
 log = logging.getLogger("wsss")
-STAMP = "stage.json"
-LOCK = ".lock"
+STAMP, LOCK, CONFIG = layout.STAMP, layout.LOCK, layout.CONFIG
 _held: dict[Path, int] = {}  # lock file -> open descriptor, for this process
-
-
-class StageError(WsssError, RuntimeError):
-    """A stage cannot (or must not) go on; the message says why and what to do."""
 
 
 def check_processes(batch_size: int) -> None:
@@ -248,16 +242,16 @@ def stage_folders(run: Path) -> list[Path]:
     if not run.is_dir():
         return []
     return sorted(p for p in run.iterdir() if p.is_dir() and (
-        p.name.startswith("stage") or any((p / f).exists() for f in (STAMP, io.MANIFEST, LOCK))))
+        layout.is_stage_name(p.name) or any((p / f).exists() for f in (STAMP, io.MANIFEST, LOCK))))
 
 
 def downstream(run: Path, name: str) -> list[Path]:
     """The stage folders of `run` that read stage `name`'s artifacts (stage 1 -> 2 -> 3, 3-TAG)."""
-    later = {"stage1": ("stage2", "stage3"), "stage2": ("stage3",)}.get(name, ())
+    later = layout.READ_BY.get(name, ())
     if not later or not run.is_dir():
         return []
     return sorted(p for p in run.iterdir() if p.is_dir() and any(
-        p.name == n or (n == "stage3" and p.name.startswith("stage3-")) for n in later))
+        p.name == n or (n == layout.STAGE3 and layout.is_stage3(p.name)) for n in later))
 
 
 def lock_downstream(out: Path, name: str) -> list[Path]:
@@ -337,7 +331,7 @@ def owned_entries(folder: Path, owned) -> list[Path]:
     if written is not None:
         return sorted({folder / Path(rel).parts[0] for rel in written if (folder / rel).exists()})
     legacy = ("state.json", "started.json")  # the stamps of versions before this module
-    found = {p for pattern in (*owned, STAMP, io.MANIFEST, "config.json", *legacy) for p in folder.glob(pattern)}
+    found = {p for pattern in (*owned, STAMP, io.MANIFEST, CONFIG, *legacy) for p in folder.glob(pattern)}
     return sorted(found)
 
 
@@ -407,7 +401,7 @@ def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage |
              ", ".join(f"{k} {opened.environment[k]}" for k in ("torch", "cuda", "cudnn", "git_commit")))
     if main:
         io.write_json(out / STAMP, {"config": opened.config, "inputs": opened.inputs, "version": STAMP_VERSION})
-        io.write_json(out / "config.json", flags(args))
+        io.write_json(out / CONFIG, flags(args))
     seed_everything(args.seed, getattr(args, "deterministic", False))
     if getattr(args, "tensorboard", False) and main:
         tblog.start(out)
@@ -426,7 +420,7 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
             remove_owned(out, owned)
         return Stage(out, config, prints)
     if stamp is None:
-        if [p for p in ours if p.name != "config.json"]:
+        if [p for p in ours if p.name != CONFIG]:
             raise StageError(f"{out}: holds artifacts of an unknown config (no {STAMP}, made by an older "
                              f"version?); nothing was changed. Pass --force to redo it in place (removes "
                              f"{', '.join(p.name for p in ours)}), or use another --run")
@@ -470,7 +464,7 @@ def _made_anything(entries) -> bool:
     """Whether a stage's own entries hold any file but its config and stamp (a start that failed before its
     first artifact leaves none, and must not block a retry with other flags)."""
     for entry in entries:
-        if entry.name in ("config.json", STAMP):
+        if entry.name in (CONFIG, STAMP):
             continue
         if entry.is_file() or any(f.is_file() for f in entry.rglob("*")):
             return True
@@ -480,8 +474,7 @@ def _made_anything(entries) -> bool:
 def error_line(e: BaseException) -> str | None:
     """One line for a failure the user can fix (bad input, a full disk...), None for a bug."""
     if isinstance(e, DatasetError):
-        # a DataLoader worker's error comes wrapped with its traceback; its last line is the message
-        return str(e).strip().splitlines()[-1].split("DatasetError: ")[-1]
+        return e.message
     if isinstance(e, WsssError):
         return str(e).strip()
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from wsss.errors import WsssError
+from wsss.errors import DatasetError
 from wsss.io import IGNORE, PALETTE, image_size, read_image, read_mask, write_mask
-from wsss.run import is_safe_name
+from wsss.layout import is_safe_name
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -42,10 +42,6 @@ MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")  # JPEGImages/ID.jpg first: VOC's own form
 __all__ = ["VOC_CLASSES", "IGNORE", "IMAGE_EXTS", "PALETTE", "DatasetError", "VOCDataset", "class_names",
            "find_images", "read_ids", "safe_id"]
-
-
-class DatasetError(WsssError, ValueError):
-    """Bad input in a dataset; the message names the file and the problem."""
 
 
 def read_text(path) -> str:
@@ -181,7 +177,7 @@ def list_path(root, split: str) -> Path:
 
 
 def read_ids(root, split: str) -> list[str]:
-    """The ids of a split, one a line. Each must be a plain file name (wsss.run.is_safe_name), so
+    """The ids of a split, one a line. Each must be a plain file name (wsss.layout.is_safe_name), so
     that ROOT/JPEGImages/ID.jpg and the artifacts OUTPUTS/RUN/STAGE/.../ID.png never leave their
     folders, and appear once (a duplicate would be trained on twice)."""
     path = list_path(root, split)

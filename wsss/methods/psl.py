@@ -21,7 +21,7 @@ are unknown, the gate is sigmoid(cls_c) alone (`wsss.predict`, --gate on).
 
 PSL+ (--psl-plus): the trained PSL net predicts the training images (--self-train-scales, flip),
 restricted to their labels, refined by a dense CRF (`wsss.crf.dense_crf` over background plus the
-image's labels) with the kernels stage 2 used (its config's --crf-* flags, `wsss.pseudo.crf_params_of`;
+image's labels) with the kernels stage 2 used (its config's --crf-* flags, `wsss.crf.crf_params_of`;
 the PSA kernels of `CRF_DEFAULTS`, sxy 80 at ~250 px, would pull whole regions of similar colour to
 one label); pixels where the CRF changes the net's label or the net is unsure
 (--self-train-confidence) are ignored (255). --psl-plus-merge then combines those masks with the
@@ -44,9 +44,8 @@ import numpy as np
 import torch
 
 from wsss import io
-from wsss.crf import check_crf
+from wsss.crf import check_crf, crf_params_of
 from wsss.losses import IGNORE, cross_entropy, multilabel_soft_margin
-from wsss.pseudo import crf_params_of
 from wsss.run import log
 from wsss.segtrain import SegmentationTrainSet, with_targets
 

@@ -3,7 +3,7 @@ Semantic Segmentation", TPAMI 2017): three trainings of the same segmentation ne
 
 1. I-DCNN (`stc/i`) on the *simple* training images with their saliency maps as soft targets: a
    pixel's target distribution puts the saliency s on the image's one class and 1 - s on
-   background, 0 elsewhere (`wsss.pseudo.stc_soft_target`); multi-label cross-entropy
+   background, 0 elsewhere (`wsss.fusion.stc_soft_target`); multi-label cross-entropy
    (`wsss.losses.soft_cross_entropy`).
 2. E-DCNN (`stc/e`) on the same images, hard targets = the I-DCNN's predictions restricted to the
    image's labels (absent classes can never win the argmax); cross-entropy.
