@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from bench.common import publish
 from wsss.data.voc import VOCDataset
-from wsss.eval import confusion_matrix, scores
 from wsss.fusion import BG_THRESHOLD, FG_THRESHOLD
 from wsss.io import IGNORE
+from wsss.metrics import confusion_matrix, scores
 from wsss.saliency import COMBINE, compute_saliency
 
 

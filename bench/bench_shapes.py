@@ -80,7 +80,7 @@ def padding_effect(run: Path, count: int) -> dict:
     from wsss import io
     from wsss.cam import multiscale_cams_batch
     from wsss.data.voc import VOCDataset
-    from wsss.eval import confusion_matrix, scores
+    from wsss.metrics import confusion_matrix, scores
     from wsss.mining import mine
     from wsss.models.classifier import build_classifier
     from wsss.run import spread

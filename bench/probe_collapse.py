@@ -14,8 +14,8 @@ import time
 import numpy as np
 import torch
 
-from wsss.eval import confusion_matrix, scores
 from wsss.losses import cross_entropy
+from wsss.metrics import confusion_matrix, scores
 from wsss.nets import build_net, open_dataset
 from wsss.predict import label_map, labels_at, predict_masks
 from wsss.segtrain import SegmentationTrainSet

@@ -9,9 +9,10 @@ from urllib.parse import unquote
 import numpy as np
 from PIL import Image
 
-from wsss import io
+from wsss import io, layout
 from wsss.data.voc import VOCDataset
-from wsss.report import build, main, read_metrics
+from wsss.layout import RunLayout, item
+from wsss.report import build, main, read_run_metrics
 
 
 class Images(HTMLParser):
@@ -31,18 +32,19 @@ def img_srcs(page: Path) -> list[str]:
 
 
 def write_metrics(folder: Path, records: list[dict]) -> None:
-    io.write_bytes(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    io.write_bytes(folder / layout.METRICS, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
-def fake_run(run: Path, data: Path, stages=("stage1", "stage2", "stage3")) -> Path:
+def fake_run(run: Path, data: Path, stages=layout.STAGES) -> Path:
     """The artifacts of a run over `data` (tiny_voc), for the stages named, as the stages lay them out."""
     train, val = VOCDataset(data, "train"), VOCDataset(data, "val")
     config = {"data": str(data), "train_split": "train", "val_split": "val", "seed": 0}
     rng = np.random.default_rng(0)
-    if "stage1" in stages:
-        s1 = run / "stage1"
+    folders = RunLayout(run)
+    if layout.STAGE1 in stages:
+        s1 = folders.stage1
         for k in (1, 2):
-            write_metrics(s1 / f"step{k}", [{"epoch": e, "loss": 0.5 / e, "val_mAP": 0.5 + 0.1 * e, "seconds": 1.0}
+            write_metrics(s1.step(k), [{"epoch": e, "loss": 0.5 / e, "val_mAP": 0.5 + 0.1 * e, "seconds": 1.0}
                                             for e in (1, 2, 3)])
         for id_ in train.ids:
             h, w = train.image(id_).shape[:2]
@@ -50,36 +52,36 @@ def fake_run(run: Path, data: Path, stages=("stage1", "stage2", "stage3")) -> Pa
             masks = []
             for k in (1, 2):
                 cam = rng.random((len(keys), h, w)).astype(np.float16)
-                io.write_npz(s1 / f"step{k}" / "cam" / f"{id_}.npz", cam=cam, keys=keys)
+                io.write_npz(item(s1.cams(k), id_, ".npz"), cam=cam, keys=keys)
                 region = np.where(cam[0] > 0.8, keys[0], 0).astype(np.uint8)
-                io.write_mask(s1 / f"step{k}" / "regions" / f"{id_}.png", region)
+                io.write_mask(item(s1.step_regions(k), id_), region)
                 masks.append(cam > 0.8)
             union = np.any(masks, axis=0)
-            io.write_npz(s1 / "regions" / f"{id_}.npz", keys=keys, masks=union, score=cam)
-            io.write_mask(s1 / "regions" / f"{id_}.png", np.where(union[0], keys[0], 0).astype(np.uint8))
-        io.write_json(s1 / "config.json", config)
-        io.write_manifest(s1, config, outputs={"steps_done": 2, "union_coverage": 0.3})
-    if "stage2" in stages:
-        s2 = run / "stage2"
+            io.write_npz(item(s1.regions, id_, ".npz"), keys=keys, masks=union, score=cam)
+            io.write_mask(item(s1.regions, id_), np.where(union[0], keys[0], 0).astype(np.uint8))
+        io.write_json(s1.path / layout.CONFIG, config)
+        io.write_manifest(s1.path, config, outputs={"steps_done": 2, "union_coverage": 0.3})
+    if layout.STAGE2 in stages:
+        s2 = folders.stage2
         for id_ in train.ids:
             gt = train.mask(id_)
-            io.write_png(s2 / "saliency" / f"{id_}.png", ((gt > 0) * 200).astype(np.uint8))
-            io.write_mask(s2 / "fused" / f"{id_}.png", gt)
-            io.write_mask(s2 / "pseudo" / f"{id_}.png", gt)
-        io.write_json(s2 / "config.json", config)
-        io.write_manifest(s2, config, outputs={"pseudo": {"miou_labelled": 80.0}})
-    if "stage3" in stages:
-        s3 = run / "stage3"
+            io.write_png(item(s2.saliency, id_), ((gt > 0) * 200).astype(np.uint8))
+            io.write_mask(item(s2.fused, id_), gt)
+            io.write_mask(item(s2.pseudo, id_), gt)
+        io.write_json(s2.path / layout.CONFIG, config)
+        io.write_manifest(s2.path, config, outputs={"pseudo": {"miou_labelled": 80.0}})
+    if layout.STAGE3 in stages:
+        s3 = folders.stage3()
         records = [{"epoch": e, "loss": 1.0 / e, "seg_loss": 0.8 / e, "val_miou": 30.0 + e, "seconds": 2.0}
                    for e in (1, 2)]
-        write_metrics(s3 / "psl", records)
-        write_metrics(s3, [{"net": "psl", **r} for r in records])
+        write_metrics(s3.net("psl"), records)
+        write_metrics(s3.path, [{"net": "psl", **r} for r in records])
         for id_ in val.ids:
-            io.write_mask(s3 / "pred" / f"{id_}.png", val.mask(id_))
-        io.write_json(s3 / "eval.json", {"miou": 55.0, "pixel_acc": 90.0, "iou": [90.0, 60.0, None, 15.0],
+            io.write_mask(item(s3.pred(), id_), val.mask(id_))
+        io.write_json(s3.path / layout.eval_file(layout.PRED), {"miou": 55.0, "pixel_acc": 90.0, "iou": [90.0, 60.0, None, 15.0],
                                          "class_names": list(train.class_names), "num_images": 2})
-        io.write_json(s3 / "config.json", {**config, "method": "psl"})
-        io.write_manifest(s3, {**config, "method": "psl"}, outputs={"val_miou": 55.0})
+        io.write_json(s3.path / layout.CONFIG, {**config, "method": "psl"})
+        io.write_manifest(s3.path, {**config, "method": "psl"}, outputs={"val_miou": 55.0})
     return run
 
 
@@ -132,7 +134,7 @@ def test_rebuild_removes_pictures_no_longer_referenced(tmp_path, tiny_voc):
 
 def test_stage3_gathered_metrics_are_not_drawn_twice(tmp_path, tiny_voc):
     run = fake_run(tmp_path / "outputs" / "demo", tiny_voc)
-    metrics = read_metrics(run)
+    metrics = read_run_metrics(run)
     assert list(metrics) == ["stage1", "stage3"]
     assert list(metrics["stage1"]) == ["stage1/step1", "stage1/step2"]
     assert list(metrics["stage3"]) == ["stage3/psl"]

@@ -22,17 +22,16 @@ mines the same regions.
 from __future__ import annotations
 
 import math
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsss import io
 from wsss.data.transforms import MEAN, STD
+from wsss.layout import item
 from wsss.run import autocast, inference_kernels
-from wsss.scoremaps import CAMFileError, restore_scores, store_scores
+from wsss.scoremaps import CAMFileError, read_cams, write_cams  # noqa: F401 - CAMFileError: what load_cams raises
 from wsss.shapes import bucket, scaled_size
 
 SCALES = (0.5, 1.0, 1.5, 2.0)
@@ -145,33 +144,16 @@ def multiscale_cams(model, image: np.ndarray, keys, scales=SCALES, flip: bool = 
 
 
 def cam_path(directory, id_: str) -> Path:
-    return Path(directory) / f"{id_}.npz"
+    return item(directory, id_, ".npz")
 
 
 def save_cams(directory, id_: str, cam: np.ndarray, keys) -> np.ndarray:
-    """Write `directory/ID.npz` (the format of the module docstring) atomically; returns the CAM as
-    stored, float32 (n, H, W), which is what callers must mine."""
-    cam = np.asarray(cam)
-    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
-    path = cam_path(directory, id_)
-    if cam.ndim != 3 or cam.shape[0] != keys.size:
-        raise ValueError(f"{path}: CAM shape {cam.shape} does not fit {keys.size} class ids")
-    stored = store_scores(cam)
-    io.write_npz(path, cam=stored, keys=keys)
-    return restore_scores(stored, cam.shape[1:], path)
+    """Write `directory/ID.npz` (`wsss.scoremaps.write_cams`); returns the CAM as stored, float32
+    (n, H, W), which is what callers must mine."""
+    return write_cams(cam_path(directory, id_), cam, keys)
 
 
 def load_cams(directory, id_: str, expected_shape) -> tuple[np.ndarray, np.ndarray]:
     """Read `directory/ID.npz` -> (cam float32 (n, H, W) at the image size `expected_shape`, keys
     int64 (n,)), checked: a CAM stored for any other size is an error, never used."""
-    path = cam_path(directory, id_)
-    if not path.is_file():
-        raise CAMFileError(f"{path}: CAM file not found")
-    try:
-        with np.load(path) as f:
-            cam, keys = f["cam"], f["keys"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise CAMFileError(f"{path}: cannot read CAM file ({e})") from e
-    if keys.ndim != 1 or cam.ndim != 3 or cam.shape[0] != keys.shape[0]:
-        raise CAMFileError(f"{path}: CAM of shape {cam.shape} does not fit class ids of shape {keys.shape}")
-    return restore_scores(cam, expected_shape, path), keys.astype(np.int64)
+    return read_cams(cam_path(directory, id_), expected_shape)

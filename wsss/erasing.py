@@ -92,7 +92,7 @@ from wsss.run import (
     shard,
     spread,
 )
-from wsss.scoremaps import restore_scores, store_scores
+from wsss.scoremaps import write_seeds
 from wsss.shapes import MAX_SIDE, batches, bucket, fitted_size, shard_batches, size_divisor
 from wsss.stage import check_processes, dataset_inputs, open_stage
 from wsss.train import epoch_metrics, fit, init_distributed, torch_device
@@ -434,10 +434,7 @@ def write_union(dataset: VOCDataset, ids: list[str], out: Path, steps: list[int]
             keys = step_keys
         cams = np.stack(cams)  # (steps, n, H, W)
         masks = (cams > threshold).any(axis=0)
-        path = item(folder.regions, id_, ".npz")
-        stored = store_scores(cams.max(axis=0))
-        io.write_npz(path, keys=keys, masks=masks, score=stored)
-        score = restore_scores(stored, (h, w), path)
+        score = write_seeds(item(folder.regions, id_, ".npz"), keys, masks, cams.max(axis=0))
         io.write_mask(item(folder.regions, id_), regions_label_map(masks, keys, score))
 
 

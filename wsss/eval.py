@@ -55,9 +55,31 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss.errors import WsssError
-from wsss.io import IGNORE, read_mask, write_json
-from wsss.scoremaps import CAMFileError, restore_scores
+from wsss.io import read_mask, write_json
+from wsss.labels import IGNORE
+from wsss.layout import (
+    CONFIG,
+    MANIFEST,
+    PRED,
+    STAGE2,
+    STAGE3,
+    STAGES,
+    RunLayout,
+    Stage1Folder,
+    Stage2Folder,
+    Stage3Folder,
+    eval_file,
+)
+from wsss.metrics import (  # noqa: F401 - confusion_matrix: eval's API, defined with the metric
+    EvalError,
+    check_classes,
+    confusion_matrix,
+    histogram_problem,
+    joint_histogram,
+    percent,
+    scores,
+)
+from wsss.scoremaps import CAMFileError, read_cams
 
 # Same tuple as wsss.data.voc.VOC_CLASSES (a test keeps them equal); repeated so that this module
 # imports nothing beyond numpy and PIL.
@@ -70,91 +92,6 @@ MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
 CHUNK = 32  # images a worker scores before handing back its partial sum
 SHOW_MISSING = 5
-
-
-class EvalError(WsssError, ValueError):
-    """Bad input to the evaluation; the message names the file and the problem."""
-
-
-# ---------------------------------------------------------------- confusion matrix and scores
-
-def _as_labels(values, what: str) -> np.ndarray:
-    values = np.asarray(values)
-    if values.dtype == np.uint8:
-        return values
-    if not np.issubdtype(values.dtype, np.integer):
-        raise EvalError(f"{what} must hold integer label ids, got dtype {values.dtype}")
-    if values.size and (values.min() < 0 or values.max() > 255):
-        raise EvalError(f"{what} has label ids outside 0..255")
-    return values.astype(np.uint8)
-
-
-def joint_histogram(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """(256, 256) int64 counts of (gt value, pred value) pairs of two uint8 label maps."""
-    index = gt.astype(np.uint16) << 8
-    index |= pred
-    return np.bincount(index.ravel(), minlength=256 * 256).reshape(256, 256)
-
-
-def _problem(hist: np.ndarray, num_classes: int, ignore_pred: bool) -> tuple[str, str] | None:
-    """("gt" or "pred", message) for the first bad value in a joint histogram, None if all fine."""
-    bad_gt = np.flatnonzero(hist[num_classes:IGNORE].any(axis=1)) + num_classes
-    if bad_gt.size:
-        return "gt", f"label ids {bad_gt.tolist()} outside 0..{num_classes - 1} and 255"
-    bad_pred = np.flatnonzero(hist[:, num_classes:IGNORE].any(axis=0)) + num_classes
-    if bad_pred.size:
-        return "pred", f"prediction has label ids {bad_pred.tolist()} outside 0..{num_classes - 1}"
-    unlabelled = hist[:num_classes, IGNORE].sum()
-    if unlabelled and not ignore_pred:
-        return "pred", (f"prediction leaves {unlabelled} pixels of valid ground truth unlabelled (255); "
-                        "score pseudo-masks with --ignore-pred (ignore_pred=True)")
-    return None
-
-
-def _check_classes(num_classes: int) -> None:
-    if not 2 <= num_classes <= IGNORE:
-        raise EvalError(f"num_classes must lie in 2..255 (uint8 masks, 255 = ignore), got {num_classes}")
-
-
-def confusion_matrix(gt, pred, num_classes: int, ignore_pred: bool = False) -> np.ndarray:
-    """(C, C) int64 matrix, rows = ground truth, columns = prediction, over pixels whose ground
-    truth is not 255 (and, with ignore_pred, whose prediction is not 255)."""
-    _check_classes(num_classes)
-    gt, pred = _as_labels(gt, "ground truth"), _as_labels(pred, "prediction")
-    if gt.shape != pred.shape:
-        raise EvalError(f"prediction shape {pred.shape} differs from ground truth shape {gt.shape}")
-    hist = joint_histogram(gt, pred)
-    problem = _problem(hist, num_classes, ignore_pred)
-    if problem:
-        raise EvalError(problem[1])
-    return hist[:num_classes, :num_classes].copy()
-
-
-def _percent(x) -> float | None:
-    return None if np.isnan(x) else float(100 * x)
-
-
-def scores(conf: np.ndarray) -> dict:
-    """mIoU, pixel accuracy, mean class accuracy, frequency-weighted IoU and per-class IoU and
-    accuracy (percent; None where 0/0) of a confusion matrix (rows = ground truth)."""
-    conf = np.asarray(conf, dtype=np.float64)
-    tp = np.diag(conf)
-    gt_count, pred_count, total = conf.sum(axis=1), conf.sum(axis=0), conf.sum()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = tp / (gt_count + pred_count - tp)
-        class_acc = tp / gt_count
-        pixel_acc = tp.sum() / total
-    scored = ~np.isnan(iou)
-    has_gt = gt_count > 0
-    return {
-        "miou": _percent(iou[scored].mean() if scored.any() else np.nan),
-        "pixel_acc": _percent(pixel_acc),
-        "mean_class_acc": _percent(class_acc[has_gt].mean() if has_gt.any() else np.nan),
-        "fwiou": _percent((gt_count[has_gt] * iou[has_gt]).sum() / total if total else np.nan),
-        "iou": [_percent(x) for x in iou],
-        "class_acc": [_percent(x) for x in class_acc],
-        "pixels": int(total),
-    }
 
 
 # ---------------------------------------------------------------- reading many images
@@ -254,7 +191,7 @@ def evaluate(pred_dir, gt_dir, ids, num_classes: int = 21, *, ignore_pred: bool 
     EvalError naming the file for a missing ground truth or prediction, a size mismatch or a label
     id out of range.
     """
-    _check_classes(num_classes)
+    check_classes(num_classes)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     ids = _check_inputs(gt_dir, ids)
     have = _existing(pred_dir, ids, ".png", "prediction")
@@ -273,7 +210,7 @@ def evaluate(pred_dir, gt_dir, ids, num_classes: int = 21, *, ignore_pred: bool 
         else:
             pred = np.zeros_like(gt)
         hist = joint_histogram(gt, pred)
-        problem = _problem(hist, num_classes, ignore_pred)
+        problem = histogram_problem(hist, num_classes, ignore_pred)
         if problem:
             raise EvalError(f"{gt_path if problem[0] == 'gt' else pred_path}: {problem[1]}")
         return hist
@@ -289,7 +226,7 @@ def evaluate(pred_dir, gt_dir, ids, num_classes: int = 21, *, ignore_pred: bool 
     headline[:, 0] += hist[:num_classes, IGNORE]  # unlabelled pixels are background
     result = _finish(headline, num_classes, ids, missing, class_names)
     valid = hist[:num_classes].sum()
-    result["ignored"] = _percent(hist[:num_classes, IGNORE].sum() / valid if valid else np.nan)
+    result["ignored"] = percent(hist[:num_classes, IGNORE].sum() / valid if valid else np.nan)
     result["labelled"] = {k: v for k, v in scores(labelled).items() if k not in ("class_acc", "pixels")}
     return result
 
@@ -309,7 +246,7 @@ def evaluate_cams(cam_dir, gt_dir, ids, num_classes: int = 21, *, thresholds=THR
     Returns scores() of the best threshold plus "best_threshold" and "sweep": [{"threshold",
     "miou"}, ...]. A missing CAM is an error unless allow_missing (then all background).
     """
-    _check_classes(num_classes)
+    check_classes(num_classes)
     cam_dir, gt_dir = Path(cam_dir), Path(gt_dir)
     ids = _check_inputs(gt_dir, ids)
     thresholds = np.asarray(sorted(thresholds), dtype=np.float64)
@@ -323,17 +260,9 @@ def evaluate_cams(cam_dir, gt_dir, ids, num_classes: int = 21, *, thresholds=THR
 
     def read_cam(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         try:
-            with np.load(path) as npz:
-                cam, keys = npz[array], npz["keys"]
-        except (OSError, ValueError, KeyError) as e:
-            raise EvalError(f"{path}: cannot read CAM file with '{array}' and 'keys' ({e})") from e
-        keys = np.asarray(keys).reshape(-1)
-        if cam.ndim != 3 or cam.shape[0] != keys.size:
-            raise EvalError(f"{path}: {array} has shape {cam.shape}, expected ({keys.size}, H, W) for {keys.size} keys")
-        try:
-            cam = restore_scores(cam, shape, path)
+            cam, keys = read_cams(path, shape, array)  # at the ground truth's size
         except CAMFileError as e:
-            raise EvalError(f"{e} (the ground truth's size)") from e
+            raise EvalError(str(e)) from e
         if keys.size and (keys.min() < 1 or keys.max() >= num_classes):
             raise EvalError(f"{path}: keys {keys.tolist()} outside 1..{num_classes - 1}")
         return cam, keys
@@ -423,7 +352,6 @@ def format_table(result: dict, class_names=None, title: str | None = None) -> st
 
 # ---------------------------------------------------------------- command line
 
-STAGES = ("stage1", "stage2", "stage3")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -485,10 +413,10 @@ def _list_path(root: Path, split: str) -> Path:
 def stage3_predictions(stage_dir: Path) -> str:
     """The prediction folder of a stage-3 run to score: `pred` (the default test-time flags) when
     there, else the one its manifest lists last (e.g. `pred-crf` of a preset with test-time CRF)."""
-    if (stage_dir / "pred").is_dir():
-        return "pred"
+    if Stage3Folder(stage_dir).pred().is_dir():
+        return PRED
     try:
-        listed = list(json.loads((stage_dir / "manifest.json").read_text())["outputs"]["predictions"])
+        listed = list(json.loads((stage_dir / MANIFEST).read_text())["outputs"]["predictions"])
     except (OSError, ValueError, KeyError, TypeError):
         listed = []
     if not listed:
@@ -517,24 +445,24 @@ def protocol_ids(data: Path, run_split: str) -> tuple[list[str], str, str]:
 def _run_jobs(args) -> tuple[Path, str, list[tuple[str, str, Path, bool, str]], Path, list[str] | None, str]:
     """(data root, split, [(name, "pred" | "cam", folder, ignore_pred, npz array)], default json,
     ids or None for the whole split, why these images) for --run."""
-    stage_dir = args.outputs / args.run / args.stage
-    config_path = stage_dir / "config.json"
+    stage_dir = RunLayout.of(args.outputs, args.run).stage(args.stage)
+    config_path = stage_dir / CONFIG
     if not config_path.is_file():
         raise EvalError(f"{config_path}: not found (has {args.stage} of run '{args.run}' been started?)")
     try:
         config = json.loads(config_path.read_text())
         data = Path(config["data"])
-        split = config["val_split" if args.stage == "stage3" else "train_split"]
+        split = config["val_split" if args.stage == STAGE3 else "train_split"]
     except (ValueError, KeyError, TypeError) as e:
         raise EvalError(f"{config_path}: needs 'data', 'train_split' and 'val_split' ({e!r})") from e
     if not data.is_dir():
         raise EvalError(f"{config_path}: dataset root {data} not found (run from the folder the stage ran in)")
-    json_path = stage_dir / "eval.json"
+    json_path = stage_dir / eval_file(PRED)
     limit = config.get("limit") or 0  # a --limit run has artifacts for the first `limit` images of each split
-    if args.stage == "stage3":
+    if args.stage == STAGE3:
         pred = stage3_predictions(stage_dir)
-        jobs = [("pred", "pred", stage_dir / pred, args.ignore_pred, "")]
-        json_path = stage_dir / f"eval{pred[len('pred'):]}.json"
+        jobs = [("pred", "pred", Stage3Folder(stage_dir).pred(pred), args.ignore_pred, "")]
+        json_path = stage_dir / eval_file(pred)
         ids = read_list(_list_path(data, split))[:limit] if limit else None
         return data, split, jobs, json_path, ids, f"the run's val split '{split}'" + (
             f", its first {limit} images (--limit)" if limit else "")
@@ -544,15 +472,17 @@ def _run_jobs(args) -> tuple[Path, str, list[tuple[str, str, Path, bool, str]], 
         ids, why = [i for i in ids if i in kept], f"{why}; the images of the run's first {limit} (--limit)"
         if not ids:
             raise EvalError(f"{config_path}: none of the run's {limit} images (--limit) is in split '{split}'")
-    if args.stage == "stage2":
-        jobs = [("pseudo", "pred", stage_dir / "pseudo", True, "")]
-        if (stage_dir / "fused").is_dir():
-            jobs.append(("fused", "pred", stage_dir / "fused", True, ""))
+    if args.stage == STAGE2:
+        stage2 = Stage2Folder(stage_dir)
+        jobs = [("pseudo", "pred", stage2.pseudo, True, "")]
+        if stage2.fused.is_dir():
+            jobs.append(("fused", "pred", stage2.fused, True, ""))
         return data, split, jobs, json_path, ids, why
-    return data, split, [("step1_regions", "pred", stage_dir / "step1" / "regions", True, ""),
-                         ("union_regions", "pred", stage_dir / "regions", True, ""),
-                         ("cam_sweep", "cam", stage_dir / "step1" / "cam", True, "cam"),
-                         ("union_sweep", "cam", stage_dir / "regions", True, "score")], json_path, ids, why
+    stage1 = Stage1Folder(stage_dir)
+    return data, split, [("step1_regions", "pred", stage1.step_regions(1), True, ""),
+                         ("union_regions", "pred", stage1.regions, True, ""),
+                         ("cam_sweep", "cam", stage1.cams(1), True, "cam"),
+                         ("union_sweep", "cam", stage1.regions, True, "score")], json_path, ids, why
 
 
 TITLES = {"pred": "predictions", "pseudo": "pseudo-masks (after CRF)", "fused": "fused pseudo-masks (before CRF)",

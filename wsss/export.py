@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss import io
+from wsss.layout import CONFIG
 
 FORMATS = ("torchscript", "onnx")
 CHECK_SIZES = ((224, 224), (321, 257), (180, 300))  # (H, W)
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
             net, info = modelfile.load_model(args.model, "cpu")
         else:
             stage = nets.stage_path(args)
-            config = io.read_json(stage / "config.json")
+            config = io.read_json(stage / CONFIG)
             content = modelfile.from_run(stage, config, modelfile.run_classes(config, stage), args.net)
             net, info = modelfile.build(content, "cpu", str(stage))
         report = export(net, info, args.format, args.out)

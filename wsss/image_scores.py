@@ -2,7 +2,7 @@
 
 `wsss.eval` sums one confusion matrix over a split (the papers' mIoU); a low figure there does
 not say which photos went wrong. Here each image gets its own confusion matrix (the same
-`wsss.eval.confusion_matrix`, so 255 in the ground truth is not counted) and its mIoU over the
+`wsss.metrics.confusion_matrix`, so 255 in the ground truth is not counted) and its mIoU over the
 classes present in its ground truth or its prediction; the report lists the worst ones and the
 summed matrix.
 """
@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from wsss import io
-from wsss.eval import confusion_matrix
+from wsss.metrics import confusion_matrix
 
 
 def image_score(conf: np.ndarray) -> dict:

@@ -33,10 +33,10 @@ import warnings
 from pathlib import Path
 
 from wsss import io
+from wsss.layout import MODEL, PRED, Stage3Folder
 from wsss.shapes import MAX_SIDE
 
 FORMAT, FORMAT_VERSION = "wsss-model", 1
-MODEL = "model.pt"  # stage 3's model file, beside its nets
 
 
 class ModelFileError(ValueError):
@@ -143,7 +143,7 @@ def best_prediction(predictions: dict) -> dict:
     scored = [p for p in predictions.values() if p.get("val_miou") is not None]
     if scored:
         return max(scored, key=lambda p: p["val_miou"])
-    return predictions.get("pred") or next(iter(predictions.values()))
+    return predictions.get(PRED) or next(iter(predictions.values()))
 
 
 def from_run(stage: Path, config: dict, classes, net: str | None = None) -> dict:
@@ -166,9 +166,8 @@ def from_checkpoint(stage: Path, config: dict, classes, net: str, prediction: di
     test-time settings `prediction` ({scales, flip, crf, gate, val_miou}: a manifest's prediction)."""
     from wsss.models.segnet import resolve_head
     from wsss.nets import net_crf
-    from wsss.train import CHECKPOINT
 
-    checkpoint = Path(stage) / net / CHECKPOINT
+    checkpoint = Stage3Folder(Path(stage)).checkpoint(net)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: no trained net (has stage 3 finished?)")
     state = io.load_checkpoint(checkpoint)["model"]

@@ -13,12 +13,13 @@ from pathlib import Path
 
 from wsss import io
 from wsss.data.voc import VOCDataset
+from wsss.layout import CONFIG, Stage3Folder, stage3_name
 from wsss.run import run_dir
-from wsss.train import CHECKPOINT, torch_device
+from wsss.train import torch_device
 
 
 def stage_name(args) -> str:
-    return f"stage3-{args.tag}" if args.tag else "stage3"
+    return stage3_name(args.tag)
 
 
 def stage_path(args) -> Path:
@@ -39,9 +40,9 @@ def stage_config(args) -> tuple[Path, dict]:
 
     stage = stage_path(args)
     try:
-        return stage, io.read_json(stage / "config.json")
+        return stage, io.read_json(stage / CONFIG)
     except FileNotFoundError:
-        raise StageError(f"{stage / 'config.json'} not found (run stage 3 first)") from None
+        raise StageError(f"{stage / CONFIG} not found (run stage 3 first)") from None
 
 
 def open_dataset(root, split: str, mask_dir=None, limit: int = 0) -> VOCDataset:
@@ -75,7 +76,7 @@ def load_net(stage: Path, config: dict, device: str, net: str | None = None):
     if net is not None and net not in nets:
         raise ValueError(f"--net {net}: not a net of {stage} (it trained {', '.join(nets)})")
     name = net or name
-    checkpoint = stage / name / CHECKPOINT
+    checkpoint = Stage3Folder(stage).checkpoint(name)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: no trained net (has stage 3 finished?)")
     state = io.load_checkpoint(checkpoint)

@@ -48,6 +48,7 @@ from wsss import io
 from wsss.cam import crop_to_view, pad_to, scaled_views, to_input
 from wsss.crf import TEST_CRF
 from wsss.data.voc import DatasetError, find_images
+from wsss.layout import PRED
 from wsss.nets import net_crf
 from wsss.run import count_images, inference_kernels, rank_world
 from wsss.shapes import MAX_SIDE, batches, bucket, scaled_size, shard_batches, size_divisor
@@ -584,7 +585,7 @@ def pred_folder(scales, flip: bool, crf: bool, gate: str, split: str = "", net: 
     if [float(s) for s in scales] != [1.0]:
         parts.append("s" + "_".join(f"{float(s):g}" for s in scales))
     parts += [name for name, on in (("flip", flip), ("crf", crf), ("nogate", gate == "off")) if on]
-    return "-".join(["pred", *parts])
+    return "-".join([PRED, *parts])
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,6 @@ files are an input of the stage (a changed file stops a rerun, as a changed stag
 from __future__ import annotations
 
 import argparse
-import zipfile
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -56,24 +55,36 @@ from wsss.fusion import (
     soft_scores,
 )
 from wsss.labels import IGNORE
+from wsss.layout import (
+    CONTACT_SHEET,
+    FUSED,
+    OVERLAY,
+    PSEUDO,
+    SALIENCY,
+    STAGE1,
+    STAGE2,
+    Stage1Folder,
+    Stage2Folder,
+    item,
+)
 from wsss.run import (
     barrier,
     count_images,
     gather,
     is_main_process,
+    layout,
     log,
     phase,
     runtime,
     shard,
     spread,
-    stage_dir,
 )
-from wsss.scoremaps import CAMFileError, restore_scores
+from wsss.scoremaps import CAMFileError, read_seeds
 from wsss.shapes import MAX_SIDE, fitted_size
 from wsss.stage import StageError, check_same_dataset, dataset_inputs, error_line, open_stage
 from wsss.workers import parallel_map
 
-PER_IMAGE = ("fused", "pseudo", "overlay")
+PER_IMAGE = (FUSED, PSEUDO, OVERLAY)
 # One overlay per image took 0.1 MB of the 0.15 MB an image may cost on disk over a whole run
 # (about 1 GB on VOC's train_aug); a sample shows the rule at work, and the pseudo-masks are all there.
 OVERLAYS = 24
@@ -183,29 +194,12 @@ def settings_of(args, out: Path, num_classes: int) -> Settings:
 
 
 def load_regions(path: Path, label_ids, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(keys, masks, score) of a seeds file (the format in the module docstring), checked against
-    the image's labels and size."""
+    """(keys, masks, score) of a seeds file (`wsss.scoremaps.read_seeds`), checked against the
+    image's labels and size; a bad file is the dataset's error, naming it."""
     try:
-        with np.load(path) as data:
-            keys, masks, score = data["keys"], data["masks"], data["score"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise DatasetError(f"{path}: cannot read seeds (an .npz with keys, masks, score): {e}") from e
-    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
-    if masks.shape != (len(keys),) + tuple(shape) or score.ndim != 3 or score.shape[0] != len(keys):
-        raise DatasetError(f"{path}: masks {masks.shape} / score {score.shape} do not fit {len(keys)} keys "
-                           f"at image size {tuple(shape)}")
-    stray = sorted(set(keys.tolist()) - set(label_ids))
-    if stray:
-        raise DatasetError(f"{path}: classes {stray} are not among the image's labels {list(label_ids)}")
-    if keys.size and score.dtype != np.uint8 and (
-            not np.issubdtype(score.dtype, np.floating) or score.min() < 0 or score.max() > 1):
-        raise DatasetError(f"{path}: score must be float in [0, 1] (or uint8 steps of 1/255), got {score.dtype} "
-                           f"in [{score.min()}, {score.max()}]")
-    try:
-        score = restore_scores(score, shape, path)
+        return read_seeds(path, label_ids, shape)
     except CAMFileError as e:
         raise DatasetError(str(e)) from e
-    return keys, masks.astype(bool), score
 
 
 def check_seeds(dataset: VOCDataset, folder: Path) -> None:
@@ -214,7 +208,7 @@ def check_seeds(dataset: VOCDataset, folder: Path) -> None:
         raise DatasetError(f"--seeds {folder}: not a folder")
     found = 0
     for id_ in tqdm(dataset.ids, desc="check seeds", leave=False, disable=not is_main_process()):
-        path, label_ids = folder / f"{id_}.npz", dataset.label_ids(id_)
+        path, label_ids = item(folder, id_, ".npz"), dataset.label_ids(id_)
         if label_ids.size and path.is_file():
             w, h = dataset.image_size(id_)
             load_regions(path, [int(k) for k in label_ids], (h, w))
@@ -269,10 +263,10 @@ def refine(image, fused, keys, score, saliency, s: Settings) -> np.ndarray:
 
 def process_image(s: Settings, job: Job) -> dict:
     """Fuse, CRF and write one image (or read it back if already done); return its figures."""
-    from wsss.eval import confusion_matrix
+    from wsss.metrics import confusion_matrix
     from wsss.saliency import read_saliency
 
-    paths = {k: s.out / k / f"{job.id}.png" for k in PER_IMAGE}
+    paths = {k: item(s.out / k, job.id) for k in PER_IMAGE}
     gt = io.read_mask(job.gt) if job.gt is not None else None
     if job.regions is None:
         shape = gt.shape if gt is not None else _read_image(job.image).shape[:2]
@@ -286,9 +280,9 @@ def process_image(s: Settings, job: Job) -> dict:
         seeds = regions_label_map(masks, keys, score)
         done = paths["fused"].is_file() and paths["pseudo"].is_file()
         if not done or (job.overlay and not paths["overlay"].is_file()):
-            saliency = read_saliency(s.out / "saliency", job.id)
+            saliency = read_saliency(Stage2Folder(s.out).saliency, job.id)
             if saliency.shape != image.shape[:2]:
-                raise DatasetError(f"{s.out / 'saliency' / (job.id + '.png')}: saliency {saliency.shape} "
+                raise DatasetError(f"{item(Stage2Folder(s.out).saliency, job.id)}: saliency {saliency.shape} "
                                    f"differs from image size {image.shape[:2]}")
         if done:
             fused, pseudo = io.read_mask(paths["fused"]), io.read_mask(paths["pseudo"])
@@ -325,7 +319,7 @@ def image_jobs(dataset: VOCDataset, regions_dir: Path) -> tuple[list[Job], list[
             unlabelled.append(id_)
             jobs.append(Job(id_, dataset.image_path(id_), None, gt, label_ids))
             continue
-        path = regions_dir / f"{id_}.npz"
+        path = item(regions_dir, id_, ".npz")
         if not path.is_file():
             no_regions.append(id_)
             continue
@@ -334,7 +328,7 @@ def image_jobs(dataset: VOCDataset, regions_dir: Path) -> tuple[list[Job], list[
 
 
 def _summary(figures: list[dict], num_classes: int) -> dict:
-    from wsss.eval import scores
+    from wsss.metrics import scores
 
     pixels = sum(f["pixels"] for f in figures)
     out = {}
@@ -357,13 +351,14 @@ def _summary(figures: list[dict], num_classes: int) -> dict:
 def _contact_sheet(out: Path, ids: list[str], count: int, seed: int) -> None:
     from wsss.viz import contact_sheet
 
-    have = [i for i in ids if (out / "overlay" / f"{i}.png").is_file()]
+    overlay = Stage2Folder(out).overlay
+    have = [i for i in ids if item(overlay, i).is_file()]
     if count <= 0 or not have:
         return
     rng = np.random.default_rng(seed)
     sample = sorted(rng.choice(have, size=min(count, len(have)), replace=False).tolist())
-    sheet = contact_sheet([out / "overlay" / f"{i}.png" for i in sample], cols=2)
-    io.write_png(out / "contact_sheet.png", sheet)
+    sheet = contact_sheet([item(overlay, i) for i in sample], cols=2)
+    io.write_png(out / CONTACT_SHEET, sheet)
 
 
 def run(args) -> dict | None:
@@ -374,15 +369,15 @@ def run(args) -> dict | None:
     check_thresholds(args.fusion, args.bg_threshold, args.fg_threshold)
     dataset = VOCDataset(args.data, args.train_split, limit=args.limit)
     if args.seeds is None:
-        stage1 = stage_dir(args, "stage1")
+        stage1 = layout(args).stage1.path
         if not (stage1 / io.MANIFEST).is_file():
             raise StageError(f"{stage1}: stage 1 is not complete (no {io.MANIFEST}); run stage 1 first")
-        seeds, inputs = stage1 / "regions", {"stage1": stage1}
+        seeds, inputs = Stage1Folder(stage1).regions, {STAGE1: stage1}
         check_same_dataset(stage1, dataset, "stage 2")
     dataset.validate()
     if args.seeds is not None:
         check_seeds(dataset, args.seeds)
-        seeds, inputs = args.seeds, {"seeds": [args.seeds / f"{i}.npz" for i in dataset.ids]}
+        seeds, inputs = args.seeds, {"seeds": [item(args.seeds, i, ".npz") for i in dataset.ids]}
     inputs.update(dataset_inputs(dataset, masks=True))
     if args.saliency not in BUILTINS:
         if not Path(args.saliency).is_dir():
@@ -390,8 +385,7 @@ def run(args) -> dict | None:
         inputs["saliency"] = Path(args.saliency)
     if args.crf:
         check_crf("stage 2", "--no-crf")
-    stage = open_stage(args, "stage2", inputs,
-                       owned=("saliency", *PER_IMAGE, "contact_sheet.png"))
+    stage = open_stage(args, STAGE2, inputs, owned=(SALIENCY, *PER_IMAGE, CONTACT_SHEET))
     if stage is None:
         return None
     out = stage.path
@@ -411,7 +405,7 @@ def run(args) -> dict | None:
     drawn = set(spread(labelled, args.overlays)) if args.overlays > 0 else set()
     jobs = [replace(j, overlay=j.id in drawn) for j in jobs]
     with phase("saliency"):
-        ensure_saliency(dataset, shard(labelled), out / "saliency", args.saliency, args.workers)
+        ensure_saliency(dataset, shard(labelled), Stage2Folder(out).saliency, args.saliency, args.workers)
 
     settings = settings_of(args, out, dataset.num_classes)
     figures, failed = [], []

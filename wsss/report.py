@@ -27,7 +27,6 @@ import json
 import logging
 import sys
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,28 +35,29 @@ from urllib.parse import quote
 import numpy as np
 from tqdm import tqdm
 
-from wsss import io
-from wsss.data.transforms import MEAN
+from wsss import io, layout
 from wsss.data.voc import DatasetError, VOCDataset
+from wsss.errors import StageError
 from wsss.fusion import fusion_of
 from wsss.image_scores import score_images
+from wsss.layout import RunLayout, Stage1Folder, Stage2Folder, Stage3Folder, item
+from wsss.mining import erase
 from wsss.run import safe_name
-from wsss.scoremaps import restore_scores
-from wsss.stage import StageError
+from wsss.scoremaps import read_cams
 from wsss.viz import colorize, heatmap, resize, to_rgb
 
 log = logging.getLogger("wsss")
-PAGE = "report.html"
-FOLDER = "report"
+PAGE, FOLDER = layout.REPORT_PAGE, layout.REPORT_FOLDER
 THUMB_HEIGHT = 128  # panels are written at this height: small files, a row of 9 panels fits a screen
-MEAN_PIXEL = np.round(MEAN * 255).astype(np.uint8)  # what stage 1 paints erased pixels with
 NOT_CURVES = {"epoch", "seconds", "net", "steps", "val_classes", "val_class"}  # metrics.jsonl keys that are not training curves
 
 
 # ---------------------------------------------------------------- the run on disk
 
 @dataclass
-class Stage:
+class StageStatus:
+    """What the report knows of one stage folder (not an open stage: wsss.stage.Stage is that)."""
+
     name: str
     path: Path
     status: str  # "complete" | "unfinished" (folder without a manifest) | "not run"
@@ -69,23 +69,23 @@ class Stage:
         return self.status != "not run"
 
 
-def read_stage(run: Path, name: str) -> Stage:
-    path = run / name
-    manifest = _read_json(path / io.MANIFEST)
-    config = manifest["config"] if manifest and "config" in manifest else _read_json(path / "config.json")
+def read_stage(run: Path, name: str) -> StageStatus:
+    path = RunLayout(run).stage(name)
+    manifest = _read_json(path / layout.MANIFEST)
+    config = manifest["config"] if manifest and "config" in manifest else _read_json(path / layout.CONFIG)
     if not path.is_dir():
         status = "not run"
     elif manifest and manifest.get("complete"):
         status = "complete"
     else:
         status = "unfinished"
-    return Stage(name, path, status, config, manifest)
+    return StageStatus(name, path, status, config, manifest)
 
 
 def stage_names(run: Path) -> list[str]:
     """stage1, stage2, stage3 (always, so a missing one shows as not run), then stage3-TAG variants."""
-    variants = sorted(p.name for p in run.glob("stage3-*") if p.is_dir())
-    return ["stage1", "stage2", "stage3", *variants]
+    variants = sorted(p.name for p in run.glob(layout.stage3_name("*")) if p.is_dir())
+    return [*layout.STAGES, *variants]
 
 
 def _read_json(path: Path):
@@ -98,7 +98,7 @@ def _read_json(path: Path):
         return None
 
 
-def read_metrics(run: Path) -> dict[str, dict[str, list[dict]]]:
+def read_run_metrics(run: Path) -> dict[str, dict[str, list[dict]]]:
     """{stage: {source: epoch records}} from every metrics.jsonl under the run.
 
     A source is the folder of one training (stage1/step2, stage3/psl), "(discarded)" added for an
@@ -106,8 +106,8 @@ def read_metrics(run: Path) -> dict[str, dict[str, list[dict]]]:
     those are split by net and used only where the net's own file is gone, so no curve is drawn twice.
     """
     own, gathered = {}, {}
-    for path in sorted(run.rglob("metrics.jsonl")):
-        if FOLDER in path.relative_to(run).parts:
+    for path in sorted(run.rglob(layout.METRICS)):
+        if layout.REPORT_FOLDER in path.relative_to(run).parts:
             continue
         source = path.parent.relative_to(run).as_posix()
         for r in _read_jsonl(path):
@@ -119,7 +119,7 @@ def read_metrics(run: Path) -> dict[str, dict[str, list[dict]]]:
     for source, records in {**gathered, **own}.items():
         if "/" not in source:  # a stage folder's own lines without "net" are not one training
             continue
-        done = _read_json(run / source / "done.json") or {}  # stage 1 marks discarded erasing steps
+        done = _read_json(run / source / layout.DONE) or {}  # stage 1 marks discarded erasing steps
         label = f"{source} (discarded)" if done.get("kept") is False else source
         by_stage.setdefault(source.split("/")[0], {})[label] = records
     return {stage: dict(sorted(sources.items())) for stage, sources in sorted(by_stage.items())}
@@ -141,7 +141,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def open_dataset(stages: dict[str, Stage], split_key: str) -> tuple[VOCDataset | None, str]:
+def dataset_of_stages(stages: dict[str, StageStatus], split_key: str) -> tuple[VOCDataset | None, str]:
     """The dataset split the run used (from the first stage config naming it), or None and why."""
     for stage in stages.values():
         config = stage.config or {}
@@ -153,8 +153,9 @@ def open_dataset(stages: dict[str, Stage], split_key: str) -> tuple[VOCDataset |
     return None, "no stage config names the dataset"
 
 
-def spread(ids: list[str], count: int) -> list[str]:
-    """`count` ids evenly spread over the list (deterministic, covers the whole split)."""
+def sample_ids(ids: list[str], count: int) -> list[str]:
+    """`count` ids evenly spread over the list (deterministic, covers the whole split); none for a
+    count <= 0 (where wsss.run.spread, which picks what to draw, takes them all)."""
     if count <= 0 or not ids:
         return []
     picks = np.linspace(0, len(ids) - 1, min(count, len(ids))).round().astype(int)
@@ -229,31 +230,27 @@ def _grey(path: Path):
 
 
 def _erased_by(stage1: Path, id_: str, earlier_steps: list[int], image: np.ndarray) -> np.ndarray:
-    """The image as an erasing step saw it: regions mined in earlier steps painted the mean pixel."""
-    seen = image.copy()
+    """The image as an erasing step saw it (`wsss.mining.erase` of the regions mined in earlier steps;
+    a missing or mis-sized region file erases nothing, where stage 1 would stop)."""
+    mined = np.zeros(image.shape[:2], bool)
     for k in earlier_steps:
-        path = stage1 / f"step{k}" / "regions" / f"{id_}.png"
+        path = item(Stage1Folder(stage1).step_regions(k), id_)
         if path.is_file():
             region = io.read_mask(path)
             if region.shape == image.shape[:2]:
-                seen[region != 0] = MEAN_PIXEL
-    return seen
+                mined |= region != 0
+    return erase(image, mined)
 
 
 def _cam(stage1: Path, step: int, earlier: list[int], dataset: VOCDataset | None):
     """Heat map of the max over the labelled classes' CAMs of one step, over the erased image."""
     def render(id_: str):
-        path = stage1 / f"step{step}" / "cam" / f"{id_}.npz"
+        path = item(Stage1Folder(stage1).cams(step), id_, ".npz")
         if not path.is_file():
             return None
-        try:
-            with np.load(path) as f:
-                cam = f["cam"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path}: cannot read CAM file ({e})") from e
         # without the dataset the image's size is unknown: the map as stored
-        shape = cam.shape[1:] if dataset is None else dataset.image_size(id_)[::-1]
-        cam = restore_scores(cam, shape, path)
+        cam, _ = read_cams(path, None if dataset is None else dataset.image_size(id_)[::-1])
+        shape = cam.shape[1:]
         top = cam.max(axis=0) if len(cam) else np.zeros(shape, np.float32)
         if dataset is None:
             return heatmap(top), False
@@ -261,9 +258,11 @@ def _cam(stage1: Path, step: int, earlier: list[int], dataset: VOCDataset | None
     return render
 
 
-def train_columns(stages: dict[str, Stage], dataset: VOCDataset | None, why_no_data: str) -> list[Column]:
-    s1, s2 = stages["stage1"], stages["stage2"]
-    steps = sorted(int(p.parent.name[4:]) for p in s1.path.glob("step*/cam") if p.parent.name[4:].isdigit())
+def train_columns(stages: dict[str, StageStatus], dataset: VOCDataset | None, why_no_data: str) -> list[Column]:
+    s1, s2 = stages[layout.STAGE1], stages[layout.STAGE2]
+    f1, f2 = Stage1Folder(s1.path), Stage2Folder(s2.path)
+    steps = sorted(k for p in s1.path.glob(f"{layout.STEP_GLOB}/{layout.CAMS}")
+                   if (k := layout.step_number(p.parent.name)) is not None)
     rule = fusion_of(s2.config) if s2.config else ""  # which fusion rule made the pseudo-masks
     crf = ("CRF" if s2.config.get("crf", True) else "no CRF") if s2.config else ""
     columns = [_image_column(dataset, why_no_data)]
@@ -273,25 +272,25 @@ def train_columns(stages: dict[str, Stage], dataset: VOCDataset | None, why_no_d
     else:
         columns.append(Column("CAM", "cam", lambda i: None, "not run" if not s1.ran else "no CAM yet"))
     columns += [
-        Column("mined union", "union", lambda i: _mask(s1.path / "regions" / f"{i}.png"),
+        Column("mined union", "union", lambda i: _mask(item(f1.regions, i)),
                "" if s1.ran else "not run"),
-        Column("saliency", "saliency", lambda i: _grey(s2.path / "saliency" / f"{i}.png"),
+        Column("saliency", "saliency", lambda i: _grey(item(f2.saliency, i)),
                "" if s2.ran else "not run"),
-        Column(f"fused ({rule})" if rule else "fused", "fused", lambda i: _mask(s2.path / "fused" / f"{i}.png"),
+        Column(f"fused ({rule})" if rule else "fused", "fused", lambda i: _mask(item(f2.fused, i)),
                "" if s2.ran else "not run"),
         Column(f"pseudo-mask ({crf})" if crf else "pseudo-mask", "pseudo",
-               lambda i: _mask(s2.path / "pseudo" / f"{i}.png"), "" if s2.ran else "not run"),
+               lambda i: _mask(item(f2.pseudo, i)), "" if s2.ran else "not run"),
         _gt_column(dataset, why_no_data),
     ]
     return columns
 
 
-def val_columns(stages: dict[str, Stage], dataset: VOCDataset | None, why_no_data: str) -> list[Column]:
+def val_columns(stages: dict[str, StageStatus], dataset: VOCDataset | None, why_no_data: str) -> list[Column]:
     columns = [_image_column(dataset, why_no_data)]
     for stage in stages.values():
-        if stage.name.startswith("stage3") and (stage.ran or stage.name == "stage3"):
+        if layout.is_stage3(stage.name) and (stage.ran or stage.name == layout.STAGE3):
             columns.append(Column(f"prediction ({stage.name})", stage.name,
-                                  lambda i, s=stage: _mask(s.path / "pred" / f"{i}.png"),
+                                  lambda i, s=stage: _mask(item(Stage3Folder(s.path).pred(), i)),
                                   "" if stage.ran else "not run"))
     columns.append(_gt_column(dataset, why_no_data))
     return columns
@@ -501,11 +500,11 @@ def key_value_table(mapping: dict, rounded: bool = False) -> str:
     return f"<table>{rows}</table>"
 
 
-def status_html(stage: Stage) -> str:
+def status_html(stage: StageStatus) -> str:
     return f'<span class="status-{stage.status.replace(" ", "-")}">{esc(stage.status)}</span>'
 
 
-def summary_table(stages: dict[str, Stage], evals: dict[str, dict]) -> str:
+def summary_table(stages: dict[str, StageStatus], evals: dict[str, dict]) -> str:
     rows = []
     for s in stages.values():
         m = s.manifest or {}
@@ -536,19 +535,19 @@ def images_table(columns: list[Column], rows) -> str:
     return f'<div class="scroll"><table class="images">{head}{"".join(body)}</table></div>'
 
 
-def failures_section(stages: dict[str, Stage], val: VOCDataset | None, why_no_val: str, pictures: Pictures,
+def failures_section(stages: dict[str, StageStatus], val: VOCDataset | None, why_no_val: str, pictures: Pictures,
                      problems: list[str], worst: int) -> str:
     """For each stage-3 folder with val predictions: its worst images, confusion matrix and per-image scores."""
     parts = []
     for s in stages.values():
-        if not s.name.startswith("stage3") or not (s.path / "pred").is_dir():
+        if not layout.is_stage3(s.name) or not Stage3Folder(s.path).pred().is_dir():
             continue
         head = f"<h3>{esc(s.name)}</h3>"
         if val is None:
             parts.append(f'{head}<p class="status-not-run">{esc(why_no_val)}</p>')
             continue
         try:
-            rows, conf = score_images(s.path / "pred", val)
+            rows, conf = score_images(Stage3Folder(s.path).pred(), val)
         except (OSError, ValueError) as e:  # DatasetError and EvalError are ValueErrors
             problems.append(f"{s.name}, per-image scores: {e}")
             continue
@@ -559,7 +558,7 @@ def failures_section(stages: dict[str, Stage], val: VOCDataset | None, why_no_va
         matrix_src = pictures.figure(f"confusion-{s.name}.png",
                                      confusion_figure(conf, val.class_names, f"{s.name}: confusion matrix (val)"))
         columns = [_image_column(val, ""), Column(f"prediction ({s.name})", s.name,
-                                                  lambda i, s=s: _mask(s.path / "pred" / f"{i}.png")),
+                                                  lambda i, s=s: _mask(item(Stage3Folder(s.path).pred(), i))),
                    _gt_column(val, "")]
         by_id = {r["id"]: r for r in rows}
         table = [(id_, f"IoU {by_id[id_]['miou']} % · {labels}", cells) for id_, labels, cells in
@@ -573,7 +572,7 @@ def failures_section(stages: dict[str, Stage], val: VOCDataset | None, why_no_va
     return "".join(parts) or '<p class="status-not-run">no stage-3 val predictions</p>'
 
 
-def stage_section(stage: Stage) -> str:
+def stage_section(stage: StageStatus) -> str:
     parts = [f"<h3>{esc(stage.name)}: {status_html(stage)}</h3>"]
     if not stage.ran:
         return parts[0]
@@ -609,43 +608,44 @@ def _build(run: Path, sample: int, worst: int) -> Path:
     stages = {name: read_stage(run, name) for name in stage_names(run)}
     pictures = Pictures(run)
     problems: list[str] = []
-    train, why_no_train = open_dataset(stages, "train_split")
-    val, why_no_val = open_dataset(stages, "val_split")
+    train, why_no_train = dataset_of_stages(stages, "train_split")
+    val, why_no_val = dataset_of_stages(stages, "val_split")
 
-    train_ids = spread(train.ids if train else _artifact_ids(run / "stage2" / "pseudo", run / "stage1" / "regions"),
-                       sample)
+    folders = RunLayout(run)
+    train_ids = sample_ids(train.ids if train else _artifact_ids(folders.stage2.pseudo, folders.stage1.regions),
+                           sample)
     columns = train_columns(stages, train, why_no_train)
     train_html = images_table(columns, image_rows(pictures, "train", train_ids, columns, train, problems))
 
-    val_ids = spread(val.ids if val else _artifact_ids(run / "stage3" / "pred"), sample)
+    val_ids = sample_ids(val.ids if val else _artifact_ids(folders.stage3().pred()), sample)
     columns = val_columns(stages, val, why_no_val)
     val_html = images_table(columns, image_rows(pictures, "val", val_ids, columns, val, problems))
 
     evals, score_parts = {}, []
     for s in stages.values():
-        if not s.name.startswith("stage3"):
+        if not layout.is_stage3(s.name):
             continue
-        result = _read_json(s.path / "eval.json")
+        result = _read_json(s.path / layout.eval_file(layout.PRED))
         if result and isinstance(result.get("iou"), list):
             evals[s.name] = result
             src = pictures.figure(f"iou-{s.name}.png", iou_figure(result, f"{run.name} {s.name}: per-class IoU (val)"))
             figures = {k: result.get(k) for k in ("miou", "pixel_acc", "mean_class_acc", "fwiou", "num_images")}
             score_parts.append(f"<h3>{esc(s.name)}</h3>{img(src, src)}"
                                + key_value_table({k: v for k, v in figures.items() if v is not None}, rounded=True))
-        elif s.ran or s.name == "stage3":
+        elif s.ran or s.name == layout.STAGE3:
             note = "not run" if not s.ran else "no eval.json (not finished, or val has no ground truth)"
             score_parts.append(f"<h3>{esc(s.name)}</h3><p class=\"status-not-run\">{esc(note)}</p>")
 
     failures_html = failures_section(stages, val, why_no_val, pictures, problems, worst)
 
     curve_parts = []
-    metrics = read_metrics(run)
+    metrics = read_run_metrics(run)
     for s in stages.values():
         if s.name in metrics:
             src = pictures.figure(f"curves-{s.name}.png",
                                   curves_figure(metrics[s.name], f"{run.name} {s.name}: training curves"))
             curve_parts.append(f"<h3>{esc(s.name)}</h3>{img(src, src)}")
-        elif s.name in ("stage1", "stage3"):
+        elif s.name in (layout.STAGE1, layout.STAGE3):
             note = "not run" if not s.ran else "no metrics.jsonl yet"
             curve_parts.append(f"<h3>{esc(s.name)}</h3><p class=\"status-not-run\">{note}</p>")
 

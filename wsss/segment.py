@@ -60,8 +60,9 @@ from pathlib import Path
 from wsss import io
 from wsss.crf import check_crf
 from wsss.eval import evaluate, format_table
+from wsss.layout import EVAL_GLOB, METRICS, MODEL, PRED, PRED_GLOB, STAGE2, Stage3Folder, eval_file
 from wsss.methods import METHODS
-from wsss.modelfile import MODEL, best_prediction, from_checkpoint, save_model
+from wsss.modelfile import best_prediction, from_checkpoint, save_model
 from wsss.nets import net_crf, open_dataset, stage_name
 from wsss.predict import add_predict_args, pred_folder, predict_split
 from wsss.run import (
@@ -70,18 +71,18 @@ from wsss.run import (
     autocast,
     barrier,
     is_main_process,
+    layout,
     log,
     phase,
     positive_float,
     positive_int,
     resolve_device,
-    run_dir,
     runtime,
     safe_name,
 )
 from wsss.segtrain import Stage3
 from wsss.stage import StageError, check_processes, check_same_dataset, dataset_inputs, open_stage
-from wsss.train import CHECKPOINT, init_distributed, read_metrics, torch_device
+from wsss.train import init_distributed, read_metrics, torch_device
 
 WARMUP = 100  # iterations; see "Why these optimiser defaults" in the module docstring
 CLIP_GRAD = 5.0
@@ -146,7 +147,7 @@ def run(args) -> dict | None:
     check_processes(args.batch_size)
     method = METHODS[method_name(args)]
     on_gt = method["reads"] == "masks"
-    stage2 = run_dir(args) / "stage2"
+    stage2 = layout(args).stage2.path
     train = open_dataset(args.data, args.train_split, limit=args.limit)
     val = open_dataset(args.data, args.val_split, limit=args.limit)
     train.validate(need_mask=on_gt)
@@ -155,13 +156,13 @@ def run(args) -> dict | None:
     if not on_gt:
         if not (stage2 / io.MANIFEST).is_file():
             raise StageError(f"{stage2}: stage 2 is not complete (no {io.MANIFEST}); run stages/stage2.py first")
-        inputs["stage2"] = stage2
+        inputs[STAGE2] = stage2
         check_same_dataset(stage2, train, "stage 3")
     if args.crf:
         check_crf("stage 3", "no --crf")
     name, pred = stage_name(args), pred_folder(args.scales, args.flip, args.crf, args.gate)
     folders = {f for m in METHODS.values() for f in m["folders"]}
-    owned = (*sorted(folders), "pred", "pred-*", "eval*.json", "metrics.jsonl", MODEL)
+    owned = (*sorted(folders), PRED, PRED_GLOB, EVAL_GLOB, METRICS, MODEL)
     stage = open_stage(args, name, inputs, owned=owned,
                        done=lambda manifest: pred in manifest.get("outputs", {}).get("predictions", {pred: 0}))
     if stage is None:
@@ -177,7 +178,7 @@ def run(args) -> dict | None:
     model, has_cls = ctx.nets[final]
 
     t_pred = time.time()
-    checkpoint = out / final / CHECKPOINT
+    checkpoint = Stage3Folder(out).checkpoint(final)
     with autocast(ctx.amp, torch_device(device).type), phase("predict-val"):
         predict_split(model, ctx.val, ctx.val.ids, out / pred, device=torch_device(device), scales=args.scales,
                       flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),
@@ -185,7 +186,7 @@ def run(args) -> dict | None:
     if not is_main_process():
         return None
     records = _collect_metrics(out, ctx.nets)
-    io.write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    io.write_bytes(out / METRICS, "".join(json.dumps(r) + "\n" for r in records).encode())
     outputs = {"final_net": final, "predict_seconds": round(time.time() - t_pred, 1),
                "nets": _net_summary(records)}
     prediction = {"scales": list(args.scales), "flip": args.flip, "crf": args.crf, "gate": args.gate}
@@ -199,7 +200,7 @@ def run(args) -> dict | None:
     if not missing:
         result = evaluate(out / pred, ctx.val.mask_dir, ctx.val.ids, ctx.num_classes,
                           workers=args.workers, class_names=ctx.val.class_names)
-        io.write_json(out / f"eval{pred[len('pred'):]}.json", result)
+        io.write_json(out / eval_file(pred), result)
         log.info("%s", format_table(result, title=f"== {name} val predictions: {out / pred}"))
         outputs["val_miou"] = prediction["val_miou"] = result["miou"]
     else:

@@ -17,13 +17,13 @@ import torch
 from wsss import io, tblog
 from wsss.data.transforms import normalize, train_augment
 from wsss.data.voc import DatasetError, VOCDataset
-from wsss.eval import confusion_matrix, scores
 from wsss.fusion import stc_soft_target
 from wsss.labels import IGNORE
 from wsss.losses import cross_entropy
+from wsss.metrics import ConfusionMatrix
 from wsss.nets import build_net
 from wsss.predict import label_map, labels_at, predict_masks, predict_split
-from wsss.run import autocast, log, phase, resolve_amp, run_dir, spread
+from wsss.run import autocast, layout, log, phase, resolve_amp, spread
 from wsss.stage import StageError
 from wsss.train import fit, torch_device
 from wsss.viz import overlay
@@ -163,7 +163,7 @@ class Stage3:
 
     @property
     def stage2(self) -> Path:
-        return run_dir(self.args) / "stage2"
+        return layout(self.args).stage2.path
 
     def train_net(self, name: str, trainset, step_fn, cls_branch: bool = False, gate: bool = False,
                   loss_key: str = "loss", epochs: int | None = None):
@@ -192,17 +192,17 @@ class Stage3:
             return None
 
         def evaluate(model) -> dict:
-            conf = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+            conf = ConfusionMatrix(self.num_classes)
             shown = []
             for id_, image, probs in predict_masks(model, self.val, ids, device=torch_device(self.device),
                                                    gate=gate, desc="val"):
                 pred = labels_at(label_map(probs), image.shape[:2])
-                conf += confusion_matrix(self.val.mask(id_), pred, self.num_classes)
+                conf.add(self.val.mask(id_), pred)
                 if tblog.active() and len(shown) < tblog.IMAGES:
                     shown.append(np.concatenate([image, overlay(image, pred)], axis=1))
             tblog.images(f"{name}/val", shown)
-            predicted = conf.sum(0)
-            return {"val_miou": scores(conf)["miou"], "val_classes": int((predicted > 0).sum()),
+            predicted = conf.matrix.sum(0)
+            return {"val_miou": conf.scores()["miou"], "val_classes": int((predicted > 0).sum()),
                     "val_class": int(predicted.argmax())}
 
         return evaluate

@@ -45,6 +45,7 @@ import torch
 
 from wsss import io
 from wsss.crf import check_crf, crf_params_of
+from wsss.layout import Stage2Folder, Stage3Folder
 from wsss.losses import IGNORE, cross_entropy, multilabel_soft_margin
 from wsss.run import log
 from wsss.segtrain import SegmentationTrainSet, with_targets
@@ -162,7 +163,7 @@ def train(ctx) -> str:
         check_crf("stage 3", "no --psl-plus")
     gate = args.gate == "on"
     step = make_step(args)
-    pseudo = ctx.stage2 / "pseudo"
+    pseudo = Stage2Folder(ctx.stage2).pseudo
     ids = with_targets(ctx.train.ids, pseudo, "pseudo-mask")
     trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=pseudo)
     model = ctx.train_net("psl", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss")
@@ -170,7 +171,7 @@ def train(ctx) -> str:
         return "psl"
     masks = plus_targets(ctx.out, "none")  # the net's own masks, merged below by --psl-plus-merge
     ctx.predict_train(model, ids, masks, crf_params=stage2_crf(ctx.stage2),
-                      checkpoint=ctx.out / "psl" / "checkpoint.pt", desc="PSL+ masks")
+                      checkpoint=Stage3Folder(ctx.out).checkpoint("psl"), desc="PSL+ masks")
     if args.psl_plus_merge != "none":
         masks = merge_folder(masks, pseudo, plus_targets(ctx.out, args.psl_plus_merge), ids, args.psl_plus_merge)
     trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=masks)

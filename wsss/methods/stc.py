@@ -49,6 +49,7 @@ import numpy as np
 from scipy import ndimage
 
 from wsss import io
+from wsss.layout import CHECKPOINT, PRED, Stage2Folder, item
 from wsss.losses import soft_cross_entropy
 from wsss.run import is_main_process, log, positive_int
 from wsss.segtrain import SegmentationTrainSet, ce_step, with_targets
@@ -95,9 +96,9 @@ def simple_ids(ctx) -> list[str]:
     path = ctx.out / "stc" / "simple.txt"
     if path.is_file():
         return path.read_text().split()
-    saliency = ctx.stage2 / "saliency"
+    saliency = Stage2Folder(ctx.stage2).saliency
     ids = [i for i in with_targets(ctx.train.ids, saliency, "saliency map")
-           if is_simple(io.read_mask(saliency / f"{i}.png"), ctx.train.labels(i),
+           if is_simple(io.read_mask(item(saliency, i)), ctx.train.labels(i),
                         threshold=args.stc_saliency_threshold, concentration=args.stc_concentration,
                         background=args.stc_background)]
     if len(ids) < args.batch_size:
@@ -124,12 +125,12 @@ def train(ctx) -> str:
     simple = simple_ids(ctx)
     log.info("STC: %d of %d training images are simple", len(simple), len(ctx.train.ids))
     iters = args.stc_iters or args.epochs * (len(ctx.train.ids) // args.batch_size)
-    trainset = SegmentationTrainSet(ctx.train, simple, args.crop, target_dir=ctx.stage2 / "saliency", soft=True)
+    trainset = SegmentationTrainSet(ctx.train, simple, args.crop, target_dir=Stage2Folder(ctx.stage2).saliency, soft=True)
     model = ctx.train_net("stc/i", trainset, soft_step, epochs=epochs_for(iters, len(simple), args.batch_size))
     final = "stc/i"
     for name, previous, ids in [("e", "i", simple), ("p", "e", ctx.train.ids)][: args.stc_steps - 1]:
         # the previous net's restricted predictions of the images this net trains on
-        targets = ctx.predict_train(model, ids, out / previous / "pred", checkpoint=out / previous / "checkpoint.pt",
+        targets = ctx.predict_train(model, ids, out / previous / PRED, checkpoint=out / previous / CHECKPOINT,
                                     desc=f"stc/{previous} predict")
         trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=targets)
         final = f"stc/{name}"
