@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from bench.common import machine_info, write_result
-from wsss import erasing
+from wsss import erasing, layout
 from wsss import eval as ev
 from wsss.data.voc import VOCDataset
 from wsss.io import MANIFEST, load_checkpoint, read_json
+from wsss.layout import RunLayout
 from wsss.models.classifier import build_classifier
 
 
@@ -46,23 +47,24 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, nargs="+", help="default: the first and the last kept step")
     p.add_argument("--limit", type=int, help="score the first N labelled images only")
     args = p.parse_args(argv)
-    stage1 = args.outputs / args.run / "stage1"
+    folder = RunLayout.of(args.outputs, args.run).stage1
+    stage1 = folder.path
     if not (stage1 / MANIFEST).is_file():
         p.error(f"{stage1}: stage 1 is not finished")
     config = read_json(stage1 / MANIFEST)["config"]
     dataset = VOCDataset(config["data"], config["train_split"])
     ids = [i for i in dataset.ids if dataset.labels(i).any() and dataset.has_mask(i)][:args.limit]
-    kept = sorted(int(d.name[4:]) for d in stage1.glob("step*") if (d / "cam").is_dir())
+    kept = sorted(layout.step_number(d.name) for d in stage1.glob(layout.STEP_GLOB) if (d / layout.CAMS).is_dir())
     steps = args.steps or sorted({kept[0], kept[-1]})
     result = {"run": args.run, "images": len(ids), "steps": {}, "machine": machine_info(("torch",))}
     names = dataset.class_names
     for k in steps:
         with tempfile.TemporaryDirectory() as tmp:
-            plain_cams(config, dataset, ids, stage1 / f"step{k}" / "checkpoint.pt", Path(tmp))
-            r = ev.evaluate_cams(Path(tmp) / "cam", dataset.mask_dir, ids, dataset.num_classes, class_names=names)
+            plain_cams(config, dataset, ids, folder.checkpoint(k), Path(tmp))
+            r = ev.evaluate_cams(Path(tmp) / layout.CAMS, dataset.mask_dir, ids, dataset.num_classes, class_names=names)
         result["steps"][k] = {"best_threshold": r["best_threshold"], "miou": r["miou"]}
         print(f"plain CAM of step {k}'s classifier: best threshold {r['best_threshold']:.2f}: mIoU {r['miou']:.2f}")
-    r = ev.evaluate_cams(stage1 / "regions", dataset.mask_dir, ids, dataset.num_classes, array="score",
+    r = ev.evaluate_cams(folder.regions, dataset.mask_dir, ids, dataset.num_classes, array="score",
                          class_names=names)
     at = {round(s["threshold"], 2): s["miou"] for s in r["sweep"]}
     seed = config.get("seed_threshold", config["ae_threshold"])  # runs before --seed-threshold used the latter

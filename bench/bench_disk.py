@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bench.common import machine_info, write_result
 from wsss.io import MANIFEST, read_json
+from wsss.layout import RunLayout
 
 DEFAULT_RUN = "demo"
 TARGET_MB = 0.15
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--target", type=float, default=TARGET_MB, help="MB an image, all files")
     args = p.parse_args(argv)
     run = args.outputs / (args.run or DEFAULT_RUN)
-    manifest = run / "stage1" / MANIFEST
+    manifest = RunLayout(run).stage1.path / MANIFEST
     if not manifest.is_file():
         if args.run:
             p.error(f"{run}: no finished stage 1 ({manifest} missing)")

@@ -37,6 +37,7 @@ from wsss import io
 from wsss.crf import check_crf
 from wsss.data.voc import DatasetError, VOCDataset
 from wsss.fusion import FG_THRESHOLD, FUSION_DEFAULT, FUSION_RULES
+from wsss.layout import CONFIG, RunLayout, Stage2Folder
 from wsss.pseudo import (
     Job,
     Settings,
@@ -45,7 +46,7 @@ from wsss.pseudo import (
     pseudo_mask,
     settings_of,
 )
-from wsss.saliency import read_saliency
+from wsss.saliency_maps import read_saliency
 from wsss.workers import parallel_map
 
 DEFAULT_RUN = "demo"
@@ -80,19 +81,20 @@ def masks_of_image(settings: list[Settings], saliency_dir: Path, job: Job) -> st
 
 def run_config(outputs: Path, run: str) -> dict:
     """The run's stage-2 flags (config.json), checked to be a stage 2 that made its saliency maps."""
-    stage2 = outputs / run / "stage2"
-    path = stage2 / "config.json"
+    stage2 = RunLayout.of(outputs, run).stage2.path
+    path = stage2 / CONFIG
     if not path.is_file():
         raise SystemExit(f"error: {path}: not found (has stage 2 of run '{run}' been run?)")
     config = io.read_json(path)
-    if not (stage2 / "saliency").is_dir():
-        raise SystemExit(f"error: {stage2 / 'saliency'}: no saliency maps (stage 2 of run '{run}' has not made them)")
+    saliency = Stage2Folder(stage2).saliency
+    if not saliency.is_dir():
+        raise SystemExit(f"error: {saliency}: no saliency maps (stage 2 of run '{run}' has not made them)")
     return config
 
 
 def measure(args) -> dict:
     config = run_config(args.outputs, args.run)
-    stage1, stage2 = args.outputs / args.run / "stage1", args.outputs / args.run / "stage2"
+    folders = RunLayout.of(args.outputs, args.run)
     data = args.data or Path(config["data"])
     try:
         dataset = VOCDataset(data, config["train_split"])
@@ -103,9 +105,9 @@ def measure(args) -> dict:
         raise SystemExit(f"error: {data}: no ground-truth masks to score against")
     wanted = set(ids)
     dataset.ids = [i for i in dataset.ids if i in wanted]
-    jobs, unlabelled, no_regions = image_jobs(dataset, stage1 / "regions")
+    jobs, unlabelled, no_regions = image_jobs(dataset, folders.stage1.regions)
     if not jobs:
-        raise SystemExit(f"error: {stage1 / 'regions'}: no regions file for any image of split '{split}'")
+        raise SystemExit(f"error: {folders.stage1.regions}: no regions file for any image of split '{split}'")
     scored = [j.id for j in jobs]
 
     run_args = argparse.Namespace(**{"fg_threshold": FG_THRESHOLD, **config})
@@ -120,7 +122,7 @@ def measure(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="wsss-fusion-") as tmp:
         base = settings_of(run_args, Path(tmp), dataset.num_classes)
         settings = [dataclasses.replace(base, fusion=rule) for rule in FUSION_RULES]
-        work = partial(masks_of_image, settings, stage2 / "saliency")
+        work = partial(masks_of_image, settings, folders.stage2.saliency)
         for job, _, error in parallel_map(work, jobs, args.workers, "fusion rules"):
             if error is not None:
                 raise SystemExit(f"error: {job.id}: {error}")
@@ -173,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.run is None:
-        if not (args.outputs / DEFAULT_RUN / "stage2" / "config.json").is_file():
-            print(f"bench_fusion: skipped: no --run and no {args.outputs / DEFAULT_RUN / 'stage2'} (make demo)",
+        default = RunLayout.of(args.outputs, DEFAULT_RUN).stage2.path
+        if not (default / CONFIG).is_file():
+            print(f"bench_fusion: skipped: no --run and no {default} (make demo)",
                   file=sys.stderr)
             return 0
         args.run = DEFAULT_RUN

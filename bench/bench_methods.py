@@ -40,8 +40,9 @@ from wsss import eval as ev
 from wsss import io
 from wsss.data.voc import VOCDataset
 from wsss.fusion import stc_soft_target
+from wsss.layout import CONFIG, PRED, RunLayout, Stage3Folder
 from wsss.methods.psl import plus_targets
-from wsss.saliency import read_saliency
+from wsss.saliency_maps import read_saliency
 
 # (row, the flag whose runs hold it, net folder, what it trains on); in the order of the table
 ROWS = [
@@ -56,23 +57,23 @@ ROWS = [
 
 
 def stage_dir(run: Path, tag: str) -> Path:
-    return run / (f"stage3-{tag}" if tag else "stage3")
+    return RunLayout(run).stage3(tag).path
 
 
 def target_folder(stage: Path, net: str, tmp: Path, train: VOCDataset, config: dict) -> tuple[Path, list[str]]:
     """(the folder of the masks `net` trained on, the ids it trained on)."""
-    stage2 = stage.parent / "stage2"
+    stage2 = RunLayout(stage.parent).stage2
     simple = (stage / "stc" / "simple.txt").read_text().split() if net.startswith("stc/") else None
     if net == "stc/i":
         out = tmp / f"{stage.name}-saliency"
         out.mkdir()
         for id_ in simple:
-            soft = stc_soft_target(read_saliency(stage2 / "saliency", id_), int(train.label_ids(id_)[0]),
+            soft = stc_soft_target(read_saliency(stage2.saliency, id_), int(train.label_ids(id_)[0]),
                                    train.num_classes)
             io.write_mask(out / f"{id_}.png", soft.argmax(0).astype(np.uint8))
         return out, simple
-    folder = {"stc/e": stage / "stc" / "i" / "pred", "stc/p": stage / "stc" / "e" / "pred",
-              "psl": stage2 / "pseudo", "psl-plus": plus_targets(stage, config.get("psl_plus_merge", "none"))}[net]
+    folder = {"stc/e": stage / "stc" / "i" / PRED, "stc/p": stage / "stc" / "e" / PRED,
+              "psl": stage2.pseudo, "psl-plus": plus_targets(stage, config.get("psl_plus_merge", "none"))}[net]
     ids = simple if net == "stc/e" else [i for i in train.ids if (folder / f"{i}.png").is_file()]
     return folder, ids
 
@@ -103,7 +104,7 @@ def val_predictions(run: Path, tag: str, net: str, workers: int) -> Path:
     stage = stage_dir(run, tag)
     final, _ = trained_nets(stage)
     if net == final:
-        return stage / "pred"
+        return Stage3Folder(stage).pred()
     folder = stage / predict.pred_folder([1.0], False, False, "on", net=net)
     argv = ["--run", run.name, "--outputs", str(run.parent), "--net", net, "--workers", str(workers)]
     if predict.main(argv + (["--tag", tag] if tag else [])) != 0:
@@ -113,7 +114,7 @@ def val_predictions(run: Path, tag: str, net: str, workers: int) -> Path:
 
 def measure_row(run: Path, tag: str, net: str, workers: int, tmp: Path) -> dict:
     stage = stage_dir(run, tag)
-    config = io.read_json(stage / "config.json")
+    config = io.read_json(stage / CONFIG)
     train = VOCDataset(config["data"], config["train_split"])
     val = VOCDataset(config["data"], config["val_split"])
     n = train.num_classes
@@ -143,7 +144,7 @@ def measure(args) -> dict:
                 continue
             runs = [measure_row(run, tag, net, args.workers, Path(tmp)) for tag in tags[flag]]
             if net == "psl-plus":  # the rule that made its masks, from the first run's config
-                rule = io.read_json(stage_dir(run, tags[flag][0]) / "config.json").get("psl_plus_merge", "none")
+                rule = io.read_json(stage_dir(run, tags[flag][0]) / CONFIG).get("psl_plus_merge", "none")
                 name, trains_on = f"{name} (--psl-plus-merge {rule})", f"{trains_on}, merged: {rule}"
             row = {"net": name, "folder": net, "trains_on": trains_on, "runs": runs,
                    "val_miou": summary([r["val_miou"] for r in runs])}

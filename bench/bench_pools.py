@@ -3,7 +3,7 @@ the dense CRF, each with 1 and with 2 workers.
 
     python -m bench.bench_pools --data data/synthetic --stage1 outputs/demo/stage1 [--images 48]
 
-- saliency: `wsss.saliency.ensure_saliency` (built-in saliency) of the first N training images;
+- saliency: `wsss.saliency_maps.ensure_saliency` (built-in saliency) of the first N training images;
 - stage 2: `stages/stage2.py --limit N` in a fresh run whose stage 1 is a copy of `--stage1` (fusion,
   CRF, writing; its own saliency pass included), as a user runs it;
 - predict --crf: `wsss.predict.predict_split` with `crf=True` over N val images, a random-init
@@ -31,7 +31,7 @@ WORKERS = (1, 2)
 
 def time_saliency(data: Path, images: int, workers: int, tmp: Path) -> float:
     from wsss.data.voc import VOCDataset
-    from wsss.saliency import ensure_saliency
+    from wsss.saliency_maps import ensure_saliency
 
     dataset = VOCDataset(data, "train")
     ids = dataset.ids[:images]

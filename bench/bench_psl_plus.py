@@ -26,6 +26,7 @@ from bench.common import publish
 from wsss import eval as ev
 from wsss import io, nets
 from wsss.data.voc import VOCDataset
+from wsss.layout import CONFIG, RunLayout, item
 from wsss.methods.psl import MERGES, merge_folder, stage2_crf
 from wsss.predict import predict_split
 
@@ -34,22 +35,23 @@ DEFAULT_RUN = "demo"
 
 def measure(args) -> dict:
     stage = stage_dir(args.outputs / args.run, args.tag)
-    stage2 = args.outputs / args.run / "stage2"
-    config = io.read_json(stage / "config.json")
+    stage2 = RunLayout.of(args.outputs, args.run).stage2
+    pseudo = stage2.pseudo
+    config = io.read_json(stage / CONFIG)
     train = VOCDataset(config["data"], config["train_split"])
-    ids = [i for i in train.ids if (stage2 / "pseudo" / f"{i}.png").is_file()]
+    ids = [i for i in train.ids if item(pseudo, i).is_file()]
     model, checkpoint, has_cls = nets.load_net(stage, config, "cpu")
     if not has_cls:
         raise SystemExit(f"bench_psl_plus: {stage}'s final net is not a PSL net (no classification branch)")
-    rows = {"stage-2 pseudo-masks": score_targets(stage2 / "pseudo", train, ids, args.workers)}
+    rows = {"stage-2 pseudo-masks": score_targets(pseudo, train, ids, args.workers)}
     with tempfile.TemporaryDirectory() as tmp:
         predicted = predict_split(model, train, ids, Path(tmp) / "net", device="cpu",
                                   scales=config["self_train_scales"], flip=config["self_train_flip"], restrict=True,
-                                  crf=True, crf_params=stage2_crf(stage2),
+                                  crf=True, crf_params=stage2_crf(stage2.path),
                                   ignore_below=config["self_train_confidence"], workers=args.workers,
                                   checkpoint=checkpoint, desc="PSL+ masks")
         for rule in MERGES:
-            merged = merge_folder(predicted, stage2 / "pseudo", Path(tmp) / rule, ids, rule)
+            merged = merge_folder(predicted, pseudo, Path(tmp) / rule, ids, rule)
             rows[f"PSL+ targets, --psl-plus-merge {rule}"] = score_targets(merged, train, ids, args.workers)
     return {"stage": str(stage), "images": len(ids), "rows": rows}
 
@@ -74,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.run is None:
-        if not (args.outputs / DEFAULT_RUN / "stage3" / io.MANIFEST).is_file():
-            print(f"bench_psl_plus: skipped: no --run and no finished {args.outputs / DEFAULT_RUN / 'stage3'} "
+        default = RunLayout.of(args.outputs, DEFAULT_RUN).stage3().path
+        if not (default / io.MANIFEST).is_file():
+            print(f"bench_psl_plus: skipped: no --run and no finished {default} "
                   "(make demo)", file=sys.stderr)
             return 0
         args.run = DEFAULT_RUN

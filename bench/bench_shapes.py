@@ -80,17 +80,18 @@ def padding_effect(run: Path, count: int) -> dict:
     from wsss import io
     from wsss.cam import multiscale_cams_batch
     from wsss.data.voc import VOCDataset
+    from wsss.layout import CONFIG, RunLayout
     from wsss.metrics import confusion_matrix, scores
     from wsss.mining import mine
     from wsss.models.classifier import build_classifier
     from wsss.run import spread
 
     torch.set_num_threads(2)
-    config = io.read_json(run / "stage1" / "config.json")
+    config = io.read_json(RunLayout(run).stage1.path / CONFIG)
     data = VOCDataset(config["data"], config["train_split"])
     model = build_classifier(config["backbone"], data.num_classes - 1, output_stride=config["output_stride"],
                              weights=None)
-    model.load_state_dict({k: v.float() for k, v in io.load_checkpoint(run / "stage1" / "step1" / "checkpoint.pt",
+    model.load_state_dict({k: v.float() for k, v in io.load_checkpoint(RunLayout(run).stage1.checkpoint(1),
                                                                       map_location="cpu")["model"].items()})
     ids = spread([i for i in data.ids if len(data.label_ids(i))], count)
     scales, divisor = tuple(config["cam_scales"]), SIZE_DIVISOR["cuda"]

@@ -144,6 +144,7 @@ def run_stages(argv: list[str], stage_argv: dict, outputs: Path, run: str) -> di
     cuda = torch.cuda.is_available()
 
     from wsss.cli import stage1, stage2, stage3
+    from wsss.layout import MANIFEST, RunLayout
 
     result: dict = {"stages": {}, "problems": []}
     for name, main in zip(STAGES, (stage1, stage2, stage3), strict=True):
@@ -155,7 +156,7 @@ def run_stages(argv: list[str], stage_argv: dict, outputs: Path, run: str) -> di
         except (Exception, SystemExit) as e:  # noqa: BLE001 - a failed stage is this check's finding
             result["problems"].append(f"{name}: {type(e).__name__}: {e}")
             return result
-        manifest = json.loads((outputs / run / name / "manifest.json").read_text())
+        manifest = json.loads((RunLayout.of(outputs, run).stage(name) / MANIFEST).read_text())
         result["stages"][name] = {"seconds": round(time.time() - t0, 1),
                                   "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
                                   "phases": manifest["outputs"].get("phases", {}), "config": manifest["config"]}
@@ -170,13 +171,14 @@ def check_cams(run_dir: Path, amp: str) -> dict:
     from wsss import io
     from wsss.cam import multiscale_cams
     from wsss.data.voc import VOCDataset
+    from wsss.layout import CONFIG, RunLayout
     from wsss.models.classifier import build_classifier
 
-    config = json.loads((run_dir / "stage1" / "config.json").read_text())
+    config = json.loads((RunLayout(run_dir).stage1.path / CONFIG).read_text())
     dataset = VOCDataset(config["data"], config["train_split"], limit=config.get("limit") or 0)
     model = build_classifier(config["backbone"], dataset.num_classes - 1, output_stride=config["output_stride"],
                              weights=None)
-    state = io.load_checkpoint(run_dir / "stage1" / "step1" / "checkpoint.pt")["model"]
+    state = io.load_checkpoint(RunLayout(run_dir).stage1.checkpoint(1))["model"]
     model.load_state_dict({k: v.float() for k, v in state.items()})
     ids = [i for i in dataset.ids if dataset.labels(i).any()][:CAM_IMAGES]
     scales = [float(s) for s in config["cam_scales"]]
@@ -188,6 +190,7 @@ def check_cams(run_dir: Path, amp: str) -> dict:
 
 def check_demo(tmp: Path, amp: str, device: str = "cuda") -> dict:
     from wsss.data.synthetic import generate
+    from wsss.layout import MANIFEST, RunLayout
 
     data, outputs = tmp / "synthetic", tmp / "outputs"
     generate(data)  # the embedded dataset, as `make data` writes it
@@ -195,7 +198,7 @@ def check_demo(tmp: Path, amp: str, device: str = "cuda") -> dict:
     result = run_stages(argv, {}, outputs, "demo")
     if not result["problems"]:
         result["seconds"] = round(sum(s["seconds"] for s in result["stages"].values()), 1)
-        miou = json.loads((outputs / "demo" / "stage3" / "manifest.json").read_text())["outputs"].get("val_miou")
+        miou = json.loads((RunLayout.of(outputs, "demo").stage3().path / MANIFEST).read_text())["outputs"].get("val_miou")
         result["val_miou"] = None if miou is None else round(miou, 2)
     result["device"] = device
     return result

@@ -7,7 +7,8 @@ from PIL import Image
 
 from wsss.data.voc import DatasetError, VOCDataset
 from wsss.io import read_image, read_mask, write_png
-from wsss.saliency import compute_saliency, ensure_saliency, read_saliency
+from wsss.saliency import compute_saliency
+from wsss.saliency_maps import ensure_saliency, read_saliency
 
 SHARED_VOC = Path(__file__).resolve().parents[2] / "shared" / "voc12"
 

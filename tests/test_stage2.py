@@ -262,7 +262,7 @@ def test_a_dataset_other_than_stage1s_is_refused_before_any_work(tmp_path, tiny_
 
 def test_a_photo_larger_than_max_side_is_fused_at_that_size_and_written_at_its_own(setup, monkeypatch):
     """Memory stays bounded on a huge photo: fusion, CRF and built-in saliency work at MAX_SIDE."""
-    from wsss import pseudo, saliency
+    from wsss import pseudo, saliency_maps
 
     data, stage, run = setup
     seen = []
@@ -273,7 +273,7 @@ def test_a_photo_larger_than_max_side_is_fused_at_that_size_and_written_at_its_o
         return real(image, *args, **kwargs)
 
     monkeypatch.setattr(pseudo, "MAX_SIDE", 32)
-    monkeypatch.setattr(saliency, "MAX_SIDE", 32)
+    monkeypatch.setattr(saliency_maps, "MAX_SIDE", 32)
     monkeypatch.setattr(pseudo, "pseudo_mask", spy)
     stage2_main()(["--data", str(data), "--outputs", str(stage.parent.parent), "--run", "r", "--workers", "1"])
     ds = VOCDataset(data, "train")

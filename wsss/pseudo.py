@@ -264,7 +264,7 @@ def refine(image, fused, keys, score, saliency, s: Settings) -> np.ndarray:
 def process_image(s: Settings, job: Job) -> dict:
     """Fuse, CRF and write one image (or read it back if already done); return its figures."""
     from wsss.metrics import confusion_matrix
-    from wsss.saliency import read_saliency
+    from wsss.saliency_maps import read_saliency
 
     paths = {k: item(s.out / k, job.id) for k in PER_IMAGE}
     gt = io.read_mask(job.gt) if job.gt is not None else None
@@ -363,7 +363,8 @@ def _contact_sheet(out: Path, ids: list[str], count: int, seed: int) -> None:
 
 def run(args) -> dict | None:
     """Stage 2 (see the module docstring); returns the manifest, or None when skipped."""
-    from wsss.saliency import BUILTINS, ensure_saliency
+    from wsss.saliency import BUILTINS
+    from wsss.saliency_maps import ensure_saliency
     from wsss.train import init_distributed
 
     check_thresholds(args.fusion, args.bg_threshold, args.fg_threshold)

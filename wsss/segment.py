@@ -59,7 +59,6 @@ from pathlib import Path
 
 from wsss import io
 from wsss.crf import check_crf
-from wsss.eval import evaluate, format_table
 from wsss.layout import EVAL_GLOB, METRICS, MODEL, PRED, PRED_GLOB, STAGE2, Stage3Folder, eval_file
 from wsss.methods import METHODS
 from wsss.modelfile import best_prediction, from_checkpoint, save_model
@@ -80,6 +79,7 @@ from wsss.run import (
     runtime,
     safe_name,
 )
+from wsss.scoring import evaluate, format_table
 from wsss.segtrain import Stage3
 from wsss.stage import StageError, check_processes, check_same_dataset, dataset_inputs, open_stage
 from wsss.train import init_distributed, read_metrics, torch_device
