@@ -24,7 +24,7 @@ from bench.common import machine_info, write_result
 from wsss import erasing, layout
 from wsss import eval as ev
 from wsss.data.voc import VOCDataset
-from wsss.io import MANIFEST, load_checkpoint, read_json
+from wsss.io import MANIFEST, load_checkpoint, read_manifest
 from wsss.layout import RunLayout
 from wsss.models.classifier import build_classifier
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     stage1 = folder.path
     if not (stage1 / MANIFEST).is_file():
         p.error(f"{stage1}: stage 1 is not finished")
-    config = read_json(stage1 / MANIFEST)["config"]
+    config = read_manifest(stage1)["config"]
     dataset = VOCDataset(config["data"], config["train_split"])
     ids = [i for i in dataset.ids if dataset.labels(i).any() and dataset.has_mask(i)][:args.limit]
     kept = sorted(layout.step_number(d.name) for d in stage1.glob(layout.STEP_GLOB) if (d / layout.CAMS).is_dir())

@@ -143,8 +143,9 @@ def run_stages(argv: list[str], stage_argv: dict, outputs: Path, run: str) -> di
 
     cuda = torch.cuda.is_available()
 
+    from wsss import io
     from wsss.cli import stage1, stage2, stage3
-    from wsss.layout import MANIFEST, RunLayout
+    from wsss.layout import RunLayout
 
     result: dict = {"stages": {}, "problems": []}
     for name, main in zip(STAGES, (stage1, stage2, stage3), strict=True):
@@ -156,7 +157,7 @@ def run_stages(argv: list[str], stage_argv: dict, outputs: Path, run: str) -> di
         except (Exception, SystemExit) as e:  # noqa: BLE001 - a failed stage is this check's finding
             result["problems"].append(f"{name}: {type(e).__name__}: {e}")
             return result
-        manifest = json.loads((RunLayout.of(outputs, run).stage(name) / MANIFEST).read_text())
+        manifest = io.read_manifest(RunLayout.of(outputs, run).stage(name))
         result["stages"][name] = {"seconds": round(time.time() - t0, 1),
                                   "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
                                   "phases": manifest["outputs"].get("phases", {}), "config": manifest["config"]}
@@ -189,8 +190,9 @@ def check_cams(run_dir: Path, amp: str) -> dict:
 
 
 def check_demo(tmp: Path, amp: str, device: str = "cuda") -> dict:
+    from wsss import io
     from wsss.data.synthetic import generate
-    from wsss.layout import MANIFEST, RunLayout
+    from wsss.layout import RunLayout
 
     data, outputs = tmp / "synthetic", tmp / "outputs"
     generate(data)  # the embedded dataset, as `make data` writes it
@@ -198,7 +200,7 @@ def check_demo(tmp: Path, amp: str, device: str = "cuda") -> dict:
     result = run_stages(argv, {}, outputs, "demo")
     if not result["problems"]:
         result["seconds"] = round(sum(s["seconds"] for s in result["stages"].values()), 1)
-        miou = json.loads((RunLayout.of(outputs, "demo").stage3().path / MANIFEST).read_text())["outputs"].get("val_miou")
+        miou = io.read_manifest(RunLayout.of(outputs, "demo").stage3().path)["outputs"].get("val_miou")
         result["val_miou"] = None if miou is None else round(miou, 2)
     result["device"] = device
     return result

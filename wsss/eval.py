@@ -49,10 +49,9 @@ import sys
 import time
 from pathlib import Path
 
-from wsss.io import write_json
+from wsss.io import read_manifest, write_json
 from wsss.layout import (
     CONFIG,
-    MANIFEST,
     PRED,
     STAGE2,
     STAGE3,
@@ -142,7 +141,7 @@ def stage3_predictions(stage_dir: Path) -> str:
     if Stage3Folder(stage_dir).pred().is_dir():
         return PRED
     try:
-        listed = list(json.loads((stage_dir / MANIFEST).read_text())["outputs"]["predictions"])
+        listed = list(read_manifest(stage_dir)["outputs"]["predictions"])
     except (OSError, ValueError, KeyError, TypeError):
         listed = []
     if not listed:

@@ -378,3 +378,8 @@ def write_manifest(stage_dir, config: dict, inputs: dict | None = None, outputs:
     }
     write_json(Path(stage_dir) / MANIFEST, manifest)
     return manifest
+
+
+def read_manifest(stage_dir) -> dict:
+    """The manifest `write_manifest` wrote in a stage folder (FileNotFoundError: the stage has not finished)."""
+    return read_json(Path(stage_dir) / MANIFEST)

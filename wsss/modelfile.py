@@ -155,7 +155,7 @@ def from_run(stage: Path, config: dict, classes, net: str | None = None) -> dict
     final, trained = nets.trained_nets(stage)
     if net is not None and net not in trained:
         raise ValueError(f"--net {net}: not a net of {stage} (it trained {', '.join(trained)})")
-    prediction = best_prediction(io.read_json(stage / io.MANIFEST)["outputs"].get("predictions", {}))
+    prediction = best_prediction(io.read_manifest(stage)["outputs"].get("predictions", {}))
     if net is not None and net != final:  # scored at these settings is the final net only
         prediction = {k: v for k, v in prediction.items() if k != "val_miou"}
     return from_checkpoint(stage, config, classes, net or final, prediction)

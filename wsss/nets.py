@@ -61,7 +61,7 @@ def build_net(config: dict, num_classes: int, cls_branch: bool, pretrained: bool
 def trained_nets(stage: Path) -> tuple[str, list[str]]:
     """(the final net's folder, every net's folder) of a finished stage 3, from its manifest."""
     try:
-        outputs = io.read_json(Path(stage) / io.MANIFEST)["outputs"]
+        outputs = io.read_manifest(stage)["outputs"]
         return outputs["final_net"], list(outputs.get("nets", {})) or [outputs["final_net"]]
     except (FileNotFoundError, KeyError) as e:
         raise FileNotFoundError(f"{Path(stage) / io.MANIFEST}: no final net recorded (has stage 3 finished?)") from e

@@ -125,7 +125,7 @@ def make_step(args):
 
 def stage2_crf(stage2) -> dict:
     """The CRF kernels stage 2 ran with (from its manifest's config)."""
-    params = crf_params_of(io.read_json(stage2 / io.MANIFEST).get("config", {}))
+    params = crf_params_of(io.read_manifest(stage2).get("config", {}))
     log.info("PSL+: CRF kernels of stage 2: %s", params)
     return params
 
