@@ -159,3 +159,16 @@ def test_a_utf16_class_names_file_is_decoded(tiny_voc):
     names = (tiny_voc / "class_names.txt").read_text()
     (tiny_voc / "class_names.txt").write_text(names, encoding="utf-16")
     assert VOCDataset(tiny_voc, "train").class_names == tuple(names.split())
+
+
+def test_a_dataset_error_keeps_its_one_line_message_from_a_worker():
+    """torch rebuilds a DataLoader worker's error from its traceback text; a process pool pickles it."""
+    import pickle
+
+    from wsss.stage import error_line
+
+    text = ("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            '  File "wsss/data/voc.py", line 1, in image\nwsss.errors.DatasetError: a.png: cannot read image')
+    assert DatasetError(text).message == "a.png: cannot read image" == error_line(DatasetError(text))
+    sent = pickle.loads(pickle.dumps(DatasetError("b.png: cannot read mask")))
+    assert isinstance(sent, DatasetError) and sent.message == "b.png: cannot read mask"
