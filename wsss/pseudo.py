@@ -361,14 +361,12 @@ def _contact_sheet(out: Path, ids: list[str], count: int, seed: int) -> None:
     io.write_png(out / CONTACT_SHEET, sheet)
 
 
-def run(args) -> dict | None:
-    """Stage 2 (see the module docstring); returns the manifest, or None when skipped."""
+def _seeds_and_inputs(args, dataset: VOCDataset) -> tuple[Path, dict]:
+    """(the seeds folder, the stage's inputs), every check on them made before any work: stage 1
+    finished on the same dataset (or a --seeds folder whose every file fits its image), a readable
+    dataset, a saliency folder that exists."""
     from wsss.saliency import BUILTINS
-    from wsss.saliency_maps import ensure_saliency
-    from wsss.train import init_distributed
 
-    check_thresholds(args.fusion, args.bg_threshold, args.fg_threshold)
-    dataset = VOCDataset(args.data, args.train_split, limit=args.limit)
     if args.seeds is None:
         stage1 = layout(args).stage1.path
         if not (stage1 / io.MANIFEST).is_file():
@@ -384,6 +382,17 @@ def run(args) -> dict | None:
         if not Path(args.saliency).is_dir():
             raise StageError(f"--saliency {args.saliency}: not {' or '.join(BUILTINS)} and not a folder")
         inputs["saliency"] = Path(args.saliency)
+    return seeds, inputs
+
+
+def run(args) -> dict | None:
+    """Stage 2 (see the module docstring); returns the manifest, or None when skipped."""
+    from wsss.saliency_maps import ensure_saliency
+    from wsss.train import init_distributed
+
+    check_thresholds(args.fusion, args.bg_threshold, args.fg_threshold)
+    dataset = VOCDataset(args.data, args.train_split, limit=args.limit)
+    seeds, inputs = _seeds_and_inputs(args, dataset)
     if args.crf:
         check_crf("stage 2", "--no-crf")
     stage = open_stage(args, STAGE2, inputs, owned=(SALIENCY, *PER_IMAGE, CONTACT_SHEET))
