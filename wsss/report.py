@@ -47,7 +47,7 @@ from wsss.scoremaps import read_cams
 from wsss.viz import colorize, heatmap, resize, to_rgb
 
 log = logging.getLogger("wsss")
-PAGE, FOLDER = layout.REPORT_PAGE, layout.REPORT_FOLDER
+PAGE = layout.REPORT_PAGE
 THUMB_HEIGHT = 128  # panels are written at this height: small files, a row of 9 panels fits a screen
 NOT_CURVES = {"epoch", "seconds", "net", "steps", "val_classes", "val_class"}  # metrics.jsonl keys that are not training curves
 
@@ -171,7 +171,7 @@ class Pictures:
     the report did not write, whatever its name."""
 
     def __init__(self, run: Path):
-        self.run, self.root = run, run / FOLDER
+        self.run, self.root = run, RunLayout(run).report
         self.written: set[Path] = set()
 
     def panel(self, name: str, rgb: np.ndarray, nearest: bool = False) -> str:

@@ -216,9 +216,9 @@ def run(args) -> dict | None:
 def _write_model(out: Path, config: dict, final: str, classes, predictions: dict) -> str:
     """stage3/model.pt: the final net with what it takes to use it anywhere (`wsss.modelfile`), with
     the test-time settings of the best scored prediction folder; returns its name in the stage folder."""
-    save_model(out / MODEL, from_checkpoint(out, config, classes, final, best_prediction(predictions)))
-    log.info("model file: %s (python -m wsss.predict --model %s --images DIR --out DIR)", out / MODEL,
-             out / MODEL)
+    path = Stage3Folder(out).model
+    save_model(path, from_checkpoint(out, config, classes, final, best_prediction(predictions)))
+    log.info("model file: %s (python -m wsss.predict --model %s --images DIR --out DIR)", path, path)
     return MODEL
 
 
