@@ -271,27 +271,27 @@ def process_image(s: Settings, job: Job) -> dict:
     if job.regions is None:
         shape = gt.shape if gt is not None else _read_image(job.image).shape[:2]
         seeds = fused = pseudo = np.zeros(shape, np.uint8)
-        if not paths["pseudo"].is_file():
-            io.write_mask(paths["fused"], fused)
-            io.write_mask(paths["pseudo"], pseudo)
+        if not paths[PSEUDO].is_file():
+            io.write_mask(paths[FUSED], fused)
+            io.write_mask(paths[PSEUDO], pseudo)
     else:
         image = _read_image(job.image)
         keys, masks, score = load_regions(job.regions, job.label_ids, image.shape[:2])
         seeds = regions_label_map(masks, keys, score)
-        done = paths["fused"].is_file() and paths["pseudo"].is_file()
-        if not done or (job.overlay and not paths["overlay"].is_file()):
+        done = paths[FUSED].is_file() and paths[PSEUDO].is_file()
+        if not done or (job.overlay and not paths[OVERLAY].is_file()):
             saliency = read_saliency(Stage2Folder(s.out).saliency, job.id)
             if saliency.shape != image.shape[:2]:
                 raise DatasetError(f"{item(Stage2Folder(s.out).saliency, job.id)}: saliency {saliency.shape} "
                                    f"differs from image size {image.shape[:2]}")
         if done:
-            fused, pseudo = io.read_mask(paths["fused"]), io.read_mask(paths["pseudo"])
+            fused, pseudo = io.read_mask(paths[FUSED]), io.read_mask(paths[PSEUDO])
         else:
             fused, pseudo = bounded_pseudo_mask(image, keys, masks, score, saliency, s)
-            io.write_mask(paths["fused"], fused)
-            io.write_mask(paths["pseudo"], pseudo)  # written last: marks the image done
-        if job.overlay and not paths["overlay"].is_file():
-            io.write_png(paths["overlay"], _overlay(image, saliency, fused, pseudo, job.id, s))
+            io.write_mask(paths[FUSED], fused)
+            io.write_mask(paths[PSEUDO], pseudo)  # written last: marks the image done
+        if job.overlay and not paths[OVERLAY].is_file():
+            io.write_png(paths[OVERLAY], _overlay(image, saliency, fused, pseudo, job.id, s))
     figures = {"pixels": fused.size}
     for name, mask in (("fused", fused), ("pseudo", pseudo)):
         figures[f"{name}_ignored"] = int((mask == IGNORE).sum())
