@@ -27,6 +27,7 @@ LAYERS = {
     "wsss.shapes": BASE,
     # algorithms: arrays in, arrays out; no paths, no flags, no run folders
     "wsss.fusion": ALGORITHMS,
+    "wsss.affinity": ALGORITHMS,
     "wsss.mining": ALGORITHMS,
     "wsss.metrics": ALGORITHMS,
     "wsss.crf": ALGORITHMS,
@@ -38,6 +39,7 @@ LAYERS = {
     "wsss.models.backbones": ALGORITHMS,
     "wsss.models.classifier": ALGORITHMS,
     "wsss.models.segnet": ALGORITHMS,
+    "wsss.models.affinity": ALGORITHMS,
     # artifacts: the files of a dataset and of a run, one reader and one writer per format
     "wsss.io": ARTIFACTS,
     "wsss.scoremaps": ARTIFACTS,
@@ -62,6 +64,7 @@ LAYERS = {
     "wsss.segtrain": ENGINE,
     # stages and methods
     "wsss.erasing": STAGES,
+    "wsss.rw": STAGES,
     "wsss.pseudo": STAGES,
     "wsss.segment": STAGES,
     "wsss.methods": STAGES,
@@ -80,8 +83,8 @@ LAYERS = {
 
 # modules that must import with torch absent (the evaluator, the report's readers and every algorithm
 # or artifact module that has no network in it)
-TORCH_FREE = ("wsss.errors", "wsss.labels", "wsss.layout", "wsss.shapes", "wsss.fusion", "wsss.mining",
-              "wsss.metrics", "wsss.crf", "wsss.saliency", "wsss.data.transforms", "wsss.io", "wsss.scoremaps",
+TORCH_FREE = ("wsss.affinity", "wsss.errors", "wsss.labels", "wsss.layout", "wsss.shapes", "wsss.fusion",
+              "wsss.mining", "wsss.metrics", "wsss.crf", "wsss.saliency", "wsss.data.transforms", "wsss.io", "wsss.scoremaps",
               "wsss.data.voc", "wsss.viz", "wsss.stage", "wsss.run", "wsss.scoring", "wsss.eval", "wsss.workers",
               "wsss.saliency_maps")
 

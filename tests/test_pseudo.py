@@ -42,11 +42,17 @@ def test_bg_threshold_moves_the_background():
     assert out[0, 5] == 0 and out[0, 6] == 255
 
 
-@pytest.mark.parametrize("rule", sorted(FUSION_RULES))
+@pytest.mark.parametrize("rule", sorted(set(FUSION_RULES) - {"seeds"}))
 def test_no_class_regions_leaves_saliency_only(rule):
     empty = np.zeros((0, 1, 8), bool)
     out = fuse_with_saliency(empty, [], np.zeros((0, 1, 8), np.float32), SALIENCY, bg_threshold=0.1, rule=rule)
     assert out[0].tolist() == [255, 0, 255, 255, 0, 255, 255, 255]
+
+
+def test_the_seeds_rule_ignores_saliency():
+    empty = np.zeros((0, 1, 8), bool)
+    out = fuse_with_saliency(empty, [], np.zeros((0, 1, 8), np.float32), SALIENCY, bg_threshold=0.1, rule="seeds")
+    assert out[0].tolist() == [0] * 8
 
 
 def test_regions_label_map_is_stage1s_union():
@@ -79,22 +85,25 @@ def fused_row(rule, regions, scores, saliency, keys, **kwargs) -> list[int]:
 
 SINGLE = {  # one label (3): the object seen by both, by saliency only, background, unsure
     "regions": ["x..."], "scores": [[.9, .4, 0, .1]], "saliency": [.9, .9, .02, .3], "keys": [3],
-    "expected": {"mined-first": [3, 255, 0, 255], "ae-psl": [3, 255, 0, 255], "saliency-first": [3, 3, 0, 255]},
+    "expected": {"mined-first": [3, 255, 0, 255], "ae-psl": [3, 255, 0, 255], "saliency-first": [3, 3, 0, 255],
+                 "saliency-seeds": [3, 3, 0, 255], "seeds": [3, 0, 0, 0]},
 }
 TWO = {  # labels 3 and 7: mined for 3, mined for both (7 scores higher), salient and mined for neither, 7 on low saliency
     "regions": ["xx..", ".x.x"], "scores": [[.9, .6, .2, 0], [.1, .8, .5, .9]], "saliency": [.9, .9, .8, .02],
     "keys": [3, 7],
-    "expected": {"mined-first": [3, 7, 255, 7], "ae-psl": [3, 7, 255, 255], "saliency-first": [3, 7, 7, 0]},
+    "expected": {"mined-first": [3, 7, 255, 7], "ae-psl": [3, 7, 255, 255], "saliency-first": [3, 7, 7, 0],
+                 "saliency-seeds": [3, 7, 7, 255], "seeds": [3, 7, 0, 7]},
 }
 SALIENCY_MISSES_OBJECT = {  # the object is mined, its saliency low, then in between; a background pixel
     "regions": ["xx."], "scores": [[.9, .8, 0]], "saliency": [.05, .3, .05], "keys": [3],
-    "expected": {"mined-first": [3, 3, 0], "ae-psl": [255, 3, 0], "saliency-first": [0, 255, 0]},
+    "expected": {"mined-first": [3, 3, 0], "ae-psl": [255, 3, 0], "saliency-first": [0, 255, 0],
+                 "saliency-seeds": [255, 255, 0], "seeds": [3, 3, 0]},
 }
 CAM_OUTSIDE_SALIENCY = {  # object mined; object salient, CAM weak; mined spill on background; CAM on background;
     # a salient region that misses every CAM
     "regions": ["x.x.."], "scores": [[.9, .3, .8, .5, 0]], "saliency": [.9, .9, .05, .05, .9], "keys": [3],
     "expected": {"mined-first": [3, 255, 3, 0, 255], "ae-psl": [3, 255, 255, 0, 255],
-                 "saliency-first": [3, 3, 0, 0, 255]},
+                 "saliency-first": [3, 3, 0, 0, 255], "saliency-seeds": [3, 3, 255, 0, 255], "seeds": [3, 0, 3, 0, 0]},
 }
 CASES = {"single label": SINGLE, "two labels": TWO, "saliency misses the object": SALIENCY_MISSES_OBJECT,
          "CAM outside the salient region": CAM_OUTSIDE_SALIENCY}
@@ -112,6 +121,7 @@ def test_two_labels_with_conflicts_ignored():
     row = {rule: fused_row(rule, c["regions"], c["scores"], c["saliency"], c["keys"], conflict="ignore")
            for rule in FUSION_RULES}
     assert row["mined-first"] == [3, 255, 255, 7] and row["ae-psl"] == [3, 255, 255, 255]
+    assert row["seeds"] == [3, 255, 0, 7]
     assert row["saliency-first"] == c["expected"]["saliency-first"]  # no mined overlap to resolve
 
 

@@ -238,3 +238,39 @@ def test_offline_imagenet_weights_are_one_clear_line_and_the_retry_is_not_blocke
     assert str(Path(torch.hub.get_dir()) / "checkpoints" / "resnet50-") in message and "--weights PATH" in message
     stage = run_stage1(data, tmp_path / "o", "--ae-steps", "1")  # the retry with other flags needs no --force
     assert (stage / "manifest.json").is_file()
+
+
+def test_random_walk_seeds_are_written_resumed_and_read_by_stage2(tmp_path, tiny_voc_factory):
+    from tests.test_stage2 import stage2_main
+    from wsss.scoremaps import read_seeds
+
+    data = tiny_voc_factory("data", n_train=3, n_val=1)
+    dataset = VOCDataset(data, "train")
+    stage = run_stage1(data, tmp_path / "out", "--ae-steps", "1", "--rw", "--rw-epochs", "1")
+    outputs = io.read_json(stage / "manifest.json")["outputs"]
+    assert set(outputs["rw"]) >= {"final_loss", "final_bg", "final_fg", "final_neg", "coverage"}
+    assert (stage / "rw" / "done.json").is_file() and (stage / "rw" / "checkpoint.pt").is_file()
+    for id_ in dataset.ids:
+        h, w = io.read_image(data / "JPEGImages" / f"{id_}.jpg").shape[:2]
+        keys, masks, score = read_seeds(stage / "rw" / "seeds" / f"{id_}.npz", dataset.label_ids(id_), (h, w))
+        assert keys.tolist() == [int(k) for k in dataset.label_ids(id_)] and masks.shape == score.shape
+        for m in score:  # each class divided by its peak (an untrained net's CAM may be all zero)
+            assert m.max() == pytest.approx(1.0, abs=1 / 255) or m.max() == 0
+        assert set(np.unique(io.read_mask(stage / "rw" / "seeds" / f"{id_}.png"))) <= {0, *keys.tolist()}
+
+    # a seed file lost (a kill mid-walk) is walked again, the others kept, same bytes
+    first = dataset.ids[0]
+    before = {p.name: p.read_bytes() for p in (stage / "rw" / "seeds").iterdir()}
+    (stage / "rw" / "seeds" / f"{first}.png").unlink()
+    (stage / "rw" / "done.json").unlink()
+    (stage / "manifest.json").unlink()
+    run_stage1(data, tmp_path / "out", "--ae-steps", "1", "--rw", "--rw-epochs", "1")
+    assert {p.name: p.read_bytes() for p in (stage / "rw" / "seeds").iterdir()} == before
+
+    # stage 2 takes the walked seeds: with the seeds rule and no CRF its masks are theirs
+    stage2_main()(["--data", str(data), "--outputs", str(tmp_path / "out"), "--run", "r", "--device", "cpu",
+                   "--workers", "0", "--fusion", "seeds", "--no-crf", "--overlays", "0"])
+    for id_ in dataset.ids:
+        if dataset.labels(id_).any():
+            assert np.array_equal(io.read_mask(tmp_path / "out" / "r" / "stage2" / "pseudo" / f"{id_}.png"),
+                                  io.read_mask(stage / "rw" / "seeds" / f"{id_}.png"))

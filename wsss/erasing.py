@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import warnings
 from concurrent.futures import as_completed
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ from wsss.cam import load_cams, multiscale_cams_batch, save_cams
 from wsss.data.transforms import normalize, train_augment
 from wsss.data.voc import DatasetError, VOCDataset, list_path
 from wsss.fusion import regions_label_map
-from wsss.layout import CAMS, DONE, OVERLAY, REGIONS, STAGE1, STEP_GLOB, Stage1Folder, item, step_name
+from wsss.layout import CAMS, DONE, OVERLAY, REGIONS, RW, STAGE1, STEP_GLOB, Stage1Folder, item, step_name
 from wsss.mining import erase, mine
 from wsss.models.classifier import build_classifier
 from wsss.run import (
@@ -92,6 +93,8 @@ from wsss.run import (
     shard,
     spread,
 )
+from wsss.rw import add_args as add_rw_args
+from wsss.rw import run_rw
 from wsss.scoremaps import write_seeds
 from wsss.shapes import MAX_SIDE, batches, bucket, fitted_size, shard_batches, size_divisor
 from wsss.stage import check_processes, dataset_inputs, open_stage
@@ -128,6 +131,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a backbone state dict")
     g.add_argument("--output-stride", type=int, default=16, choices=[8, 16])
     g.add_argument("--epochs", type=positive_int, default=3, help="training epochs per erasing step")
+    g.add_argument("--iterations", type=int, default=0,
+                   help="at least this many SGD steps per erasing step (more epochs on a small dataset: an "
+                        "epoch of a few hundred images is a few dozen steps); 0: --epochs alone")
     g.add_argument("--batch-size", type=positive_int, default=16)
     g.add_argument("--lr", type=float, default=0.01, help="backbone learning rate (the head gets 10x)")
     g.add_argument("--crop", type=positive_int, default=160, help="training crop size")
@@ -153,7 +159,18 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(vgg16); VOC photos (at most 500 px) are never downscaled")
     runtime(g.add_argument("--overlays", type=int, default=24, help="number of overlay pictures to draw"))
     add_epoch_val(g)
+    add_rw_args(parser)
     return parser
+
+
+def step_epochs(epochs: int, iterations: int, images: int, batch_size: int) -> int:
+    """Epochs of an erasing step: `epochs`, or more where that is fewer than `iterations` SGD steps.
+
+    A budget in epochs shrinks with the dataset: 3 epochs of 600 images at batch 16 are 111 steps,
+    too few for a 20-class classifier (docs/results.md, "Stage 1's budget"), while 3 epochs of VOC's
+    10,582 are 1,983. `--iterations` sets a floor in steps that does not."""
+    per_epoch = max(images // batch_size, 1)
+    return max(epochs, math.ceil(iterations / per_epoch))
 
 
 # ---------------------------------------------------------------- erasing
@@ -386,11 +403,12 @@ def run_step(step: int, args, dataset, ids, labelled, out: Path, region_dirs, st
     val = held_out(args)
     if val is not None:
         evaluate = lambda m: {"val_mAP": classification_map(m, val, val.ids, torch_device(device))}  # noqa: E731
+    epochs = step_epochs(args.epochs, args.iterations, len(train_ids), args.batch_size)
     model = fit(model, ErasedImages(dataset, train_ids, region_dirs, args.crop), classification_step, step_dir,
-                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=device,
+                epochs=epochs, batch_size=args.batch_size, lr=args.lr, device=device,
                 seed=args.seed + 1000 * step, workers=args.workers, param_groups=model.param_groups,
                 evaluate=evaluate, desc=f"AE step {step}", amp=resolve_amp(args.amp, device))
-    final = epoch_metrics(step_dir, args.epochs)  # by number: a stale line of another epoch never decides
+    final = epoch_metrics(step_dir, epochs)  # by number: a stale line of another epoch never decides
     kept = final["loss"] <= stop_loss
     if kept:
         with phase("cams"):
@@ -471,7 +489,7 @@ def run(args) -> dict | None:
     init_distributed(device)
     dataset = VOCDataset(args.data, args.train_split, limit=args.limit)
     dataset.validate()
-    stage = open_stage(args, STAGE1, dataset_inputs(dataset), owned=(STEP_GLOB, REGIONS, OVERLAY))
+    stage = open_stage(args, STAGE1, dataset_inputs(dataset), owned=(STEP_GLOB, REGIONS, RW, OVERLAY))
     if stage is None:
         return None
     out = stage.path
@@ -509,6 +527,7 @@ def run(args) -> dict | None:
     kept = [s["step"] for s in steps if s["kept"]]
     write_union(dataset, ids, out, kept, args.seed_threshold)
     barrier()
+    rw = run_rw(args, dataset, ids, labelled, out, device) if args.rw else None
     if not main:
         return None
     labelled_ids = [i for i in ids if i in labelled]
@@ -522,6 +541,8 @@ def run(args) -> dict | None:
         "coverage": {step_name(s["step"]): round(s["coverage"], 4) for s in steps if s["kept"]},
         "union_coverage": round(coverage(Stage1Folder(out).regions, labelled_ids), 4),
     }
+    if rw is not None:  # stage 2 takes these seeds instead of the union's
+        outputs["rw"] = {**rw, "coverage": round(coverage(Stage1Folder(out).rw_seeds, labelled_ids), 4)}
     for s in steps:
         log.info("step %d: final loss %.4f, region coverage %s%s", s["step"], s["final_loss"],
                  "-" if s["coverage"] is None else f"{100 * s['coverage']:.1f}%", "" if s["kept"] else " (discarded)")

@@ -18,6 +18,13 @@ ignored by stage 3); "low saliency" is saliency < `--bg-threshold`, "high" is >=
   CAM score (stage 1's per-class "score", the max over the erasing steps; a tie goes to the class
   listed first); low saliency is background; in between ignored. The mined regions are not used.
 
+- `saliency-seeds`: saliency-first, except that a pixel of low saliency inside a seed region is ignored
+  instead of background: where saliency and the seeds disagree, neither is trusted. Saliency misses
+  objects (objects that touch the image border, low-contrast ones) and saliency-first makes them
+  confident background; good seeds (the random-walk seeds of `--rw`) cover many of them.
+- `seeds`: the seeds alone, as IRN makes its pseudo-labels (no saliency): a pixel in a seed region
+  takes its class (overlaps as `--conflict`), every other pixel is background.
+
 Multi-label images and overlaps: in mined-first and ae-psl a pixel in the regions of two or more
 classes takes the one with the highest score (`--conflict score`, the rule of stage 1's
 regions/ID.png) or is ignored (`--conflict ignore`); in saliency-first every salient pixel takes its
@@ -108,6 +115,19 @@ def fuse_saliency_first(regions, keys, score, saliency, *, bg_threshold, fg_thre
     return out
 
 
+def fuse_saliency_seeds(regions, keys, score, saliency, *, bg_threshold, fg_threshold, conflict) -> np.ndarray:
+    """Saliency first, a seeded pixel of low saliency ignored (module docstring)."""
+    out = fuse_saliency_first(regions, keys, score, saliency, bg_threshold=bg_threshold,
+                              fg_threshold=fg_threshold, conflict=conflict)
+    out[(out == 0) & regions.any(axis=0)] = IGNORE
+    return out
+
+
+def fuse_seeds(regions, keys, score, saliency, *, bg_threshold, fg_threshold, conflict) -> np.ndarray:
+    """The seeds alone (IRN; module docstring): seeded pixels their class, the rest background."""
+    return regions_label_map(regions, keys, score, conflict)
+
+
 # name -> rule(regions bool (n, H, W), keys int64 (n,), score float32 (n, H, W) normalised CAM,
 # saliency float32 (H, W) in [0, 1], *, bg_threshold, fg_threshold, conflict) -> uint8 (H, W) with
 # 0 = background, a key, or 255 = ignore. A rule uses the arguments it needs; the inputs come
@@ -116,7 +136,10 @@ FUSION_RULES = {
     "mined-first": fuse_mined_first,
     "ae-psl": fuse_ae_psl,
     "saliency-first": fuse_saliency_first,
+    "saliency-seeds": fuse_saliency_seeds,
+    "seeds": fuse_seeds,
 }
+SALIENCY_FIRST = ("saliency-first", "saliency-seeds")  # the rules that take the foreground from saliency
 
 
 def fuse_with_saliency(regions: np.ndarray, keys, score: np.ndarray, saliency: np.ndarray,

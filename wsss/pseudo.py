@@ -25,6 +25,9 @@ Seeds: stage 2 reads its seeds through one format, stage 1's `regions/ID.npz` (w
                               uint8 steps of 1/255, at the image's size or at wsss.scoremaps'
                               stored size (a quarter of it, resized bilinearly: stage 1 stores it so)
 
+Stage 1 run with `--rw` writes random-walk seeds (wsss.rw) in this format to `rw/seeds/`; stage 2
+then reads those instead of the union's.
+
 Any seed source in this format (another CAM method, an affinity-refined CAM, hand-drawn scribbles)
 feeds stage 2 with `--seeds DIR` instead of stage 1's regions, with no code change: the folder is
 checked up front (every file against its image's size and labels; an error names the file) and its
@@ -49,6 +52,7 @@ from wsss.fusion import (
     FG_THRESHOLD,
     FUSION_DEFAULT,
     FUSION_RULES,
+    SALIENCY_FIRST,
     fuse_with_saliency,
     fusion_of,
     regions_label_map,
@@ -110,7 +114,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="how mined regions and saliency make the pseudo-masks (wsss/pseudo.py): mined-first (a "
                         "mined pixel keeps its class, saliency only decides the background), ae-psl (as "
                         "mined-first, but a mined pixel of low saliency is ignored), saliency-first (high "
-                        "saliency is foreground, classed by the highest CAM score among the image's labels)")
+                        "saliency is foreground, classed by the highest CAM score among the image's labels), "
+                        "saliency-seeds (as saliency-first, but a seeded pixel of low saliency is ignored), "
+                        "seeds (the seeds alone, the rest background: no saliency, as IRN)")
     g.add_argument("--bg-threshold", type=float, default=BG_THRESHOLD,
                    help="pixels with saliency below this are background (in mined-first and ae-psl only the "
                         "unmined ones). Low, as AE-PSL takes only clearly non-salient pixels "
@@ -151,9 +157,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def check_thresholds(fusion: str, bg_threshold: float, fg_threshold: float) -> None:
     """Thresholds a rule cannot use stop before any work, with the flags to fix."""
-    if fusion == "saliency-first" and fg_threshold < bg_threshold:
+    if fusion in SALIENCY_FIRST and fg_threshold < bg_threshold:
         raise StageError(f"--fg-threshold {fg_threshold} is below --bg-threshold {bg_threshold}: "
-                         f"saliency-first needs fg >= bg")
+                         f"{fusion} needs fg >= bg")
 
 
 # ---------------------------------------------------------------- one image (in a worker process)
@@ -371,7 +377,10 @@ def _seeds_and_inputs(args, dataset: VOCDataset) -> tuple[Path, dict]:
         stage1 = layout(args).stage1.path
         if not (stage1 / io.MANIFEST).is_file():
             raise StageError(f"{stage1}: stage 1 is not complete (no {io.MANIFEST}); run stage 1 first")
-        seeds, inputs = Stage1Folder(stage1).regions, {STAGE1: stage1}
+        # a stage 1 run with --rw made random-walk seeds: those, not the union's
+        walked = "rw" in io.read_manifest(stage1).get("outputs", {})
+        seeds = Stage1Folder(stage1).rw_seeds if walked else Stage1Folder(stage1).regions
+        inputs = {STAGE1: stage1}
         check_same_dataset(stage1, dataset, "stage 2")
     dataset.validate()
     if args.seeds is not None:

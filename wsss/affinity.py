@@ -1,0 +1,139 @@
+"""Inter-pixel affinity and the random walk (an algorithm: arrays in, arrays out; torch-free).
+
+A CAM is right about *where* an object is and wrong about its extent: it covers the discriminative
+parts and leaks over the borders. AffinityNet (Ahn & Kwak, CVPR 2018, "PSA") and IRN (Ahn et al.,
+CVPR 2019) fix that without any other supervision:
+
+1. the confident parts of the CAMs (high: that class; low: background; the rest unknown) say, for
+   pairs of nearby pixels, "same label" or "different label" (`confident_labels`, `pair_labels`);
+2. a small net on the classifier's features learns a feature per pixel whose L1 distance gives the
+   affinity of a pair, a = exp(-mean |f_i - f_j|) (PSA's form; wsss.models.affinity), trained with
+   PSA's loss (background pairs 1/4, foreground pairs 1/4, pairs of different labels 1/2);
+3. the predicted affinities, raised to a power beta and normalised, are the transition matrix of a
+   random walk over the feature grid (`transition_matrix`); walking the CAMs spreads each class over
+   the pixels that have high affinity to it, up to the object's boundary, where affinity drops
+   (`random_walk`); a background threshold on the walked maps, normalised per class, gives the labels
+   (`walk_labels`).
+
+Settings, and where they come from:
+
+- RADIUS 5 (pairs within 5 grid cells; PSA and IRN both train and walk with radius 5).
+- Confident thresholds FG_CONFIDENT 0.30 / BG_CONFIDENT 0.05 on the normalised CAM (IRN's
+  conf_fg_thres / conf_bg_thres). Stricter ones (0.7 / 0.3) gave worse seeds on the demo data:
+  the foreground pairs then hold only the discriminative parts.
+- BETA 10 (IRN's beta; PSA used 8): sharpens the affinities so the walk stops at boundaries.
+  Lower (6) let the classes flood the background.
+- WALK_STEPS 64 on a grid of stride 8. IRN walks 2^8 = 256 steps on a stride-4 grid. A walk's reach
+  grows with the square root of its steps, so 64 steps at stride 8 reach as many image pixels as
+  256 steps at stride 4 (8 * sqrt(64) = 4 * sqrt(256) = 64 px). 16 to 64 steps scored within a point
+  of each other on the demo data, 256 lower (the classes spread past their objects).
+- WALK_BG_THRESHOLD 0.6: background where every walked class map, divided by its maximum, is below
+  it (IRN pads a constant background score the same way, at 0.25 of the global maximum). Swept on
+  both of our datasets (docs/results.md, "Random-walk seeds"): 0.55-0.65 best, 0.6 within a point
+  of the best on each.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+
+from wsss.labels import IGNORE
+
+RADIUS = 5
+BETA = 10.0
+WALK_STEPS = 64
+FG_CONFIDENT = 0.30
+BG_CONFIDENT = 0.05
+WALK_BG_THRESHOLD = 0.6
+
+
+def pair_offsets(radius: int = RADIUS) -> list[tuple[int, int]]:
+    """The (dy, dx) of the pairs a pixel forms with its neighbours closer than `radius`, each
+    unordered pair once (dy > 0, or dy == 0 and dx > 0), as PSA and IRN index them."""
+    return [(dy, dx) for dy in range(radius) for dx in range(-radius + 1, radius)
+            if (dy > 0 or dx > 0) and dy * dy + dx * dx < radius * radius]
+
+
+def shifted(a, dy: int, dx: int):
+    """(a[..., y, x], a[..., y + dy, x + dx]) over the (y, x) where both lie inside the grid (the last
+    two axes); plain slicing, so it serves numpy arrays and torch tensors alike."""
+    h, w = a.shape[-2:]
+    c0, c1 = (0, w - dx) if dx >= 0 else (-dx, w)
+    return a[..., :h - dy, c0:c1], a[..., dy:, c0 + dx:c1 + dx]
+
+
+def confident_labels(score: np.ndarray, keys, fg: float = FG_CONFIDENT, bg: float = BG_CONFIDENT) -> np.ndarray:
+    """uint8 HxW from normalised CAMs (n, H, W): the key of the highest class where it is >= `fg`,
+    0 (background) where every class is < `bg`, IGNORE in between (and where the image has no class)."""
+    keys = np.asarray(keys, np.int64).reshape(-1)
+    if len(keys) == 0:
+        return np.full(score.shape[1:], IGNORE, np.uint8)
+    top = score.max(axis=0)
+    out = np.full(top.shape, IGNORE, np.uint8)
+    out[top < bg] = 0
+    sure = top >= fg
+    out[sure] = keys[np.argmax(score, axis=0)][sure]
+    return out
+
+
+def to_grid(labels: np.ndarray, stride: int, size: tuple[int, int]) -> np.ndarray:
+    """The label at the centre of each stride x stride cell, cropped or padded (IGNORE) to `size`."""
+    grid = labels[stride // 2::stride, stride // 2::stride][:size[0], :size[1]]
+    out = np.full(size, IGNORE, np.uint8)
+    out[:grid.shape[0], :grid.shape[1]] = grid
+    return out
+
+
+def pair_labels(grid: np.ndarray, radius: int = RADIUS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(background pairs, foreground pairs, pairs of different labels), bool, one entry per pair in
+    the order of `pair_offsets` x `shifted` (the order `wsss.models.affinity.pair_affinity` gives);
+    pairs with an IGNORE end are in none of the three."""
+    bg, fg, neg = [], [], []
+    for dy, dx in pair_offsets(radius):
+        a, b = shifted(grid, dy, dx)
+        known = (a != IGNORE) & (b != IGNORE)
+        same = known & (a == b)
+        bg.append((same & (a == 0)).ravel())
+        fg.append((same & (a != 0)).ravel())
+        neg.append((known & (a != b)).ravel())
+    return np.concatenate(bg), np.concatenate(fg), np.concatenate(neg)
+
+
+def transition_matrix(features: np.ndarray, beta: float = BETA, radius: int = RADIUS) -> sparse.csr_matrix:
+    """The walk's transition matrix T (N x N, N = H * W) of features (C, H, W): affinities
+    a = exp(-mean |f_i - f_j|) for both directions of every pair within `radius` and 1 on the diagonal,
+    raised to `beta`, each column divided by its sum (x -> x @ T averages over a pixel's neighbours)."""
+    features = np.asarray(features, np.float32)
+    h, w = features.shape[1:]
+    index = np.arange(h * w).reshape(h, w)
+    rows, cols, values = [index.ravel()], [index.ravel()], [np.ones(h * w, np.float32)]
+    for dy, dx in pair_offsets(radius):
+        fa, fb = shifted(features, dy, dx)
+        ia, ib = shifted(index, dy, dx)
+        a = np.exp(-beta * np.abs(fa - fb).mean(axis=0)).ravel()  # exp(-d) ** beta
+        rows += [ia.ravel(), ib.ravel()]
+        cols += [ib.ravel(), ia.ravel()]
+        values += [a, a]
+    affinity = sparse.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
+                                 shape=(h * w, h * w))
+    return sparse.csr_matrix(affinity.multiply(1.0 / np.asarray(affinity.sum(axis=0)).ravel()[None]))
+
+
+def random_walk(maps: np.ndarray, transition: sparse.csr_matrix, steps: int = WALK_STEPS) -> np.ndarray:
+    """maps (n, H, W) walked `steps` times: x <- x @ T for each map (flattened)."""
+    n, h, w = maps.shape
+    x = np.asarray(maps, np.float64).reshape(n, h * w).T
+    step = sparse.csr_matrix(transition.T)
+    for _ in range(steps):
+        x = step @ x
+    return x.T.reshape(n, h, w).astype(np.float32)
+
+
+def walk_labels(walked: np.ndarray, bg_threshold: float = WALK_BG_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+    """(masks bool (n, H, W), score float32 (n, H, W) in [0, 1]) of walked class maps: each map divided
+    by its maximum is the score; a class's mask is where its score reaches `bg_threshold` (where two
+    reach it the seeds' reader gives the pixel to the higher score)."""
+    walked = np.clip(np.asarray(walked, np.float32), 0, None)
+    peak = walked.reshape(len(walked), -1).max(axis=1) if walked.size else np.zeros(len(walked), np.float32)
+    score = walked / np.maximum(peak, 1e-12)[:, None, None]
+    return score >= bg_threshold, score
