@@ -25,7 +25,8 @@ CAM seeds (`--cam`): each ID.npz holds "cam" (n, H, W) in [0, 1] (wsss.cam's for
 int64 (n,) mask ids; a constant background plane at threshold t is put before the CAMs and the argmax is the
 label (as IRN's eval_cam), for every threshold of the sweep in one pass over the images. The same
 sweep runs on stage 1's union (regions/ID.npz, whose "score" is the max normalised CAM over the
-erasing steps).
+erasing steps), and on the random-walk seeds of a run with --rw (rw/seeds/ID.npz, each walked class
+divided by its maximum).
 
 Which images (--run stage1/stage2): the field reports seeds and pseudo-masks on VOC `train`
 (1,464 images), while a run trains on train_aug (10,582, which holds train). When the dataset has
@@ -204,15 +205,19 @@ def _run_jobs(args) -> tuple[Path, str, list[tuple[str, str, Path, bool, str]], 
             jobs.append(("fused", "pred", stage2.fused, True, ""))
         return data, split, jobs, json_path, ids, why
     stage1 = Stage1Folder(stage_dir)
-    return data, split, [("step1_regions", "pred", stage1.step_regions(1), True, ""),
-                         ("union_regions", "pred", stage1.regions, True, ""),
-                         ("cam_sweep", "cam", stage1.cams(1), True, "cam"),
-                         ("union_sweep", "cam", stage1.regions, True, "score")], json_path, ids, why
+    jobs = [("step1_regions", "pred", stage1.step_regions(1), True, ""),
+            ("union_regions", "pred", stage1.regions, True, ""),
+            ("cam_sweep", "cam", stage1.cams(1), True, "cam"),
+            ("union_sweep", "cam", stage1.regions, True, "score")]
+    if stage1.rw_seeds.is_dir():  # a run with --rw
+        jobs += [("rw_seeds", "pred", stage1.rw_seeds, True, ""), ("rw_sweep", "cam", stage1.rw_seeds, True, "score")]
+    return data, split, jobs, json_path, ids, why
 
 
 TITLES = {"pred": "predictions", "pseudo": "pseudo-masks (after CRF)", "fused": "fused pseudo-masks (before CRF)",
           "step1_regions": "mined regions, step 1 (plain CAM)", "union_regions": "mined regions, union of steps",
-          "cam_sweep": "CAM seeds, step 1", "union_sweep": "CAM seeds, max over the erasing steps"}
+          "cam_sweep": "CAM seeds, step 1", "union_sweep": "CAM seeds, max over the erasing steps",
+          "rw_seeds": "random-walk seeds (--rw)", "rw_sweep": "random-walk seeds, background threshold sweep"}
 
 
 def main(argv=None) -> int:
