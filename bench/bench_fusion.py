@@ -3,8 +3,8 @@
     python -m bench.bench_fusion --run R [--outputs outputs] [--data D] [--workers N]
         [--bg-threshold T] [--fg-threshold T] [--conflict score|ignore] [--no-crf] [--out FILE]
 
-From the run's stage-1 regions (stage1/regions/ID.npz) and stage-2 saliency maps
-(stage2/saliency/ID.png), the pseudo-masks of every rule of `wsss.fusion.FUSION_RULES` are made as
+From the run's stage-1 seeds (stage1/regions/ID.npz, or stage1/rw/seeds/ID.npz after --rw) and
+stage-2 saliency maps (stage2/saliency/ID.png), the pseudo-masks of every rule of `wsss.fusion.FUSION_RULES` are made as
 stage 2 makes them (`wsss.pseudo.pseudo_mask`, with the run's stage-2 CRF settings), into a
 temporary folder, and scored by `wsss.eval.evaluate` on the images `python -m wsss.eval --run R
 --stage stage2` scores (VOC `train` where the run trained on a split that holds it, else the run's
@@ -45,6 +45,7 @@ from wsss.pseudo import (
     load_regions,
     pseudo_mask,
     settings_of,
+    stage1_seeds,
 )
 from wsss.saliency_maps import read_saliency
 from wsss.workers import parallel_map
@@ -105,9 +106,10 @@ def measure(args) -> dict:
         raise SystemExit(f"error: {data}: no ground-truth masks to score against")
     wanted = set(ids)
     dataset.ids = [i for i in dataset.ids if i in wanted]
-    jobs, unlabelled, no_regions = image_jobs(dataset, folders.stage1.regions)
+    seeds = stage1_seeds(folders.stage1.path)  # the seeds the run's stage 2 took (random-walk ones after --rw)
+    jobs, unlabelled, no_regions = image_jobs(dataset, seeds)
     if not jobs:
-        raise SystemExit(f"error: {folders.stage1.regions}: no regions file for any image of split '{split}'")
+        raise SystemExit(f"error: {seeds}: no seeds file for any image of split '{split}'")
     scored = [j.id for j in jobs]
 
     run_args = argparse.Namespace(**{"fg_threshold": FG_THRESHOLD, **config})

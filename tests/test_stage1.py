@@ -267,6 +267,13 @@ def test_random_walk_seeds_are_written_resumed_and_read_by_stage2(tmp_path, tiny
     run_stage1(data, tmp_path / "out", "--ae-steps", "1", "--rw", "--rw-epochs", "1")
     assert {p.name: p.read_bytes() for p in (stage / "rw" / "seeds").iterdir()} == before
 
+    # the walk again with other settings, scored (bench.bench_rw): the union's row and one per setting
+    from bench import bench_rw
+    result = bench_rw.measure(bench_rw.build_parser().parse_args(
+        ["--run", "r", "--outputs", str(tmp_path / "out"), "--steps", "2,8", "--thresholds", "0.3,0.6"]))
+    assert [r["seeds"] for r in result["rows"]] == ["union CAM", "walk beta 10, 2 steps", "walk beta 10, 8 steps"]
+    assert all(set(r["miou_by_threshold"]) == {"0.3", "0.6"} for r in result["rows"])
+
     # stage 2 takes the walked seeds: with the seeds rule and no CRF its masks are theirs
     stage2_main()(["--data", str(data), "--outputs", str(tmp_path / "out"), "--run", "r", "--device", "cpu",
                    "--workers", "0", "--fusion", "seeds", "--no-crf", "--overlays", "0"])

@@ -367,6 +367,13 @@ def _contact_sheet(out: Path, ids: list[str], count: int, seed: int) -> None:
     io.write_png(out / CONTACT_SHEET, sheet)
 
 
+def stage1_seeds(stage1: Path) -> Path:
+    """The seeds stage 2 takes from a finished stage 1: a run with --rw made random-walk seeds, and
+    those, not the union's regions."""
+    walked = "rw" in io.read_manifest(stage1).get("outputs", {})
+    return Stage1Folder(stage1).rw_seeds if walked else Stage1Folder(stage1).regions
+
+
 def _seeds_and_inputs(args, dataset: VOCDataset) -> tuple[Path, dict]:
     """(the seeds folder, the stage's inputs), every check on them made before any work: stage 1
     finished on the same dataset (or a --seeds folder whose every file fits its image), a readable
@@ -377,10 +384,7 @@ def _seeds_and_inputs(args, dataset: VOCDataset) -> tuple[Path, dict]:
         stage1 = layout(args).stage1.path
         if not (stage1 / io.MANIFEST).is_file():
             raise StageError(f"{stage1}: stage 1 is not complete (no {io.MANIFEST}); run stage 1 first")
-        # a stage 1 run with --rw made random-walk seeds: those, not the union's
-        walked = "rw" in io.read_manifest(stage1).get("outputs", {})
-        seeds = Stage1Folder(stage1).rw_seeds if walked else Stage1Folder(stage1).regions
-        inputs = {STAGE1: stage1}
+        seeds, inputs = stage1_seeds(stage1), {STAGE1: stage1}
         check_same_dataset(stage1, dataset, "stage 2")
     dataset.validate()
     if args.seeds is not None:

@@ -99,24 +99,38 @@ def affinity_step(model, batch: dict, epoch: int):
     return affinity_loss(pair_affinity(model(batch["image"])), batch["bg"], batch["fg"], batch["neg"])
 
 
-def walk_image(model, image: np.ndarray, keys, score: np.ndarray, device, *, beta: float, steps: int,
-               bg_threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(masks, score) of one image's random-walk seeds, at the image's size; `score` its normalised CAMs."""
+def grid_features(model, image: np.ndarray, device) -> np.ndarray:
+    """The affinity features (448, h, w) of an image on the stride-8 grid of its fitted size (at most
+    MAX_SIDE: bounded memory on a huge photo)."""
     h, w = image.shape[:2]
-    if len(keys) == 0:
-        return np.zeros((0, h, w), bool), np.zeros((0, h, w), np.float32)
-    fh, fw = fitted_size((h, w), MAX_SIDE)  # bounded memory on a huge photo
+    fh, fw = fitted_size((h, w), MAX_SIDE)
     small = cv2.resize(image, (fw, fh), interpolation=cv2.INTER_AREA) if (fh, fw) != (h, w) else image
     with torch.inference_mode():
-        features = model(torch.from_numpy(normalize(small))[None].to(device))[0].float().cpu().numpy()
+        return model(torch.from_numpy(normalize(small))[None].to(device))[0].float().cpu().numpy()
+
+
+def walk(features: np.ndarray, score: np.ndarray, *, beta: float, steps: int) -> np.ndarray:
+    """Class maps `score` (n, H, W) walked over the affinities of `features` (grid_features of the same
+    image), back at the image's size (n, H, W)."""
+    n, h, w = score.shape
+    if n == 0:
+        return np.zeros((0, h, w), np.float32)
     gh, gw = features.shape[1:]
+    fh, fw = fitted_size((h, w), MAX_SIDE)
     cams = np.stack([cv2.resize(s, (gw, gh), interpolation=cv2.INTER_AREA) for s in score])
     walked = random_walk(cams, transition_matrix(features, beta), steps)
-    # grid cell i covers pixels [8i, 8i + 8) of the fitted image: upsample to whole cells, crop, then to (h, w)
-    walked = np.stack([cv2.resize(cv2.resize(m, (gw * GRID_STRIDE, gh * GRID_STRIDE),
-                                             interpolation=cv2.INTER_LINEAR)[:fh, :fw], (w, h),
-                                  interpolation=cv2.INTER_LINEAR) for m in walked])
-    return walk_labels(walked, bg_threshold)
+    # grid cell i covers pixels [8i, 8i + 8) of the fitted image: to whole cells, cropped, then to (h, w)
+    return np.stack([cv2.resize(cv2.resize(m, (gw * GRID_STRIDE, gh * GRID_STRIDE),
+                                           interpolation=cv2.INTER_LINEAR)[:fh, :fw], (w, h),
+                                interpolation=cv2.INTER_LINEAR) for m in walked])
+
+
+def walk_image(model, image: np.ndarray, score: np.ndarray, device, *, beta: float, steps: int,
+               bg_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(masks, score) of one image's random-walk seeds, at the image's size; `score` its normalised CAMs."""
+    if len(score) == 0:
+        return walk_labels(np.zeros_like(score), bg_threshold)
+    return walk_labels(walk(grid_features(model, image, device), score, beta=beta, steps=steps), bg_threshold)
 
 
 def walk_seeds(model, dataset: VOCDataset, ids: list[str], folder: Stage1Folder, args, device) -> None:
@@ -127,7 +141,7 @@ def walk_seeds(model, dataset: VOCDataset, ids: list[str], folder: Stage1Folder,
     for id_ in tqdm(todo, desc="random walk", disable=not is_main_process(), leave=False):
         image = dataset.image(id_)
         keys, _, score = read_seeds(item(folder.regions, id_, ".npz"), dataset.label_ids(id_), image.shape[:2])
-        masks, walked = walk_image(model, image, keys, score, device, beta=args.rw_beta, steps=args.rw_steps,
+        masks, walked = walk_image(model, image, score, device, beta=args.rw_beta, steps=args.rw_steps,
                                    bg_threshold=args.rw_bg_threshold)
         stored = write_seeds(item(folder.rw_seeds, id_, ".npz"), keys, masks, walked)
         io.write_mask(item(folder.rw_seeds, id_), regions_label_map(masks, keys, stored))  # written last: done
