@@ -11,6 +11,8 @@ The affinity of two cells is exp(-mean |f_i - f_j|) over the 448 channels (PSA's
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +33,8 @@ def _conv(cin: int, cout: int) -> nn.Sequential:
 def find_taps(features: nn.Module, modules: nn.Module) -> dict[int, tuple[str, int]]:
     """{stride: (module name, channels)} for TAP_STRIDES: the last module of `modules` (in the order
     they run) whose 4-D output has that stride, found by a forward of a PROBE_SIZE image through
-    `features`."""
+    `features`. Only modules that run once count: efficientnet's blocks call one activation module
+    twice, before and after their strided convolution, and a hook there would keep the second."""
     seen: list[tuple[str, int, int]] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: seen.append((name, *out.shape[1:3]))
                                      if torch.is_tensor(out) and out.dim() == 4 else None)
@@ -42,10 +45,11 @@ def find_taps(features: nn.Module, modules: nn.Module) -> dict[int, tuple[str, i
     finally:
         for h in hooks:
             h.remove()
+    calls = Counter(name for name, _, _ in seen)
     taps = {}
     for name, channels, size in seen:
         stride = PROBE_SIZE // size
-        if stride in TAP_STRIDES:
+        if stride in TAP_STRIDES and calls[name] == 1:  # a module run twice (a shared activation) is no tap
             taps[stride] = (name, channels)
     missing = [s for s in TAP_STRIDES if s not in taps]
     if missing:
