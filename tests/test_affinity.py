@@ -79,11 +79,22 @@ def test_walk_labels_threshold_per_class_and_an_empty_image():
     assert masks.shape == score.shape == (0, 2, 2)
 
 
-def test_confident_labels_and_pair_labels():
-    score = np.array([[[0.9, 0.2, 0.01, 0.5]], [[0.1, 0.0, 0.02, 0.6]]], np.float32)
-    labels = confident_labels(score, [3, 7], fg=0.3, bg=0.05)
-    assert labels.tolist() == [[3, IGNORE, 0, 7]]
-    assert confident_labels(np.zeros((0, 1, 2), np.float32), []).tolist() == [[IGNORE, IGNORE]]
+def test_confident_labels_snap_a_cam_blob_to_the_object():
+    # a red square on grey; the CAM a blob centred on it that spills over its edges by 6 px
+    image = np.full((48, 48, 3), 90, np.uint8)
+    image[14:34, 14:34] = (220, 30, 30)
+    yy, xx = np.mgrid[:48, :48]
+    score = np.clip(1 - np.hypot(yy - 23.5, xx - 23.5) / 22, 0, 1)[None].astype(np.float32)
+    labels = confident_labels(image, score, [5], fg=0.6, bg=0.3)
+    square = np.zeros((48, 48), bool)
+    square[14:34, 14:34] = True
+    assert (labels[square] == 5).mean() > 0.9  # the blob above 0.6 covers only the square's middle
+    assert not (labels[~square] == 5).any()  # nor does the CRF let it spill
+    assert (labels[:4, :4] == 0).all() and set(np.unique(labels)) <= {0, 5, IGNORE}
+    assert (confident_labels(image, np.zeros((0, 48, 48), np.float32), []) == IGNORE).all()
+
+
+def test_pair_labels_against_brute_force():
     grid = np.array([[3, 3, 0], [IGNORE, 0, 7]], np.uint8)
     bg, fg, neg = pair_labels(grid, radius=2)  # radius 2: the right and the lower neighbour, and diagonals
     pairs = []

@@ -18,9 +18,13 @@ CVPR 2019) fix that without any other supervision:
 Settings, and where they come from:
 
 - RADIUS 5 (pairs within 5 grid cells; PSA and IRN both train and walk with radius 5).
-- Confident thresholds FG_CONFIDENT 0.30 / BG_CONFIDENT 0.05 on the normalised CAM (IRN's
-  conf_fg_thres / conf_bg_thres). Stricter ones (0.7 / 0.3) gave worse seeds on the demo data:
-  the foreground pairs then hold only the discriminative parts.
+- Confident labels as IRN makes them: the CAMs thresholded high (foreground) and low (background),
+  each refined by a dense CRF. IRN's thresholds, 0.30 / 0.05, suit its CAMs, whose best background
+  threshold is about 0.15; stage 1's seeds are the max over the erasing steps, whose best threshold
+  is 0.45-0.7 (docs/results.md), and at 0.30 two thirds of the "confident" foreground pixels of the
+  demo data were background. FG_CONFIDENT 0.7 / BG_CONFIDENT 0.3 keep IRN's ratios to the best
+  threshold roughly (2x and 1/2-1/3 of it, capped below 1); docs/results.md, "Random-walk seeds", has
+  how many of the labels each choice got right.
 - BETA 10 (IRN's beta; PSA used 8): sharpens the affinities so the walk stops at boundaries.
   Lower (6) let the classes flood the background.
 - WALK_STEPS 64 on a grid of stride 8. IRN walks 2^8 = 256 steps on a stride-4 grid. A walk's reach
@@ -37,13 +41,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
+from wsss.crf import CONFIDENT_CRF, crf_labels
 from wsss.labels import IGNORE
 
 RADIUS = 5
 BETA = 10.0
 WALK_STEPS = 64
-FG_CONFIDENT = 0.30
-BG_CONFIDENT = 0.05
+FG_CONFIDENT = 0.7
+BG_CONFIDENT = 0.3
 WALK_BG_THRESHOLD = 0.6
 
 
@@ -62,17 +67,24 @@ def shifted(a, dy: int, dx: int):
     return a[..., :h - dy, c0:c1], a[..., dy:, c0 + dx:c1 + dx]
 
 
-def confident_labels(score: np.ndarray, keys, fg: float = FG_CONFIDENT, bg: float = BG_CONFIDENT) -> np.ndarray:
-    """uint8 HxW from normalised CAMs (n, H, W): the key of the highest class where it is >= `fg`,
-    0 (background) where every class is < `bg`, IGNORE in between (and where the image has no class)."""
+def confident_labels(image: np.ndarray, score: np.ndarray, keys, fg: float = FG_CONFIDENT,
+                     bg: float = BG_CONFIDENT) -> np.ndarray:
+    """uint8 HxW affinity labels from normalised CAMs (n, H, W), as IRN makes them: the CAMs above `fg`
+    (the highest class) and above `bg` are each refined to the image's edges by a dense CRF
+    (`wsss.crf.CONFIDENT_CRF`); a pixel the first calls an object takes that class, a pixel both call
+    background is background (0), the rest is IGNORE. Without classes, all IGNORE."""
     keys = np.asarray(keys, np.int64).reshape(-1)
     if len(keys) == 0:
         return np.full(score.shape[1:], IGNORE, np.uint8)
-    top = score.max(axis=0)
-    out = np.full(top.shape, IGNORE, np.uint8)
-    out[top < bg] = 0
-    sure = top >= fg
-    out[sure] = keys[np.argmax(score, axis=0)][sure]
+    top, best = score.max(axis=0), keys[np.argmax(score, axis=0)]
+
+    def refined(threshold: float) -> np.ndarray:
+        hard = np.where(top >= threshold, best, 0).astype(np.uint8)
+        return crf_labels(image, hard, keys, gt_prob=0.7, mode="fill", **CONFIDENT_CRF)
+
+    sure, possible = refined(fg), refined(bg)
+    out = np.where(sure != 0, sure, IGNORE).astype(np.uint8)
+    out[(sure == 0) & (possible == 0)] = 0
     return out
 
 

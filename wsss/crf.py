@@ -66,6 +66,13 @@ TEST_CRF = {
 }
 
 
+# IRN's CRF for the confident regions of CAMs (Ahn et al., CVPR 2019, imutils.crf_inference_label: gaussian
+# sxy 3 compat 3, bilateral sxy 50 srgb 5 compat 10, 10 iterations, labels at gt_prob 0.7): it grows or
+# shrinks a thresholded CAM blob to the edges of the image before the blob becomes affinity labels.
+CONFIDENT_CRF = {"iterations": 10, "gauss_sxy": 3.0, "gauss_compat": 3.0, "bi_sxy": 50.0, "bi_srgb": 5.0,
+                 "bi_compat": 10.0}
+
+
 def net_crf_params(backbone: str, head: str) -> dict:
     """The published test-time CRF kernels (`TEST_CRF`) of a segmentation net: its backbone and
     its head ("largefov" or "aspp", resolved)."""

@@ -71,6 +71,7 @@ from tqdm import tqdm
 
 from wsss import io
 from wsss.cam import load_cams, multiscale_cams_batch, save_cams
+from wsss.crf import check_crf
 from wsss.data.transforms import normalize, train_augment
 from wsss.data.voc import DatasetError, VOCDataset, list_path
 from wsss.fusion import regions_label_map
@@ -487,6 +488,8 @@ def run(args) -> dict | None:
     device = resolve_device(args.device)
     check_processes(args.batch_size)
     init_distributed(device)
+    if args.rw:
+        check_crf("stage 1 --rw", "--no-rw")  # the affinity labels need it: say so before hours of erasing
     dataset = VOCDataset(args.data, args.train_split, limit=args.limit)
     dataset.validate()
     stage = open_stage(args, STAGE1, dataset_inputs(dataset), owned=(STEP_GLOB, REGIONS, RW, OVERLAY))

@@ -8,7 +8,8 @@ each format are wsss.io and wsss.scoremaps; the life of a stage folder is wsss.s
     OUTPUTS/RUN/
       stage1/        step{k}/cam/ID.npz, step{k}/regions/ID.png, step{k}/checkpoint.pt, step{k}/done.json,
                      regions/ID.npz + ID.png (the union over the kept steps), overlay/ID.png,
-                     with --rw: rw/checkpoint.pt, rw/metrics.jsonl, rw/seeds/ID.npz + ID.png, rw/done.json
+                     with --rw: rw/labels/ID.png, rw/checkpoint.pt, rw/metrics.jsonl, rw/seeds/ID.npz + ID.png,
+                     rw/done.json
       stage2/        saliency/ID.png, fused/ID.png, pseudo/ID.png, overlay/ID.png, contact_sheet.png
       stage3[-TAG]/  NET/checkpoint.pt, NET/metrics.jsonl, pred[-...]/ID.png, eval[-...].json, model.pt
       report/, report.html
@@ -69,6 +70,7 @@ CAMS = "cam"  # stage 1, per erasing step: ID.npz
 REGIONS = "regions"  # stage 1: a step's mined regions (ID.png); the union over the steps (ID.npz seeds + ID.png)
 RW = "rw"  # stage 1 with --rw: the affinity head and its random-walk seeds
 SEEDS = "seeds"  # stage 1's rw/: the random-walk seeds, ID.npz + ID.png
+LABELS = "labels"  # stage 1's rw/: the affinity head's confident labels, ID.png
 OVERLAY = "overlay"  # stages 1 and 2: pictures of a sample of the images
 DONE = "done.json"  # stage 1: an erasing step's figures, written when it is complete
 CHECKPOINT = "checkpoint.pt"  # a trained net's weights and optimiser state (an erasing step, a stage-3 net)
@@ -133,6 +135,10 @@ class Stage1Folder:
     @property
     def rw_seeds(self) -> Path:
         return self.rw / SEEDS
+
+    @property
+    def rw_labels(self) -> Path:
+        return self.rw / LABELS
 
     @property
     def overlay(self) -> Path:

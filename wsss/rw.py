@@ -2,14 +2,15 @@
 wsss.affinity, the net wsss.models.affinity).
 
 1. The union's normalised CAMs (stage 1's regions/ID.npz) give each training image confident labels
-   (wsss.affinity.confident_labels) and so same/different labels for nearby pairs of pixels.
+   (wsss.affinity.confident_labels: thresholds and a dense CRF, as IRN), written once to rw/labels/,
+   and so same/different labels for nearby pairs of pixels.
 2. An AffinityNet head on step 1's classifier (frozen: it saw the images unerased) learns them:
    `--rw-epochs` epochs at `--rw-lr` (IRN: 3 epochs at lr 0.1 for its heads) on the stage's crops and batch.
 3. Every image's union CAMs are walked over the predicted affinities (`--rw-beta`, `--rw-steps`) and
    turned into seeds (`--rw-bg-threshold`), written in the seeds format (wsss.scoremaps) that stage 2
    reads: when stage 1 ran with `--rw`, stage 2 takes these seeds instead of the union's.
 
-Artifacts in outputs/RUN/stage1/rw/: checkpoint.pt and metrics.jsonl of the head, seeds/ID.npz +
+Artifacts in outputs/RUN/stage1/rw/: labels/ID.png (0 background, a class, 255 unsure), checkpoint.pt and metrics.jsonl of the head, seeds/ID.npz +
 seeds/ID.png (class where seeded, 0 elsewhere), done.json (written last). A killed run resumes the
 head's training from its checkpoint and keeps the seed files already written.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import warnings
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -39,6 +41,7 @@ from wsss.affinity import (
 )
 from wsss.data.transforms import normalize, train_augment
 from wsss.data.voc import VOCDataset
+from wsss.errors import StageError
 from wsss.fusion import regions_label_map
 from wsss.layout import DONE, Stage1Folder, item
 from wsss.models.affinity import GRID_STRIDE, AffinityNet, affinity_loss, pair_affinity
@@ -56,6 +59,7 @@ from wsss.run import (
 from wsss.scoremaps import read_seeds, write_seeds
 from wsss.shapes import MAX_SIDE, fitted_size
 from wsss.train import epoch_metrics, fit, torch_device
+from wsss.workers import parallel_map
 
 log = logging.getLogger("wsss")
 RW_SEED_OFFSET = 7000  # the head's training seed: --seed + this, apart from the erasing steps' (+ 1000 k)
@@ -75,12 +79,31 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="background where every walked class map, divided by its maximum, is below this")
 
 
+def write_labels(dataset: VOCDataset, seeds: Path, out: Path, id_: str) -> str:
+    """out/ID.png: the confident labels (wsss.affinity.confident_labels) of one image's seeds' CAMs."""
+    image = dataset.image(id_)
+    keys, _, score = read_seeds(item(seeds, id_, ".npz"), dataset.label_ids(id_), image.shape[:2])
+    io.write_mask(item(out, id_), confident_labels(image, score, keys))
+    return id_
+
+
+def confident_label_maps(dataset: VOCDataset, ids: list[str], folder: Stage1Folder, workers: int) -> None:
+    """rw/labels/ID.png of this rank's share of `ids` (two dense CRFs an image, in a pool of `workers`),
+    skipping those already written."""
+    todo = [i for i in shard(ids) if not item(folder.rw_labels, i).is_file()]
+    count_images(len(todo))
+    work = partial(write_labels, dataset, folder.regions, folder.rw_labels)
+    for id_, _, error in parallel_map(work, todo, workers, "affinity labels"):
+        if error is not None:
+            raise StageError(f"{item(folder.rw_labels, id_)}: {error}") from error
+
+
 class AffinityItems:
     """Training items of the affinity head (the `item(index, rng)` contract of wsss.train.fit): the
-    image cropped and its pair labels from the confident parts of its seeds' CAMs."""
+    image cropped and its pair labels from its confident labels (rw/labels/ID.png)."""
 
-    def __init__(self, dataset: VOCDataset, ids: list[str], seeds: Path, crop: int):
-        self.dataset, self.ids, self.seeds, self.crop = dataset, ids, seeds, crop
+    def __init__(self, dataset: VOCDataset, ids: list[str], labels: Path, crop: int):
+        self.dataset, self.ids, self.labels, self.crop = dataset, ids, labels, crop
         self.grid = (-(-crop // GRID_STRIDE),) * 2
 
     def __len__(self) -> int:
@@ -88,9 +111,11 @@ class AffinityItems:
 
     def item(self, index: int, rng: np.random.Generator) -> dict:
         id_ = self.ids[index]
-        image = self.dataset.image(id_)
-        keys, _, score = read_seeds(item(self.seeds, id_, ".npz"), self.dataset.label_ids(id_), image.shape[:2])
-        image, labels = train_augment(image, confident_labels(score, keys), self.crop, rng)
+        image, labels = self.dataset.image(id_), io.read_mask(item(self.labels, id_))
+        if labels.shape != image.shape[:2]:
+            raise StageError(f"{item(self.labels, id_)}: size {labels.shape} differs from the image's "
+                             f"{image.shape[:2]}")
+        image, labels = train_augment(image, labels, self.crop, rng)
         bg, fg, neg = pair_labels(to_grid(labels, GRID_STRIDE, self.grid))
         return {"image": normalize(image), "bg": bg, "fg": fg, "neg": neg}
 
@@ -162,10 +187,13 @@ def run_rw(args, dataset: VOCDataset, ids: list[str], labelled: set[str], out: P
     folder = Stage1Folder(out)
     if (folder.rw / DONE).is_file():
         return io.read_json(folder.rw / DONE)
-    model = affinity_net(args, dataset.num_classes, folder)
     train_ids = [i for i in ids if i in labelled]
+    with phase("affinity-labels"):
+        confident_label_maps(dataset, train_ids, folder, args.workers)
+    barrier()
+    model = affinity_net(args, dataset.num_classes, folder)
     head = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
-    model = fit(model, AffinityItems(dataset, train_ids, folder.regions, args.crop), affinity_step, folder.rw,
+    model = fit(model, AffinityItems(dataset, train_ids, folder.rw_labels, args.crop), affinity_step, folder.rw,
                 epochs=args.rw_epochs, batch_size=args.batch_size, lr=args.rw_lr, device=device,
                 seed=args.seed + RW_SEED_OFFSET, workers=args.workers,
                 param_groups=lambda lr: [{"params": head, "lr": lr}], desc="affinity",
