@@ -27,10 +27,12 @@ Settings, and where they come from:
   how many of the labels each choice got right.
 - BETA 10 (IRN's beta; PSA used 8): sharpens the affinities so the walk stops at boundaries.
   Lower (6) let the classes flood the background.
-- WALK_STEPS 64 on a grid of stride 8. IRN walks 2^8 = 256 steps on a stride-4 grid. A walk's reach
-  grows with the square root of its steps, so 64 steps at stride 8 reach as many image pixels as
-  256 steps at stride 4 (8 * sqrt(64) = 4 * sqrt(256) = 64 px). 16 to 64 steps scored within a point
-  of each other on the demo data, 256 lower (the classes spread past their objects).
+- WALK_STEPS 32 on a grid of stride 8. IRN walks 2^8 = 256 steps on a stride-4 grid. A walk's reach
+  grows with the square root of its steps, so 64 steps at stride 8 would reach as many image pixels
+  as IRN's (8 * sqrt(64) = 4 * sqrt(256) = 64 px); our affinities come from a head trained on a few
+  thousand images instead of IRN's 10,582, leak more, and 128 or more steps spread the classes past
+  their objects; 16-64 steps scored within 1.5 points of each other, 32 best at the default
+  threshold (`python -m bench.bench_rw`; docs/results.md, "Random-walk seeds").
 - WALK_BG_THRESHOLD 0.6: background where every walked class map, divided by its maximum, is below
   it (IRN pads a constant background score the same way, at 0.25 of the global maximum). Swept on
   both of our datasets (docs/results.md, "Random-walk seeds"): 0.55-0.65 best, 0.6 within a point
@@ -46,7 +48,7 @@ from wsss.labels import IGNORE
 
 RADIUS = 5
 BETA = 10.0
-WALK_STEPS = 64
+WALK_STEPS = 32
 FG_CONFIDENT = 0.7
 BG_CONFIDENT = 0.3
 WALK_BG_THRESHOLD = 0.6
