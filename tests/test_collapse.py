@@ -20,7 +20,7 @@ from wsss.data import synthetic, voclike
 from wsss.data.voc import IGNORE, VOCDataset
 from wsss.run import common_parser
 from wsss.segtrain import collapse_check
-from wsss.train import TrainingCollapsed, fit, read_metrics
+from wsss.train import TrainConfig, TrainingCollapsed, fit, read_metrics
 
 torch.set_num_threads(2)
 SHARED_VOC = Path(__file__).resolve().parents[2] / "shared" / "voc12"
@@ -45,8 +45,8 @@ def test_health_problem_stops_training_after_writing_the_epoch(tmp_path):
         return (model.w - 1).pow(2).sum(), {}
 
     with pytest.raises(TrainingCollapsed, match="dead net.*after epoch 2"):
-        fit(Constant(), Items(), step, tmp_path, epochs=3, batch_size=2, lr=0.1, device="cpu", seed=0,
-            health=lambda r: "dead net" if r["epoch"] == 2 else None, log_every=1)
+        config = TrainConfig(epochs=3, batch_size=2, lr=0.1, device="cpu", seed=0, log_every=1)
+        fit(Constant(), Items(), step, tmp_path, config, health=lambda r: "dead net" if r["epoch"] == 2 else None)
     epochs = read_metrics(tmp_path)
     assert [r["epoch"] for r in epochs] == [1, 2]  # the failing epoch is on record ...
     assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1  # ... but not resumed from
@@ -60,7 +60,7 @@ def test_non_finite_gradient_stops_training(tmp_path):
         return model.w.sum() * 0 + torch.sqrt(model.w - model.w.detach()).sum(), {}  # finite loss, infinite gradient
 
     with pytest.raises(FloatingPointError, match="gradient norm became (nan|inf) at epoch 1, iteration 1 of 4"):
-        fit(Constant(), Items(), step, tmp_path, epochs=1, batch_size=2, lr=0.1, device="cpu", seed=0)
+        fit(Constant(), Items(), step, tmp_path, TrainConfig(epochs=1, batch_size=2, lr=0.1, device="cpu", seed=0))
 
 
 def test_warmup_and_poly_schedule():

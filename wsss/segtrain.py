@@ -25,7 +25,7 @@ from wsss.nets import build_net
 from wsss.predict import label_map, labels_at, predict_masks, predict_split
 from wsss.run import autocast, layout, log, phase, resolve_amp, spread
 from wsss.stage import StageError
-from wsss.train import fit, torch_device
+from wsss.train import TrainConfig, fit, torch_device
 from wsss.viz import overlay
 
 # transforms.train_augment pads masks with 255. To tell padding (outside the image) apart from a
@@ -175,11 +175,11 @@ class Stage3:
         log.info("%s: training on %d images", name, len(trainset))
         health = (collapse_check(trainset.constant_predictor_loss(), max(self.args.warmup, 1), loss_key,
                                  self.train.class_names) if self.args.collapse_check else None)
-        model = fit(model, trainset, step_fn, self.out / name, epochs=self.args.epochs if epochs is None else epochs,
-                    batch_size=self.args.batch_size, lr=self.args.lr, device=self.device, seed=self.args.seed,
-                    workers=self.args.workers, param_groups=model.param_groups, warmup=self.args.warmup,
-                    clip_grad=self.args.clip_grad, evaluate=self.val_evaluator(gate, name), health=health, desc=name,
-                    amp=self.amp)
+        config = TrainConfig(epochs=self.args.epochs if epochs is None else epochs, batch_size=self.args.batch_size,
+                             lr=self.args.lr, device=self.device, seed=self.args.seed, workers=self.args.workers,
+                             desc=name, warmup=self.args.warmup, clip_grad=self.args.clip_grad, amp=self.amp)
+        model = fit(model, trainset, step_fn, self.out / name, config, param_groups=model.param_groups,
+                    evaluate=self.val_evaluator(gate, name), health=health)
         self.nets[name] = (model, cls_branch)
         return model
 
