@@ -63,7 +63,7 @@ from wsss.layout import EVAL_GLOB, METRICS, MODEL, PRED, PRED_GLOB, STAGE2, Stag
 from wsss.methods import METHODS
 from wsss.modelfile import best_prediction, from_checkpoint, save_model
 from wsss.nets import net_crf, open_dataset, stage_name
-from wsss.predict import add_predict_args, pred_folder, predict_split
+from wsss.predict import PredictOptions, add_predict_args, pred_folder, predict_split
 from wsss.run import (
     add_epoch_val,
     add_scales,
@@ -180,9 +180,9 @@ def run(args) -> dict | None:
     t_pred = time.time()
     checkpoint = Stage3Folder(out).checkpoint(final)
     with autocast(ctx.amp, torch_device(device).type), phase("predict-val"):
-        predict_split(model, ctx.val, ctx.val.ids, out / pred, device=torch_device(device), scales=args.scales,
-                      flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),
-                      workers=args.workers, checkpoint=checkpoint, desc="predict val")
+        predict_split(model, ctx.val, ctx.val.ids, out / pred, device=torch_device(device),
+                      options=PredictOptions.from_flags(args, has_cls, net_crf(config)), workers=args.workers,
+                      checkpoint=checkpoint, desc="predict val")
     if not is_main_process():
         return None
     records = _collect_metrics(out, ctx.nets)

@@ -22,7 +22,7 @@ from wsss.labels import IGNORE
 from wsss.losses import cross_entropy
 from wsss.metrics import ConfusionMatrix
 from wsss.nets import build_net
-from wsss.predict import label_map, labels_at, predict_masks, predict_split
+from wsss.predict import PredictOptions, label_map, labels_at, predict_masks, predict_split
 from wsss.run import autocast, layout, log, phase, resolve_amp, spread
 from wsss.stage import StageError
 from wsss.train import TrainConfig, fit, torch_device
@@ -213,8 +213,8 @@ class Stage3:
         net is unsure or the CRF disagrees with it (--self-train-confidence; `wsss.predict`, step 5)."""
         args = self.args
         with autocast(self.amp, torch_device(self.device).type), phase("targets"):
+            options = PredictOptions(scales=args.self_train_scales, flip=args.self_train_flip, restrict=True,
+                                     crf=crf_params is not None, crf_params=crf_params,
+                                     ignore_below=args.self_train_confidence)
             return predict_split(model, self.train, ids, out_dir, device=torch_device(self.device),
-                                 scales=args.self_train_scales, flip=args.self_train_flip, restrict=True,
-                                 crf=crf_params is not None, crf_params=crf_params,
-                                 ignore_below=args.self_train_confidence, workers=args.workers,
-                                 checkpoint=checkpoint, desc=desc)
+                                 options=options, workers=args.workers, checkpoint=checkpoint, desc=desc)
