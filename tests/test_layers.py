@@ -69,6 +69,7 @@ LAYERS = {
     "wsss.segment": STAGES,
     "wsss.methods": STAGES,
     "wsss.methods.gt": STAGES,
+    "wsss.methods.registry": STAGES,
     "wsss.methods.psl": STAGES,
     "wsss.methods.stc": STAGES,
     # command lines

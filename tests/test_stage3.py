@@ -222,10 +222,10 @@ def test_images_without_a_pseudo_mask_are_skipped(run, tiny_voc):
     assert "psl: training on 3 images" in log
 
 
-def test_a_registered_method_runs(run, tiny_voc, monkeypatch):
-    """A third party's method: one entry in wsss.methods.METHODS, no other change; --method offers it
-    and stage 3 runs it, predicts with its final net and scores it."""
-    from wsss.methods import METHODS
+def test_a_registered_method_runs(run, tiny_voc):
+    """A third party's method: one registration in wsss.methods.METHODS, no other change; --method
+    offers it and stage 3 runs it, predicts with its final net and scores it."""
+    from wsss.methods import METHODS, register
     from wsss.segtrain import SegmentationTrainSet, ce_step
 
     def one_epoch_on_gt(ctx):
@@ -236,18 +236,20 @@ def test_a_registered_method_runs(run, tiny_voc, monkeypatch):
     def add_args(p):
         p.add_argument("--mine-epochs", type=int, default=1)
 
-    monkeypatch.setitem(METHODS, "mine", {"train": one_epoch_on_gt, "args": add_args, "reads": "masks",
-                                          "folders": ("mine",)})
-    go, run_dir = run
-    result = go("--method", "mine", "--tag", "mine")
-    stage = run_dir / "stage3-mine"
-    assert metrics_by_net(stage) == {"mine/net": [1]}  # its own budget, not --epochs 2
-    assert io.read_json(stage / "manifest.json")["outputs"]["final_net"] == "mine/net"
-    assert io.read_json(stage / "eval.json")["miou"] == result["miou"]
-    check_predictions(stage / "pred", VOCDataset(tiny_voc, "val"))
-    with pytest.raises(SystemExit):  # without the entry, --method mine is not a choice
-        monkeypatch.delitem(METHODS, "mine")
-        go("--method", "mine")
+    register("mine", reads="masks", folders=("mine",), args=add_args)(one_epoch_on_gt)
+    try:
+        go, run_dir = run
+        result = go("--method", "mine", "--tag", "mine")
+        stage = run_dir / "stage3-mine"
+        assert metrics_by_net(stage) == {"mine/net": [1]}  # its own budget, not --epochs 2
+        assert io.read_json(stage / "manifest.json")["outputs"]["final_net"] == "mine/net"
+        assert io.read_json(stage / "eval.json")["miou"] == result["miou"]
+        check_predictions(stage / "pred", VOCDataset(tiny_voc, "val"))
+        with pytest.raises(SystemExit):  # without the entry, --method mine is not a choice
+            del METHODS["mine"]
+            go("--method", "mine")
+    finally:
+        METHODS.pop("mine", None)
 
 
 def test_self_training_targets_ignore_unsure_pixels_and_crf_changes(tiny_voc, tmp_path):

@@ -127,8 +127,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "own classes, is below this, and where PSL+'s CRF changes the net's label: an unsure "
                         "pixel left as a confident label teaches the next net the error (0: only the CRF rule)")
     for method in METHODS.values():
-        if method.get("args"):
-            method["args"](p)
+        if method.args is not None:
+            method.args(p)
 
 
 
@@ -146,7 +146,7 @@ def run(args) -> dict | None:
     device = resolve_device(args.device)
     check_processes(args.batch_size)
     method = METHODS[method_name(args)]
-    on_gt = method["reads"] == "masks"
+    on_gt = method.reads == "masks"
     stage2 = layout(args).stage2.path
     train = open_dataset(args.data, args.train_split, limit=args.limit)
     val = open_dataset(args.data, args.val_split, limit=args.limit)
@@ -161,7 +161,7 @@ def run(args) -> dict | None:
     if args.crf:
         check_crf("stage 3", "no --crf")
     name, pred = stage_name(args), pred_folder(args.scales, args.flip, args.crf, args.gate)
-    folders = {f for m in METHODS.values() for f in m["folders"]}
+    folders = {f for m in METHODS.values() for f in m.folders}
     owned = (*sorted(folders), PRED, PRED_GLOB, EVAL_GLOB, METRICS, MODEL)
     stage = open_stage(args, name, inputs, owned=owned,
                        done=lambda manifest: pred in manifest.get("outputs", {}).get("predictions", {pred: 0}))
@@ -171,7 +171,7 @@ def run(args) -> dict | None:
     init_distributed(device)
     barrier()
     ctx = Stage3(args, config, out, device, train, val)
-    final = method["train"](ctx)
+    final = method.train(ctx)
     if final not in ctx.nets:
         raise StageError(f"method {method_name(args)!r} returned {final!r}, not the folder of a net it trained "
                          f"with ctx.train_net ({', '.join(ctx.nets) or 'none'}); see wsss/methods/__init__.py")
