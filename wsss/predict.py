@@ -49,6 +49,7 @@ from wsss import io
 from wsss.cam import crop_to_view, pad_to, scaled_views, to_input
 from wsss.crf import TEST_CRF
 from wsss.data.voc import DatasetError, find_images
+from wsss.errors import WsssError
 from wsss.layout import PRED
 from wsss.nets import net_crf
 from wsss.run import count_images, inference_kernels, rank_world
@@ -674,7 +675,7 @@ def main(argv=None) -> int:
         predict_split(model, dataset, dataset.ids, out, device=device,
                       options=PredictOptions.from_flags(args, has_cls, net_crf(config)),
                       workers=args.workers, checkpoint=checkpoint, desc=f"predict {split}")
-    except (FileNotFoundError, StageError, OSError, ValueError) as e:
+    except (FileNotFoundError, WsssError, OSError, ValueError) as e:  # WsssError: StageError, DeviceError...
         print(f"error: {error_line(e) or e}", file=sys.stderr)
         return 1
     finally:
@@ -689,7 +690,7 @@ def _predict_with_model(args) -> int:
     from wsss.crf import check_crf
     from wsss.modelfile import load_model
     from wsss.run import resolve_device
-    from wsss.stage import StageError, error_line
+    from wsss.stage import error_line
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -703,7 +704,7 @@ def _predict_with_model(args) -> int:
                                         info["test_time"]["crf_params"] or None)
         result = predict_folder(model, args.images, args.out, info["classes"], device=device, options=options,
                                 max_side=args.max_side, overlay=args.overlay, checkpoint=args.model)
-    except (FileNotFoundError, StageError, OSError, ValueError) as e:
+    except (FileNotFoundError, WsssError, OSError, ValueError) as e:  # WsssError: StageError, DeviceError...
         print(f"error: {error_line(e) or e}", file=sys.stderr)
         return 1
     _report(args, result)

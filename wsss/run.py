@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsss.errors import DeviceError
 from wsss.layout import RunLayout, is_safe_name, log_file
 
 log = logging.getLogger("wsss")
@@ -250,14 +251,14 @@ def device_choice(name: str) -> tuple[str, str]:
     problem = cuda_problem()
     if name.startswith("cuda"):
         if problem:
-            raise SystemExit(f"error: --device {name}: {problem}")
+            raise DeviceError(f"--device {name}: {problem}")
         if ":" in name and not distributed():
             import torch
 
             index = int(name.split(":")[1])
             if index >= torch.cuda.device_count():
-                raise SystemExit(f"error: --device {name}: {torch.cuda.device_count()} GPUs are visible (0.."
-                                 f"{torch.cuda.device_count() - 1})")
+                raise DeviceError(f"--device {name}: {torch.cuda.device_count()} GPUs are visible (0.."
+                                  f"{torch.cuda.device_count() - 1})")
             torch.cuda.set_device(index)
         return "cuda", f"--device {name}"
     return ("cpu", f"--device auto: {problem}") if problem else ("cuda", "--device auto: CUDA works")
@@ -279,8 +280,8 @@ def resolve_amp(name: str, device: str) -> str:
     if name == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if name == "bf16" and not torch.cuda.is_bf16_supported():
-        raise SystemExit(f"error: --amp bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
-                         f"use --amp fp16 or auto")
+        raise DeviceError(f"--amp bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
+                          f"use --amp fp16 or auto")
     return name
 
 
