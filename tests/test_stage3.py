@@ -190,6 +190,29 @@ def test_changed_config_stops_and_force_removes_only_what_the_stage_wrote(run):
     assert io.read_json(stage / "manifest.json")["config"]["lr"] == 0.02
 
 
+def test_a_run_records_its_methods_flags_and_accepts_a_flag_added_since_at_its_default(run):
+    """Changing another method's flag (--stc-*) leaves a finished PSL run valid; an older run's
+    record without a flag added since (here --psl-plus-merge) is the same settings at the flag's
+    default, and another value still refuses it."""
+    go, run_dir = run
+    go("--epochs", "1")
+    stage = run_dir / "stage3"
+    config = io.read_json(stage / "stage.json")["config"]
+    assert "psl_online" in config and "method" in config and not any(k.startswith("stc_") for k in config)
+    assert go("--epochs", "1", "--stc-steps", "1", "--stc-iters", "5") is None  # skipped: complete
+    stamp = io.read_json(stage / "stage.json")  # as an older version wrote it: every method's flags,
+    stamp["config"] = {**{k: v for k, v in stamp["config"].items() if k != "psl_plus_merge"},  # not this one
+                       "stc_steps": 2, "stc_iters": 7}
+    io.write_json(stage / "stage.json", stamp)
+    checkpoint = (stage / "psl" / "checkpoint.pt").read_bytes()
+    assert go("--epochs", "1", "--stc-steps", "3") is None
+    with pytest.raises(StageError, match=r"(?s)--psl-plus-merge: \(unset\) -> fill.*--force"):
+        go("--epochs", "1", "--psl-plus-merge", "fill")
+    with pytest.raises(StageError, match=r"--lr: 0\.0025 -> 0\.02"):
+        go("--epochs", "1", "--lr", "0.02")
+    assert (stage / "psl" / "checkpoint.pt").read_bytes() == checkpoint  # nothing touched
+
+
 def test_predict_split_restricts_skips_and_redoes(tiny_voc, tmp_path):
     from wsss.models.segnet import build_segnet
 

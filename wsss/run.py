@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsss.config import declared_defaults
 from wsss.errors import DeviceError
 from wsss.layout import RunLayout, is_safe_name, log_file
 
@@ -37,9 +38,10 @@ def test_time(action: argparse.Action) -> argparse.Action:
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose namespace carries each declared flag's kind (`args._kinds`, dest ->
-    "runtime" | "test-time"), so that a stage tells its config from the rest by the flags' own
-    declarations (stage 2's --crf is config, stage 3's test-time --crf is not). With `--preset`
-    flags (`wsss.preset.add_args`), the preset's values become the defaults before the parse."""
+    "runtime" | "test-time"), section (`args._sections`, `wsss.config.add_section`) and declared
+    default (`args._defaults`), so that a stage tells its config from the rest by the flags' own
+    declarations (stage 2's --crf is config, stage 3's test-time --crf is not; `wsss.config`). With
+    `--preset` flags (`wsss.preset.add_args`), the preset's values become the defaults before the parse."""
 
     preset_section: str | None = None
 
@@ -50,6 +52,7 @@ class Parser(argparse.ArgumentParser):
         return super().format_help()
 
     def parse_known_args(self, args=None, namespace=None):
+        defaults = declared_defaults(self)  # before a preset replaces them
         if self.preset_section is not None:
             from wsss import preset
 
@@ -61,6 +64,8 @@ class Parser(argparse.ArgumentParser):
         namespace, rest = super().parse_known_args(args, namespace)
         _flatten_scales(namespace, self._actions)
         namespace._kinds = {a.dest: a.kind for a in self._actions if hasattr(a, "kind")}
+        namespace._sections = {a.dest: a.section for a in self._actions if hasattr(a, "section")}
+        namespace._defaults = defaults
         return namespace, rest
 
 

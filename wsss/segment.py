@@ -48,7 +48,8 @@ both datasets; the figures are in docs/results.md. `collapse_check` stops a run 
 Resume: each training resumes from its checkpoint (`wsss.train.fit`), finished trainings return at
 once, predictions already written are kept. The test-time flags (--scales, --flip, --crf, --gate) are
 not config: a finished stage rerun with other ones keeps its nets byte for byte and only predicts
-and scores into another folder. Any other changed flag or input stops the stage (wsss.stage).
+and scores into another folder. Nor are the flags of the methods not chosen (a PSL run records no
+--stc-* flag, `wsss.config`). Any other changed flag or input stops the stage (wsss.stage).
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ import time
 from pathlib import Path
 
 from wsss import io
+from wsss.config import add_section
 from wsss.crf import check_crf
 from wsss.layout import EVAL_GLOB, METRICS, MODEL, PRED, PRED_GLOB, STAGE2, Stage3Folder, eval_file
 from wsss.methods import METHODS
@@ -126,9 +128,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="a target pixel is 255 (ignored) where the net's largest probability, over the image's "
                         "own classes, is below this, and where PSL+'s CRF changes the net's label: an unsure "
                         "pixel left as a confident label teaches the next net the error (0: only the CRF rule)")
-    for method in METHODS.values():
+    for method in METHODS.values():  # each method's flags are its section: a run records its own method's
         if method.args is not None:
-            method.args(p)
+            add_section(p, method.name, method.args)
 
 
 
@@ -163,7 +165,7 @@ def run(args) -> dict | None:
     name, pred = stage_name(args), pred_folder(args.scales, args.flip, args.crf, args.gate)
     folders = {f for m in METHODS.values() for f in m.folders}
     owned = (*sorted(folders), PRED, PRED_GLOB, EVAL_GLOB, METRICS, MODEL)
-    stage = open_stage(args, name, inputs, owned=owned,
+    stage = open_stage(args, name, inputs, owned=owned, sections=(method.name,),
                        done=lambda manifest: pred in manifest.get("outputs", {}).get("predictions", {pred: 0}))
     if stage is None:
         return None

@@ -18,8 +18,9 @@ imported here (one line):
              config remove before it runs again).
     reads:   "pseudo" (stage 2's artifacts, which must be complete: `ctx.stage2 / "pseudo"`,
              `"saliency"`) or "masks" (the training split's ground-truth masks).
-    args:    optional add_args(parser): the method's own flags, named --NAME-...; like every
-             stage-3 flag they belong to the run's config, whichever method runs.
+    args:    optional add_args(parser): the method's own flags, named --NAME-..., its section
+             of the flags (`wsss.config`): a run's config records those of its own method only,
+             so another method's flags never make a finished run's settings differ.
 
 A method imports the library (`wsss.segtrain`: training set, Stage3, cross-entropy step;
 `wsss.predict`; `wsss.nets`), which never imports a method. A method kept outside the package needs
