@@ -493,38 +493,22 @@ def predict_folder(model, images, out, names, *, device, options: PredictOptions
 
     Returns the masks.json index.
     """
-    from wsss.stage import StageError
-
     images, out, t = Path(images), Path(out), options
     if t.restrict or t.ignore_below is not None:
         raise ValueError("predict_folder: a folder of photos has no image labels (restrict, ignore_below)")
     rels = plan(images, out)
-    crf_params = t.crf_kernels
-    settings = {"scales": [float(s) for s in t.scales], "flip": bool(t.flip), "gate": bool(t.gate), "crf": crf_params,
-                "max_side": int(max_side), "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
+    settings = {"scales": [float(s) for s in t.scales], "flip": bool(t.flip), "gate": bool(t.gate),
+                "crf": t.crf_kernels, "max_side": int(max_side),
+                "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
     _prepare_out(out, settings)
     index = {}
     for rel in tqdm(rels, desc="predict", leave=False):
-        mask_path = out / MASKS / mask_name(rel)
         overlay_path = out / OVERLAYS / mask_name(rel)
-        image = None
         try:
             photo = {PHOTO_KEY: io.file_hash(images / rel)}
         except OSError as e:
             raise DatasetError(f"{images / rel}: cannot read image ({e.strerror or e})") from e
-        if mask_path.is_file() and io.png_text(mask_path).get(PHOTO_KEY) == photo[PHOTO_KEY]:
-            mask = io.read_mask(mask_path)
-        else:
-            try:
-                image = io.read_image(images / rel)
-            except (OSError, ValueError) as e:
-                raise DatasetError(str(e)) from e
-            try:
-                mask = predict_image(model, image, device, scales=t.scales, flip=t.flip, gate=t.gate,
-                                     crf_params=crf_params, max_side=max_side)
-            except StageError as e:
-                raise StageError(f"{images / rel}: {e}") from e
-            io.write_mask(mask_path, mask, photo)
+        mask, image = _photo_mask(model, images / rel, out / MASKS / mask_name(rel), photo, device, t, max_side)
         if overlay and io.png_text(overlay_path).get(PHOTO_KEY) != photo[PHOTO_KEY]:
             image = io.read_image(images / rel) if image is None else image
             small = bounded(image, max_side)
@@ -537,6 +521,27 @@ def predict_folder(model, images, out, names, *, device, options: PredictOptions
     result = {"classes": list(names), "images": index}
     io.write_json(out / INDEX, result)
     return result
+
+
+def _photo_mask(model, path: Path, mask_path: Path, photo: dict, device, options: PredictOptions,
+                max_side: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the photo's mask, the photo if it was read): the mask at `mask_path` when it was made from
+    this photo (its PNG text holds `photo`'s hash), else predicted and written there with it."""
+    from wsss.stage import StageError
+
+    if mask_path.is_file() and io.png_text(mask_path).get(PHOTO_KEY) == photo[PHOTO_KEY]:
+        return io.read_mask(mask_path), None
+    try:
+        image = io.read_image(path)
+    except (OSError, ValueError) as e:
+        raise DatasetError(str(e)) from e
+    try:
+        mask = predict_image(model, image, device, scales=options.scales, flip=options.flip, gate=options.gate,
+                             crf_params=options.crf_kernels, max_side=max_side)
+    except StageError as e:
+        raise StageError(f"{path}: {e}") from e
+    io.write_mask(mask_path, mask, photo)
+    return mask, image
 
 
 # ---------------------------------------------------------------- command line
