@@ -9,6 +9,7 @@ background, the loss at the constant predictor's level.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,25 @@ def test_non_finite_gradient_stops_training(tmp_path):
 
     with pytest.raises(FloatingPointError, match="gradient norm became (nan|inf) at epoch 1, iteration 1 of 4"):
         fit(Constant(), Items(), step, tmp_path, TrainConfig(epochs=1, batch_size=2, lr=0.1, device="cpu", seed=0))
+
+
+def test_deferred_checks_catch_a_non_finite_loss_at_the_next_read(tmp_path, monkeypatch):
+    """On CUDA the loss and gradient norm stay on the device and are read every log_every iterations
+    (train.Loop.check_every): a non-finite one is caught at the next read, which the message names."""
+    from wsss import train
+
+    monkeypatch.setattr(train.Loop, "check_every", property(lambda loop: loop.config.log_every))
+    calls = []
+
+    def step(model, batch, epoch):
+        calls.append(epoch)
+        loss = (model.w - 1).pow(2).sum()
+        return (loss * math.inf if len(calls) == 2 else loss), {}
+
+    config = TrainConfig(epochs=1, batch_size=2, lr=0.1, device="cpu", seed=0, log_every=2)
+    with pytest.raises(FloatingPointError, match=r"non-finite by epoch 1, iteration 3 of 4 \(checked every 2 "):
+        fit(Constant(), Items(), step, tmp_path, config)
+    assert len(calls) == 3
 
 
 def test_warmup_and_poly_schedule():
