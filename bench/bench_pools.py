@@ -60,14 +60,14 @@ def time_predict_crf(data: Path, images: int, workers: int, tmp: Path) -> float:
 
     from wsss.data.voc import VOCDataset
     from wsss.models.segnet import build_segnet
-    from wsss.predict import predict_split
+    from wsss.predict import PredictOptions, predict_split
 
     torch.manual_seed(0)
     val = VOCDataset(data, "val")
     model = build_segnet("efficientnet-lite0", val.num_classes, weights=None).eval()
     t0 = time.perf_counter()
-    predict_split(model, val, val.ids[:images], tmp / f"pred-{workers}", device=torch.device("cpu"), crf=True,
-                  workers=workers)
+    predict_split(model, val, val.ids[:images], tmp / f"pred-{workers}", device=torch.device("cpu"),
+                  options=PredictOptions(crf=True), workers=workers)
     return (time.perf_counter() - t0) / images
 
 

@@ -28,7 +28,7 @@ from wsss import io, nets
 from wsss.data.voc import VOCDataset
 from wsss.layout import CONFIG, RunLayout, item
 from wsss.methods.psl import MERGES, merge_folder, stage2_crf
-from wsss.predict import predict_split
+from wsss.predict import PredictOptions, predict_split
 
 DEFAULT_RUN = "demo"
 
@@ -45,11 +45,11 @@ def measure(args) -> dict:
         raise SystemExit(f"bench_psl_plus: {stage}'s final net is not a PSL net (no classification branch)")
     rows = {"stage-2 pseudo-masks": score_targets(pseudo, train, ids, args.workers)}
     with tempfile.TemporaryDirectory() as tmp:
-        predicted = predict_split(model, train, ids, Path(tmp) / "net", device="cpu",
-                                  scales=config["self_train_scales"], flip=config["self_train_flip"], restrict=True,
-                                  crf=True, crf_params=stage2_crf(stage2.path),
-                                  ignore_below=config["self_train_confidence"], workers=args.workers,
-                                  checkpoint=checkpoint, desc="PSL+ masks")
+        options = PredictOptions(scales=config["self_train_scales"], flip=config["self_train_flip"], restrict=True,
+                                 crf=True, crf_params=stage2_crf(stage2.path),
+                                 ignore_below=config["self_train_confidence"])
+        predicted = predict_split(model, train, ids, Path(tmp) / "net", device="cpu", options=options,
+                                  workers=args.workers, checkpoint=checkpoint, desc="PSL+ masks")
         for rule in MERGES:
             merged = merge_folder(predicted, pseudo, Path(tmp) / rule, ids, rule)
             rows[f"PSL+ targets, --psl-plus-merge {rule}"] = score_targets(merged, train, ids, args.workers)

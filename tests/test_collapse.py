@@ -9,6 +9,7 @@ background, the loss at the constant predictor's level.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from wsss.data import synthetic, voclike
 from wsss.data.voc import IGNORE, VOCDataset
 from wsss.run import common_parser
 from wsss.segtrain import collapse_check
-from wsss.train import TrainingCollapsed, fit, read_metrics
+from wsss.train import TrainConfig, TrainingCollapsed, fit, read_metrics
 
 torch.set_num_threads(2)
 SHARED_VOC = Path(__file__).resolve().parents[2] / "shared" / "voc12"
@@ -45,8 +46,8 @@ def test_health_problem_stops_training_after_writing_the_epoch(tmp_path):
         return (model.w - 1).pow(2).sum(), {}
 
     with pytest.raises(TrainingCollapsed, match="dead net.*after epoch 2"):
-        fit(Constant(), Items(), step, tmp_path, epochs=3, batch_size=2, lr=0.1, device="cpu", seed=0,
-            health=lambda r: "dead net" if r["epoch"] == 2 else None, log_every=1)
+        config = TrainConfig(epochs=3, batch_size=2, lr=0.1, device="cpu", seed=0, log_every=1)
+        fit(Constant(), Items(), step, tmp_path, config, health=lambda r: "dead net" if r["epoch"] == 2 else None)
     epochs = read_metrics(tmp_path)
     assert [r["epoch"] for r in epochs] == [1, 2]  # the failing epoch is on record ...
     assert torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1  # ... but not resumed from
@@ -60,7 +61,26 @@ def test_non_finite_gradient_stops_training(tmp_path):
         return model.w.sum() * 0 + torch.sqrt(model.w - model.w.detach()).sum(), {}  # finite loss, infinite gradient
 
     with pytest.raises(FloatingPointError, match="gradient norm became (nan|inf) at epoch 1, iteration 1 of 4"):
-        fit(Constant(), Items(), step, tmp_path, epochs=1, batch_size=2, lr=0.1, device="cpu", seed=0)
+        fit(Constant(), Items(), step, tmp_path, TrainConfig(epochs=1, batch_size=2, lr=0.1, device="cpu", seed=0))
+
+
+def test_deferred_checks_catch_a_non_finite_loss_at_the_next_read(tmp_path, monkeypatch):
+    """On CUDA the loss and gradient norm stay on the device and are read every log_every iterations
+    (train.Loop.check_every): a non-finite one is caught at the next read, which the message names."""
+    from wsss import train
+
+    monkeypatch.setattr(train.Loop, "check_every", property(lambda loop: loop.config.log_every))
+    calls = []
+
+    def step(model, batch, epoch):
+        calls.append(epoch)
+        loss = (model.w - 1).pow(2).sum()
+        return (loss * math.inf if len(calls) == 2 else loss), {}
+
+    config = TrainConfig(epochs=1, batch_size=2, lr=0.1, device="cpu", seed=0, log_every=2)
+    with pytest.raises(FloatingPointError, match=r"non-finite by epoch 1, iteration 3 of 4 \(checked every 2 "):
+        fit(Constant(), Items(), step, tmp_path, config)
+    assert len(calls) == 3
 
 
 def test_warmup_and_poly_schedule():

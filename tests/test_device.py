@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from wsss.errors import DeviceError, WsssError
 from wsss.run import AMP_CHOICES, common_parser, device_choice, environment, resolve_amp, seed_everything
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
@@ -11,11 +12,25 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine
 
 @no_cuda
 def test_device_cuda_without_cuda_is_an_error_naming_the_cause():
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(DeviceError) as e:
         device_choice("cuda")
     message = str(e.value)
-    assert message.startswith("error: --device cuda: ")
+    assert message.startswith("--device cuda: ") and isinstance(e.value, WsssError)
     assert any(w in message for w in ("CPU-only build", "CUDA cannot start", "no CUDA device is visible"))
+
+
+@no_cuda
+def test_a_device_error_is_one_error_line_of_the_command_lines(tmp_path, capsys):
+    """Library code raises DeviceError; the stage scripts and wsss.predict print it as one line."""
+    from wsss.cli import stage3
+    from wsss.predict import main as predict
+
+    with pytest.raises(SystemExit, match=r"^error: --device cuda: \S"):
+        stage3(["--data", str(tmp_path), "--run", "r", "--outputs", str(tmp_path / "out"), "--device", "cuda"])
+    (tmp_path / "photos").mkdir()
+    assert predict(["--model", str(tmp_path / "model.pt"), "--images", str(tmp_path / "photos"), "--out",
+                    str(tmp_path / "masks"), "--device", "cuda"]) == 1
+    assert capsys.readouterr().err.startswith("error: --device cuda: ")
 
 
 @no_cuda
@@ -60,5 +75,5 @@ def test_device_takes_a_gpu_index_and_refuses_other_names():
     with pytest.raises(SystemExit):
         p.parse_args(["--device", "gpu"])
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match=r"^error: --device cuda:0: "):
+        with pytest.raises(DeviceError, match=r"^--device cuda:0: "):
             resolve_device("cuda:0")

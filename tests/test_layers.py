@@ -42,6 +42,7 @@ LAYERS = {
     "wsss.models.affinity": ALGORITHMS,
     # artifacts: the files of a dataset and of a run, one reader and one writer per format
     "wsss.io": ARTIFACTS,
+    "wsss.config": ARTIFACTS,
     "wsss.scoremaps": ARTIFACTS,
     "wsss.data.voc": ARTIFACTS,
     "wsss.viz": ARTIFACTS,
@@ -69,6 +70,7 @@ LAYERS = {
     "wsss.segment": STAGES,
     "wsss.methods": STAGES,
     "wsss.methods.gt": STAGES,
+    "wsss.methods.registry": STAGES,
     "wsss.methods.psl": STAGES,
     "wsss.methods.stc": STAGES,
     # command lines
@@ -85,7 +87,7 @@ LAYERS = {
 # or artifact module that has no network in it)
 TORCH_FREE = ("wsss.affinity", "wsss.errors", "wsss.labels", "wsss.layout", "wsss.shapes", "wsss.fusion",
               "wsss.mining", "wsss.metrics", "wsss.crf", "wsss.saliency", "wsss.data.transforms", "wsss.io", "wsss.scoremaps",
-              "wsss.data.voc", "wsss.viz", "wsss.stage", "wsss.run", "wsss.scoring", "wsss.eval", "wsss.workers",
+              "wsss.data.voc", "wsss.viz", "wsss.stage", "wsss.run", "wsss.config", "wsss.scoring", "wsss.eval", "wsss.workers",
               "wsss.saliency_maps")
 
 # The run's folder names, which only wsss/layout.py joins into paths.

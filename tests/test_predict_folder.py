@@ -8,7 +8,7 @@ from PIL import Image
 
 from wsss import io, predict
 from wsss.data.voc import DatasetError
-from wsss.predict import predict_folder, predict_image
+from wsss.predict import PredictOptions, predict_folder, predict_image
 from wsss.viz import resize
 
 torch.set_num_threads(2)
@@ -41,7 +41,8 @@ def make_folder(folder, photos=PHOTOS):
 
 def test_masks_overlays_and_index_for_a_nested_folder(model, tmp_path):
     images, out = make_folder(tmp_path / "photos"), tmp_path / "out"
-    result = predict_folder(model, images, out, NAMES, device="cpu", gate=True, overlay=True, max_side=64)
+    result = predict_folder(model, images, out, NAMES, device="cpu", options=PredictOptions(gate=True),
+                            overlay=True, max_side=64)
     assert sorted(result["images"]) == sorted(PHOTOS)
     for rel, (h, w) in PHOTOS.items():
         mask_rel = rel.rsplit(".", 1)[0] + ".png"
@@ -77,7 +78,7 @@ def test_rerun_resumes_and_other_settings_never_delete(model, tmp_path):
     predict_folder(model, images, out, NAMES, device="cpu", max_side=64)
     assert all(p.stat().st_mtime_ns == t for p, t in before.items()) and (out / "masks" / "a.png").is_file()
     with pytest.raises(DatasetError, match="not empty and holds no predictions with these settings"):
-        predict_folder(model, images, out, NAMES, device="cpu", max_side=64, flip=True)
+        predict_folder(model, images, out, NAMES, device="cpu", max_side=64, options=PredictOptions(flip=True))
     assert {p for p in (out / "masks").rglob("*.png")} >= set(before)
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -139,7 +140,7 @@ def test_a_crf_that_fails_is_an_error_naming_the_photo(model, tmp_path, monkeypa
     monkeypatch.setattr(crf, "dense_crf", crash)
     images, out = make_folder(tmp_path / "photos"), tmp_path / "out"
     with pytest.raises(StageError, match=r"photos/.*: the dense CRF failed \(RuntimeError: CRF broke\)"):
-        predict_folder(model, images, out, NAMES, device="cpu", crf=True, max_side=64)
+        predict_folder(model, images, out, NAMES, device="cpu", options=PredictOptions(crf=True), max_side=64)
     assert not list((out / "masks").rglob("*.png"))  # never the net's argmax passed off as a refined mask
 
 

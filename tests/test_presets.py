@@ -9,8 +9,8 @@ import pytest
 from stages import stage1, stage2, stage3
 from wsss import erasing, preset, pseudo, segment
 from wsss import eval as wsss_eval
+from wsss.config import artifact_config
 from wsss.run import common_parser
-from wsss.stage import artifact_config
 
 PARSERS = {
     "stage1": lambda: erasing.add_args(common_parser("test", "stage1")),

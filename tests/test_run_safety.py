@@ -252,7 +252,7 @@ def test_test_time_crf_failure_is_an_error(tiny_voc, tmp_path, monkeypatch):
 
     monkeypatch.setattr(crf, "dense_crf", crash)
     with pytest.raises(StageError, match="dense CRF failed on tiny_004.*CRF broke"):
-        predict.predict_split(model, ds, ds.ids, tmp_path / "pred", device="cpu", crf=True)
+        predict.predict_split(model, ds, ds.ids, tmp_path / "pred", device="cpu", options=predict.PredictOptions(crf=True))
     assert not list((tmp_path / "pred").glob("*.png"))
 
 

@@ -160,7 +160,8 @@ def test_a_photo_larger_than_max_side_is_predicted_at_that_size(tiny_voc_factory
     monkeypatch.setattr(predict, "predict_probs_batch", spy)
     for crf in (False, True):
         out = tmp_path / f"pred-{crf}"
-        predict.predict_split(PoolCAM(), dataset, dataset.ids, out, device="cpu", restrict=True, crf=crf)
+        predict.predict_split(PoolCAM(), dataset, dataset.ids, out, device="cpu",
+                              options=predict.PredictOptions(restrict=True, crf=crf))
         for id_ in dataset.ids:
             assert io.read_mask(out / f"{id_}.png").shape == dataset.image(id_).shape[:2]
     assert seen and all(max(s) == 32 for s in seen)

@@ -11,7 +11,7 @@ from wsss.cam import load_cams
 from wsss.data.voc import VOCDataset
 from wsss.models.classifier import build_classifier
 from wsss.scoremaps import stored_size
-from wsss.train import fit, read_metrics
+from wsss.train import TrainConfig, fit, read_metrics
 
 torch.set_num_threads(2)
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*randomly initialised:UserWarning")]
@@ -133,8 +133,8 @@ def test_fit_resumes_after_an_interrupted_epoch(tiny_voc, tmp_path):
     def train(epochs):
         torch.manual_seed(0)
         model = build_classifier("efficientnet-lite0", 3, weights=None)
-        return fit(model, ds, step, tmp_path, epochs=epochs, batch_size=2, lr=0.01, device="cpu", seed=0,
-                   param_groups=model.param_groups)
+        config = TrainConfig(epochs=epochs, batch_size=2, lr=0.01, device="cpu", seed=0)
+        return fit(model, ds, step, tmp_path, config, param_groups=model.param_groups)
 
     crash = True
     with pytest.raises(KeyboardInterrupt):
@@ -203,12 +203,12 @@ def test_kill_between_an_epochs_checkpoint_and_its_metrics_line_resumes_byte_for
     killed_in = []
     real_fit = erasing.fit
 
-    def fit_killed_in_step(model, dataset, step_fn, out_dir, **kwargs):
+    def fit_killed_in_step(model, dataset, step_fn, out_dir, config, **kwargs):
         with monkeypatch.context() as m:
             if Path(out_dir).name == step:
                 killed_in.append(step)
                 kill_between_the_writes_of(m, 2)  # the final epoch's two writes
-            return real_fit(model, dataset, step_fn, out_dir, **kwargs)
+            return real_fit(model, dataset, step_fn, out_dir, config, **kwargs)
 
     monkeypatch.setattr(erasing, "fit", fit_killed_in_step)
     with pytest.raises(Interrupted):

@@ -190,6 +190,29 @@ def test_changed_config_stops_and_force_removes_only_what_the_stage_wrote(run):
     assert io.read_json(stage / "manifest.json")["config"]["lr"] == 0.02
 
 
+def test_a_run_records_its_methods_flags_and_accepts_a_flag_added_since_at_its_default(run):
+    """Changing another method's flag (--stc-*) leaves a finished PSL run valid; an older run's
+    record without a flag added since (here --psl-plus-merge) is the same settings at the flag's
+    default, and another value still refuses it."""
+    go, run_dir = run
+    go("--epochs", "1")
+    stage = run_dir / "stage3"
+    config = io.read_json(stage / "stage.json")["config"]
+    assert "psl_online" in config and "method" in config and not any(k.startswith("stc_") for k in config)
+    assert go("--epochs", "1", "--stc-steps", "1", "--stc-iters", "5") is None  # skipped: complete
+    stamp = io.read_json(stage / "stage.json")  # as an older version wrote it: every method's flags,
+    stamp["config"] = {**{k: v for k, v in stamp["config"].items() if k != "psl_plus_merge"},  # not this one
+                       "stc_steps": 2, "stc_iters": 7}
+    io.write_json(stage / "stage.json", stamp)
+    checkpoint = (stage / "psl" / "checkpoint.pt").read_bytes()
+    assert go("--epochs", "1", "--stc-steps", "3") is None
+    with pytest.raises(StageError, match=r"(?s)--psl-plus-merge: \(unset\) -> fill.*--force"):
+        go("--epochs", "1", "--psl-plus-merge", "fill")
+    with pytest.raises(StageError, match=r"--lr: 0\.0025 -> 0\.02"):
+        go("--epochs", "1", "--lr", "0.02")
+    assert (stage / "psl" / "checkpoint.pt").read_bytes() == checkpoint  # nothing touched
+
+
 def test_predict_split_restricts_skips_and_redoes(tiny_voc, tmp_path):
     from wsss.models.segnet import build_segnet
 
@@ -197,18 +220,19 @@ def test_predict_split_restricts_skips_and_redoes(tiny_voc, tmp_path):
     model = build_segnet("efficientnet-lite0", 4, cls_branch=True, weights=None).eval()
     train = VOCDataset(tiny_voc, "train")
     out = tmp_path / "pred"
-    predict.predict_split(model, train, train.ids, out, device="cpu", restrict=True, gate=True)
+    predict.predict_split(model, train, train.ids, out, device="cpu", options=predict.PredictOptions(restrict=True, gate=True))
     check_predictions(out, train)
     for id_ in train.ids:
         assert set(np.unique(io.read_mask(out / f"{id_}.png"))) <= {0, *train.label_ids(id_).tolist()}
     first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
-    predict.predict_split(model, train, train.ids, out, device="cpu", restrict=True, gate=True)
+    predict.predict_split(model, train, train.ids, out, device="cpu", options=predict.PredictOptions(restrict=True, gate=True))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == first  # same settings: skipped
-    predict.predict_split(model, train, train.ids, out, device="cpu", restrict=True, gate=True, flip=True)
+    predict.predict_split(model, train, train.ids, out, device="cpu",
+                          options=predict.PredictOptions(restrict=True, gate=True, flip=True))
     assert all((out / n).stat().st_mtime_ns != t for n, t in first.items())  # other settings: redone
     plain = build_segnet("efficientnet-lite0", 4, weights=None).eval()
     with pytest.raises(ValueError, match="classification branch"):
-        predict.predict_split(plain, train, train.ids[:1], tmp_path / "p2", device="cpu", gate=True)
+        predict.predict_split(plain, train, train.ids[:1], tmp_path / "p2", device="cpu", options=predict.PredictOptions(gate=True))
 
 
 def test_images_without_a_pseudo_mask_are_skipped(run, tiny_voc):
@@ -221,10 +245,10 @@ def test_images_without_a_pseudo_mask_are_skipped(run, tiny_voc):
     assert "psl: training on 3 images" in log
 
 
-def test_a_registered_method_runs(run, tiny_voc, monkeypatch):
-    """A third party's method: one entry in wsss.methods.METHODS, no other change; --method offers it
-    and stage 3 runs it, predicts with its final net and scores it."""
-    from wsss.methods import METHODS
+def test_a_registered_method_runs(run, tiny_voc):
+    """A third party's method: one registration in wsss.methods.METHODS, no other change; --method
+    offers it and stage 3 runs it, predicts with its final net and scores it."""
+    from wsss.methods import METHODS, register
     from wsss.segtrain import SegmentationTrainSet, ce_step
 
     def one_epoch_on_gt(ctx):
@@ -235,22 +259,24 @@ def test_a_registered_method_runs(run, tiny_voc, monkeypatch):
     def add_args(p):
         p.add_argument("--mine-epochs", type=int, default=1)
 
-    monkeypatch.setitem(METHODS, "mine", {"train": one_epoch_on_gt, "args": add_args, "reads": "masks",
-                                          "folders": ("mine",)})
-    go, run_dir = run
-    result = go("--method", "mine", "--tag", "mine")
-    stage = run_dir / "stage3-mine"
-    assert metrics_by_net(stage) == {"mine/net": [1]}  # its own budget, not --epochs 2
-    assert io.read_json(stage / "manifest.json")["outputs"]["final_net"] == "mine/net"
-    assert io.read_json(stage / "eval.json")["miou"] == result["miou"]
-    check_predictions(stage / "pred", VOCDataset(tiny_voc, "val"))
-    with pytest.raises(SystemExit):  # without the entry, --method mine is not a choice
-        monkeypatch.delitem(METHODS, "mine")
-        go("--method", "mine")
+    register("mine", reads="masks", folders=("mine",), args=add_args)(one_epoch_on_gt)
+    try:
+        go, run_dir = run
+        result = go("--method", "mine", "--tag", "mine")
+        stage = run_dir / "stage3-mine"
+        assert metrics_by_net(stage) == {"mine/net": [1]}  # its own budget, not --epochs 2
+        assert io.read_json(stage / "manifest.json")["outputs"]["final_net"] == "mine/net"
+        assert io.read_json(stage / "eval.json")["miou"] == result["miou"]
+        check_predictions(stage / "pred", VOCDataset(tiny_voc, "val"))
+        with pytest.raises(SystemExit):  # without the entry, --method mine is not a choice
+            del METHODS["mine"]
+            go("--method", "mine")
+    finally:
+        METHODS.pop("mine", None)
 
 
 def test_self_training_targets_ignore_unsure_pixels_and_crf_changes(tiny_voc, tmp_path):
-    """predict_split(ignore_below=t): 255 where the net's largest probability over the image's classes
+    """predict_split with PredictOptions(ignore_below=t): 255 where the net's largest probability over the image's classes
     is below t, and with the CRF where the CRF changed the net's label; elsewhere the net's label."""
     from wsss.models.segnet import build_segnet
 
@@ -259,7 +285,8 @@ def test_self_training_targets_ignore_unsure_pixels_and_crf_changes(tiny_voc, tm
     train = VOCDataset(tiny_voc, "train")
 
     def masks(name, **kw):
-        predict.predict_split(model, train, train.ids, tmp_path / name, device="cpu", restrict=True, **kw)
+        predict.predict_split(model, train, train.ids, tmp_path / name, device="cpu",
+                              options=predict.PredictOptions(restrict=True, **kw))
         return {i: io.read_mask(tmp_path / name / f"{i}.png") for i in train.ids}
 
     plain, sure, none = masks("plain"), masks("t0", ignore_below=0.0), masks("t1", ignore_below=1.01)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsss.train import CHECKPOINT, METRICS, fit, read_metrics
+from wsss.train import CHECKPOINT, METRICS, TrainConfig, fit, read_metrics
 
 torch.set_num_threads(2)
 
@@ -44,8 +44,8 @@ def train(out_dir, epochs=4, seed=0, stop_at=None, seen=None, evaluate=None):
         loss = ((model(batch["x"]).squeeze(1) - batch["y"]) ** 2).mean()
         return loss, {"half_loss": loss.item() / 2}
 
-    return fit(make_model(), NoiseSet(), step, out_dir, epochs=epochs, batch_size=2, lr=0.01,
-               device="cpu", seed=seed, evaluate=evaluate)
+    config = TrainConfig(epochs=epochs, batch_size=2, lr=0.01, device="cpu", seed=seed)
+    return fit(make_model(), NoiseSet(), step, out_dir, config, evaluate=evaluate)
 
 
 def state(model):

@@ -99,7 +99,7 @@ from wsss.rw import run_rw
 from wsss.scoremaps import write_seeds
 from wsss.shapes import MAX_SIDE, batches, bucket, fitted_size, shard_batches, size_divisor
 from wsss.stage import check_processes, dataset_inputs, open_stage
-from wsss.train import epoch_metrics, fit, init_distributed, torch_device
+from wsss.train import TrainConfig, epoch_metrics, fit, init_distributed, torch_device
 
 log = logging.getLogger("wsss")
 CAM_BATCH = {"cuda": 8, "cpu": 1}  # same-size images per multiscale_cams_batch call (see wsss/cam.py)
@@ -405,10 +405,11 @@ def run_step(step: int, args, dataset, ids, labelled, out: Path, region_dirs, st
     if val is not None:
         evaluate = lambda m: {"val_mAP": classification_map(m, val, val.ids, torch_device(device))}  # noqa: E731
     epochs = step_epochs(args.epochs, args.iterations, len(train_ids), args.batch_size)
+    config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, device=device,
+                         seed=args.seed + 1000 * step, workers=args.workers, desc=f"AE step {step}",
+                         amp=resolve_amp(args.amp, device))
     model = fit(model, ErasedImages(dataset, train_ids, region_dirs, args.crop), classification_step, step_dir,
-                epochs=epochs, batch_size=args.batch_size, lr=args.lr, device=device,
-                seed=args.seed + 1000 * step, workers=args.workers, param_groups=model.param_groups,
-                evaluate=evaluate, desc=f"AE step {step}", amp=resolve_amp(args.amp, device))
+                config, param_groups=model.param_groups, evaluate=evaluate)
     final = epoch_metrics(step_dir, epochs)  # by number: a stale line of another epoch never decides
     kept = final["loss"] <= stop_loss
     if kept:

@@ -14,6 +14,11 @@ class StageError(WsssError, RuntimeError):
     """A stage cannot (or must not) go on; the message says why and what to do."""
 
 
+class DeviceError(WsssError, RuntimeError):
+    """The device or precision asked for is not there (--device cuda without a working CUDA, a GPU
+    index past the visible ones, --amp bf16 on a GPU without bfloat16); the message names the flag."""
+
+
 class DatasetError(WsssError, ValueError):
     """Bad input in a dataset; the message names the file and the problem.
 

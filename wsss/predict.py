@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from wsss import io
 from wsss.cam import crop_to_view, pad_to, scaled_views, to_input
 from wsss.crf import TEST_CRF
 from wsss.data.voc import DatasetError, find_images
+from wsss.errors import WsssError
 from wsss.layout import PRED
 from wsss.nets import net_crf
 from wsss.run import count_images, inference_kernels, rank_world
@@ -230,46 +232,78 @@ def _prepare_folder(out_dir: Path, settings: dict, ids) -> None:
         io.write_json(path, settings)
 
 
-def predict_split(model, dataset, ids, out_dir, *, device, scales=(1.0,), flip=False, gate=False,
-                  restrict=False, crf=False, crf_params=None, ignore_below=None, workers=1, checkpoint=None,
-                  desc="predict") -> Path:
-    """Write out_dir/ID.png (palette) for `ids`, skipping those already there (see the docstring).
+@dataclass(frozen=True)
+class PredictOptions:
+    """How a net's predictions are made (the steps of the module docstring); a prediction folder
+    remembers them (`settings.json`).
 
-    `restrict`: keep only each image's labelled classes (training images); `crf`: dense CRF over
-    the classes present, `crf_params` (default DeepLab v2 ResNet-101's; `net_crf` gives a run's) in a pool of `workers`
-    processes; `ignore_below` (self-training targets): IGNORE where the net's largest probability
-    (renormalised over the classes present) is below it and, with `crf`, where the CRF changes the
-    net's label. Under torchrun each rank predicts its share of the ids. Returns out_dir.
+    `scales` (probabilities averaged), `flip` (the mirror image too), `gate` (PSL: class maps times
+    the classification branch's probabilities); `crf`: dense CRF over the classes present with
+    `crf_params` (default DeepLab v2 ResNet-101's; `net_crf` gives a run's). Training images only
+    (they need the dataset's labels, so `predict_folder` refuses them): `restrict` keeps only each
+    image's labelled classes; `ignore_below` (self-training targets) writes IGNORE where the net's
+    largest probability (renormalised over the classes present) is below it and, with `crf`, where
+    the CRF changes the net's label."""
+
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    gate: bool = False
+    crf: bool = False
+    crf_params: dict | None = None
+    restrict: bool = False
+    ignore_below: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "scales", tuple(self.scales))
+
+    @classmethod
+    def from_flags(cls, args, has_cls: bool, crf_params=None) -> PredictOptions:
+        """The test-time flags of `add_predict_args` for a net with (`has_cls`) or without a
+        classification branch (--gate needs one), the CRF with `crf_params`."""
+        return cls(scales=args.scales, flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf,
+                   crf_params=crf_params)
+
+    @property
+    def crf_kernels(self) -> dict | None:
+        """The kernels the CRF runs with, None without one (`crf_settings`)."""
+        return crf_settings(self.crf, self.crf_params)
+
+
+def predict_split(model, dataset, ids, out_dir, *, device, options: PredictOptions = PredictOptions(),
+                  workers=1, checkpoint=None, desc="predict") -> Path:
+    """Write out_dir/ID.png (palette) for `ids` as `options` says, skipping those already there
+    (see the module docstring). The CRFs run in a pool of `workers` processes. Under torchrun each
+    rank predicts its share of the ids. Returns out_dir.
     """
     from wsss.run import barrier, is_main_process
 
-    out_dir = Path(out_dir)
-    crf_params = crf_settings(crf, crf_params)
-    settings = {"scales": [float(s) for s in scales], "flip": bool(flip), "gate": bool(gate),
-                "restrict": bool(restrict), "crf": crf_params,
+    out_dir, t = Path(out_dir), options
+    crf_params = t.crf_kernels
+    settings = {"scales": [float(s) for s in t.scales], "flip": bool(t.flip), "gate": bool(t.gate),
+                "restrict": bool(t.restrict), "crf": crf_params,
                 "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
-    if ignore_below is not None:  # only then: the folders written before the option stay valid
-        settings["ignore_below"] = float(ignore_below)
+    if t.ignore_below is not None:  # only then: the folders written before the option stay valid
+        settings["ignore_below"] = float(t.ignore_below)
     if is_main_process():
         _prepare_folder(out_dir, settings, ids)
     barrier()
-    ids = rank_share(dataset, ids, scales, device)
+    ids = rank_share(dataset, ids, t.scales, device)
     todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
     count_images(len(todo))
     if len(todo) < len(ids):
         log.info("%s: %d of %d predictions already written", out_dir, len(ids) - len(todo), len(ids))
-    stream = predict_masks(model, dataset, todo, device=device, scales=scales, flip=flip, gate=gate,
-                           restrict=restrict, desc=desc)
+    stream = predict_masks(model, dataset, todo, device=device, scales=t.scales, flip=t.flip, gate=t.gate,
+                           restrict=t.restrict, desc=desc)
     if crf_params is None:
         for id_, image, probs in stream:
             mask = label_map(probs)
-            if ignore_below is not None:
-                present = _present(probs, dataset.label_ids(id_) if restrict else None)
-                mask[unsure(probs[torch.as_tensor(present, device=probs.device)].cpu().numpy(), ignore_below)] = \
+            if t.ignore_below is not None:
+                present = _present(probs, dataset.label_ids(id_) if t.restrict else None)
+                mask[unsure(probs[torch.as_tensor(present, device=probs.device)].cpu().numpy(), t.ignore_below)] = \
                     io.IGNORE
             io.write_mask(out_dir / f"{id_}.png", labels_at(mask, image.shape[:2]))
     else:
-        _run_crfs(_crf_jobs(stream, dataset, restrict), len(todo), crf_params, workers, out_dir, ignore_below)
+        _run_crfs(_crf_jobs(stream, dataset, t.restrict), len(todo), crf_params, workers, out_dir, t.ignore_below)
     barrier()
     return out_dir
 
@@ -428,8 +462,8 @@ def mask_summary(mask: np.ndarray, names) -> dict:
             for c, n in zip(ids.tolist(), counts.tolist(), strict=True)}
 
 
-def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=False, gate=False, crf=False,
-                   crf_params=None, max_side: int = 1024, overlay=False, checkpoint=None) -> dict:
+def predict_folder(model, images, out, names, *, device, options: PredictOptions = PredictOptions(),
+                   max_side: int = 1024, overlay=False, checkpoint=None) -> dict:
     """Masks for any folder of photos: `python -m wsss.predict --run RUN --images DIR --out OUT`.
 
     No image labels are needed: a PSL net's classification branch gates the class maps (`--gate`),
@@ -442,8 +476,8 @@ def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=Fal
         OUT/masks.json          each photo's mask, size, and its classes with their pixel fractions
         OUT/settings.json       the settings the masks were made with
 
-    `crf`: dense CRF with `crf_params` (default as predict_split; the CLI passes the run's `net_crf`);
-    a CRF that fails is an error naming the photo (the masks already written are kept).
+    `options`: scales, flip, gate and CRF (`PredictOptions`; the CLI passes the run's `net_crf`); a CRF
+    that fails is an error naming the photo (the masks already written are kept).
 
     A photo larger than --max-side is predicted at that size (the net was trained near the dataset's
     scale, and memory stays bounded); the probabilities of the classes found are then resized
@@ -459,36 +493,22 @@ def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=Fal
 
     Returns the masks.json index.
     """
-    from wsss.stage import StageError
-
-    images, out = Path(images), Path(out)
+    images, out, t = Path(images), Path(out), options
+    if t.restrict or t.ignore_below is not None:
+        raise ValueError("predict_folder: a folder of photos has no image labels (restrict, ignore_below)")
     rels = plan(images, out)
-    crf_params = crf_settings(crf, crf_params)
-    settings = {"scales": [float(s) for s in scales], "flip": bool(flip), "gate": bool(gate), "crf": crf_params,
-                "max_side": int(max_side), "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
+    settings = {"scales": [float(s) for s in t.scales], "flip": bool(t.flip), "gate": bool(t.gate),
+                "crf": t.crf_kernels, "max_side": int(max_side),
+                "checkpoint": io.fingerprint(checkpoint) if checkpoint else None}
     _prepare_out(out, settings)
     index = {}
     for rel in tqdm(rels, desc="predict", leave=False):
-        mask_path = out / MASKS / mask_name(rel)
         overlay_path = out / OVERLAYS / mask_name(rel)
-        image = None
         try:
             photo = {PHOTO_KEY: io.file_hash(images / rel)}
         except OSError as e:
             raise DatasetError(f"{images / rel}: cannot read image ({e.strerror or e})") from e
-        if mask_path.is_file() and io.png_text(mask_path).get(PHOTO_KEY) == photo[PHOTO_KEY]:
-            mask = io.read_mask(mask_path)
-        else:
-            try:
-                image = io.read_image(images / rel)
-            except (OSError, ValueError) as e:
-                raise DatasetError(str(e)) from e
-            try:
-                mask = predict_image(model, image, device, scales=scales, flip=flip, gate=gate,
-                                     crf_params=crf_params, max_side=max_side)
-            except StageError as e:
-                raise StageError(f"{images / rel}: {e}") from e
-            io.write_mask(mask_path, mask, photo)
+        mask, image = _photo_mask(model, images / rel, out / MASKS / mask_name(rel), photo, device, t, max_side)
         if overlay and io.png_text(overlay_path).get(PHOTO_KEY) != photo[PHOTO_KEY]:
             image = io.read_image(images / rel) if image is None else image
             small = bounded(image, max_side)
@@ -501,6 +521,27 @@ def predict_folder(model, images, out, names, *, device, scales=(1.0,), flip=Fal
     result = {"classes": list(names), "images": index}
     io.write_json(out / INDEX, result)
     return result
+
+
+def _photo_mask(model, path: Path, mask_path: Path, photo: dict, device, options: PredictOptions,
+                max_side: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the photo's mask, the photo if it was read): the mask at `mask_path` when it was made from
+    this photo (its PNG text holds `photo`'s hash), else predicted and written there with it."""
+    from wsss.stage import StageError
+
+    if mask_path.is_file() and io.png_text(mask_path).get(PHOTO_KEY) == photo[PHOTO_KEY]:
+        return io.read_mask(mask_path), None
+    try:
+        image = io.read_image(path)
+    except (OSError, ValueError) as e:
+        raise DatasetError(str(e)) from e
+    try:
+        mask = predict_image(model, image, device, scales=options.scales, flip=options.flip, gate=options.gate,
+                             crf_params=options.crf_kernels, max_side=max_side)
+    except StageError as e:
+        raise StageError(f"{path}: {e}") from e
+    io.write_mask(mask_path, mask, photo)
+    return mask, image
 
 
 # ---------------------------------------------------------------- command line
@@ -636,10 +677,10 @@ def main(argv=None) -> int:
         dataset = nets.open_dataset(config["data"], split)
         check_same_dataset(stage, dataset, "predict", keys=("class names", "labels"))
         dataset.validate()
-        predict_split(model, dataset, dataset.ids, out, device=device, scales=args.scales, flip=args.flip,
-                      gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),
+        predict_split(model, dataset, dataset.ids, out, device=device,
+                      options=PredictOptions.from_flags(args, has_cls, net_crf(config)),
                       workers=args.workers, checkpoint=checkpoint, desc=f"predict {split}")
-    except (FileNotFoundError, StageError, OSError, ValueError) as e:
+    except (FileNotFoundError, WsssError, OSError, ValueError) as e:  # WsssError: StageError, DeviceError...
         print(f"error: {error_line(e) or e}", file=sys.stderr)
         return 1
     finally:
@@ -654,7 +695,7 @@ def _predict_with_model(args) -> int:
     from wsss.crf import check_crf
     from wsss.modelfile import load_model
     from wsss.run import resolve_device
-    from wsss.stage import StageError, error_line
+    from wsss.stage import error_line
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -664,12 +705,11 @@ def _predict_with_model(args) -> int:
         test_time_settings(args, info)
         if args.crf:
             check_crf("predict", "--no-crf")
-        gate = info["architecture"]["cls_branch"] and args.gate == "on"
-        result = predict_folder(model, args.images, args.out, info["classes"], device=device,
-                                scales=args.scales, flip=args.flip, gate=gate, crf=args.crf,
-                                crf_params=info["test_time"]["crf_params"] or None, max_side=args.max_side,
-                                overlay=args.overlay, checkpoint=args.model)
-    except (FileNotFoundError, StageError, OSError, ValueError) as e:
+        options = PredictOptions.from_flags(args, info["architecture"]["cls_branch"],
+                                        info["test_time"]["crf_params"] or None)
+        result = predict_folder(model, args.images, args.out, info["classes"], device=device, options=options,
+                                max_side=args.max_side, overlay=args.overlay, checkpoint=args.model)
+    except (FileNotFoundError, WsssError, OSError, ValueError) as e:  # WsssError: StageError, DeviceError...
         print(f"error: {error_line(e) or e}", file=sys.stderr)
         return 1
     _report(args, result)
@@ -686,9 +726,8 @@ def _predict_folder(args, model, checkpoint, has_cls, config, device) -> int:
     from wsss.data.voc import class_names
 
     result = predict_folder(model, args.images, args.out, class_names(config["data"]), device=device,
-                            scales=args.scales, flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf,
-                            crf_params=net_crf(config), max_side=args.max_side, overlay=args.overlay,
-                            checkpoint=checkpoint)
+                            options=PredictOptions.from_flags(args, has_cls, net_crf(config)),
+                            max_side=args.max_side, overlay=args.overlay, checkpoint=checkpoint)
     _report(args, result)
     return 0
 

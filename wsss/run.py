@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wsss.config import declared_defaults
+from wsss.errors import DeviceError
 from wsss.layout import RunLayout, is_safe_name, log_file
 
 log = logging.getLogger("wsss")
@@ -36,9 +38,10 @@ def test_time(action: argparse.Action) -> argparse.Action:
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose namespace carries each declared flag's kind (`args._kinds`, dest ->
-    "runtime" | "test-time"), so that a stage tells its config from the rest by the flags' own
-    declarations (stage 2's --crf is config, stage 3's test-time --crf is not). With `--preset`
-    flags (`wsss.preset.add_args`), the preset's values become the defaults before the parse."""
+    "runtime" | "test-time"), section (`args._sections`, `wsss.config.add_section`) and declared
+    default (`args._defaults`), so that a stage tells its config from the rest by the flags' own
+    declarations (stage 2's --crf is config, stage 3's test-time --crf is not; `wsss.config`). With
+    `--preset` flags (`wsss.preset.add_args`), the preset's values become the defaults before the parse."""
 
     preset_section: str | None = None
 
@@ -49,6 +52,7 @@ class Parser(argparse.ArgumentParser):
         return super().format_help()
 
     def parse_known_args(self, args=None, namespace=None):
+        defaults = declared_defaults(self)  # before a preset replaces them
         if self.preset_section is not None:
             from wsss import preset
 
@@ -60,6 +64,8 @@ class Parser(argparse.ArgumentParser):
         namespace, rest = super().parse_known_args(args, namespace)
         _flatten_scales(namespace, self._actions)
         namespace._kinds = {a.dest: a.kind for a in self._actions if hasattr(a, "kind")}
+        namespace._sections = {a.dest: a.section for a in self._actions if hasattr(a, "section")}
+        namespace._defaults = defaults
         return namespace, rest
 
 
@@ -250,14 +256,14 @@ def device_choice(name: str) -> tuple[str, str]:
     problem = cuda_problem()
     if name.startswith("cuda"):
         if problem:
-            raise SystemExit(f"error: --device {name}: {problem}")
+            raise DeviceError(f"--device {name}: {problem}")
         if ":" in name and not distributed():
             import torch
 
             index = int(name.split(":")[1])
             if index >= torch.cuda.device_count():
-                raise SystemExit(f"error: --device {name}: {torch.cuda.device_count()} GPUs are visible (0.."
-                                 f"{torch.cuda.device_count() - 1})")
+                raise DeviceError(f"--device {name}: {torch.cuda.device_count()} GPUs are visible (0.."
+                                  f"{torch.cuda.device_count() - 1})")
             torch.cuda.set_device(index)
         return "cuda", f"--device {name}"
     return ("cpu", f"--device auto: {problem}") if problem else ("cuda", "--device auto: CUDA works")
@@ -279,8 +285,8 @@ def resolve_amp(name: str, device: str) -> str:
     if name == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if name == "bf16" and not torch.cuda.is_bf16_supported():
-        raise SystemExit(f"error: --amp bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
-                         f"use --amp fp16 or auto")
+        raise DeviceError(f"--amp bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
+                          f"use --amp fp16 or auto")
     return name
 
 

@@ -58,7 +58,7 @@ from wsss.run import (
 )
 from wsss.scoremaps import read_seeds, write_seeds
 from wsss.shapes import MAX_SIDE, fitted_size
-from wsss.train import epoch_metrics, fit, torch_device
+from wsss.train import TrainConfig, epoch_metrics, fit, torch_device
 from wsss.workers import parallel_map
 
 log = logging.getLogger("wsss")
@@ -193,11 +193,11 @@ def run_rw(args, dataset: VOCDataset, ids: list[str], labelled: set[str], out: P
     barrier()
     model = affinity_net(args, dataset.num_classes, folder)
     head = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    config = TrainConfig(epochs=args.rw_epochs, batch_size=args.batch_size, lr=args.rw_lr, device=device,
+                         seed=args.seed + RW_SEED_OFFSET, workers=args.workers, desc="affinity",
+                         amp=resolve_amp(args.amp, device))
     model = fit(model, AffinityItems(dataset, train_ids, folder.rw_labels, args.crop), affinity_step, folder.rw,
-                epochs=args.rw_epochs, batch_size=args.batch_size, lr=args.rw_lr, device=device,
-                seed=args.seed + RW_SEED_OFFSET, workers=args.workers,
-                param_groups=lambda lr: [{"params": head, "lr": lr}], desc="affinity",
-                amp=resolve_amp(args.amp, device))
+                config, param_groups=lambda lr: [{"params": head, "lr": lr}])
     with phase("random-walk"):
         walk_seeds(model, dataset, ids, folder, args, torch_device(device))
     barrier()

@@ -48,7 +48,8 @@ both datasets; the figures are in docs/results.md. `collapse_check` stops a run 
 Resume: each training resumes from its checkpoint (`wsss.train.fit`), finished trainings return at
 once, predictions already written are kept. The test-time flags (--scales, --flip, --crf, --gate) are
 not config: a finished stage rerun with other ones keeps its nets byte for byte and only predicts
-and scores into another folder. Any other changed flag or input stops the stage (wsss.stage).
+and scores into another folder. Nor are the flags of the methods not chosen (a PSL run records no
+--stc-* flag, `wsss.config`). Any other changed flag or input stops the stage (wsss.stage).
 """
 from __future__ import annotations
 
@@ -58,12 +59,13 @@ import time
 from pathlib import Path
 
 from wsss import io
+from wsss.config import add_section
 from wsss.crf import check_crf
 from wsss.layout import EVAL_GLOB, METRICS, MODEL, PRED, PRED_GLOB, STAGE2, Stage3Folder, eval_file
 from wsss.methods import METHODS
 from wsss.modelfile import best_prediction, from_checkpoint, save_model
 from wsss.nets import net_crf, open_dataset, stage_name
-from wsss.predict import add_predict_args, pred_folder, predict_split
+from wsss.predict import PredictOptions, add_predict_args, pred_folder, predict_split
 from wsss.run import (
     add_epoch_val,
     add_scales,
@@ -126,9 +128,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="a target pixel is 255 (ignored) where the net's largest probability, over the image's "
                         "own classes, is below this, and where PSL+'s CRF changes the net's label: an unsure "
                         "pixel left as a confident label teaches the next net the error (0: only the CRF rule)")
-    for method in METHODS.values():
-        if method.get("args"):
-            method["args"](p)
+    for method in METHODS.values():  # each method's flags are its section: a run records its own method's
+        if method.args is not None:
+            add_section(p, method.name, method.args)
 
 
 
@@ -146,7 +148,7 @@ def run(args) -> dict | None:
     device = resolve_device(args.device)
     check_processes(args.batch_size)
     method = METHODS[method_name(args)]
-    on_gt = method["reads"] == "masks"
+    on_gt = method.reads == "masks"
     stage2 = layout(args).stage2.path
     train = open_dataset(args.data, args.train_split, limit=args.limit)
     val = open_dataset(args.data, args.val_split, limit=args.limit)
@@ -161,9 +163,9 @@ def run(args) -> dict | None:
     if args.crf:
         check_crf("stage 3", "no --crf")
     name, pred = stage_name(args), pred_folder(args.scales, args.flip, args.crf, args.gate)
-    folders = {f for m in METHODS.values() for f in m["folders"]}
+    folders = {f for m in METHODS.values() for f in m.folders}
     owned = (*sorted(folders), PRED, PRED_GLOB, EVAL_GLOB, METRICS, MODEL)
-    stage = open_stage(args, name, inputs, owned=owned,
+    stage = open_stage(args, name, inputs, owned=owned, sections=(method.name,),
                        done=lambda manifest: pred in manifest.get("outputs", {}).get("predictions", {pred: 0}))
     if stage is None:
         return None
@@ -171,7 +173,7 @@ def run(args) -> dict | None:
     init_distributed(device)
     barrier()
     ctx = Stage3(args, config, out, device, train, val)
-    final = method["train"](ctx)
+    final = method.train(ctx)
     if final not in ctx.nets:
         raise StageError(f"method {method_name(args)!r} returned {final!r}, not the folder of a net it trained "
                          f"with ctx.train_net ({', '.join(ctx.nets) or 'none'}); see wsss/methods/__init__.py")
@@ -180,9 +182,9 @@ def run(args) -> dict | None:
     t_pred = time.time()
     checkpoint = Stage3Folder(out).checkpoint(final)
     with autocast(ctx.amp, torch_device(device).type), phase("predict-val"):
-        predict_split(model, ctx.val, ctx.val.ids, out / pred, device=torch_device(device), scales=args.scales,
-                      flip=args.flip, gate=has_cls and args.gate == "on", crf=args.crf, crf_params=net_crf(config),
-                      workers=args.workers, checkpoint=checkpoint, desc="predict val")
+        predict_split(model, ctx.val, ctx.val.ids, out / pred, device=torch_device(device),
+                      options=PredictOptions.from_flags(args, has_cls, net_crf(config)), workers=args.workers,
+                      checkpoint=checkpoint, desc="predict val")
     if not is_main_process():
         return None
     records = _collect_metrics(out, ctx.nets)

@@ -22,10 +22,10 @@ from wsss.labels import IGNORE
 from wsss.losses import cross_entropy
 from wsss.metrics import ConfusionMatrix
 from wsss.nets import build_net
-from wsss.predict import label_map, labels_at, predict_masks, predict_split
+from wsss.predict import PredictOptions, label_map, labels_at, predict_masks, predict_split
 from wsss.run import autocast, layout, log, phase, resolve_amp, spread
 from wsss.stage import StageError
-from wsss.train import fit, torch_device
+from wsss.train import TrainConfig, fit, torch_device
 from wsss.viz import overlay
 
 # transforms.train_augment pads masks with 255. To tell padding (outside the image) apart from a
@@ -175,11 +175,11 @@ class Stage3:
         log.info("%s: training on %d images", name, len(trainset))
         health = (collapse_check(trainset.constant_predictor_loss(), max(self.args.warmup, 1), loss_key,
                                  self.train.class_names) if self.args.collapse_check else None)
-        model = fit(model, trainset, step_fn, self.out / name, epochs=self.args.epochs if epochs is None else epochs,
-                    batch_size=self.args.batch_size, lr=self.args.lr, device=self.device, seed=self.args.seed,
-                    workers=self.args.workers, param_groups=model.param_groups, warmup=self.args.warmup,
-                    clip_grad=self.args.clip_grad, evaluate=self.val_evaluator(gate, name), health=health, desc=name,
-                    amp=self.amp)
+        config = TrainConfig(epochs=self.args.epochs if epochs is None else epochs, batch_size=self.args.batch_size,
+                             lr=self.args.lr, device=self.device, seed=self.args.seed, workers=self.args.workers,
+                             desc=name, warmup=self.args.warmup, clip_grad=self.args.clip_grad, amp=self.amp)
+        model = fit(model, trainset, step_fn, self.out / name, config, param_groups=model.param_groups,
+                    evaluate=self.val_evaluator(gate, name), health=health)
         self.nets[name] = (model, cls_branch)
         return model
 
@@ -213,8 +213,8 @@ class Stage3:
         net is unsure or the CRF disagrees with it (--self-train-confidence; `wsss.predict`, step 5)."""
         args = self.args
         with autocast(self.amp, torch_device(self.device).type), phase("targets"):
+            options = PredictOptions(scales=args.self_train_scales, flip=args.self_train_flip, restrict=True,
+                                     crf=crf_params is not None, crf_params=crf_params,
+                                     ignore_below=args.self_train_confidence)
             return predict_split(model, self.train, ids, out_dir, device=torch_device(self.device),
-                                 scales=args.self_train_scales, flip=args.self_train_flip, restrict=True,
-                                 crf=crf_params is not None, crf_params=crf_params,
-                                 ignore_below=args.self_train_confidence, workers=args.workers,
-                                 checkpoint=checkpoint, desc=desc)
+                                 options=options, workers=args.workers, checkpoint=checkpoint, desc=desc)

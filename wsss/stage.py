@@ -12,7 +12,9 @@ One rule for every stage, `wsss.predict` and the report, because a user's hours 
   artifacts belong to; it is written before the first artifact. Only *artifact* flags are config.
   *Runtime* flags (device, workers, overlays, where the outputs go) and stage 3's *test-time* flags
   (whose predictions go to a folder named by them) are declared as such where they are defined, with
-  `wsss.run.runtime(...)` / `test_time(...)`, and never invalidate anything.
+  `wsss.run.runtime(...)` / `test_time(...)`, and never invalidate anything; stage 3 records only its
+  method's flags, and a flag added since a run was made is no change at its declared default
+  (`wsss.config`).
 - **Never delete silently.** A different config or changed inputs stop the stage before it touches
   anything, with the differences (old -> new) and what to do. `--force` removes, and names, only
   the files the stage itself wrote: every write through `wsss.io` under a locked stage folder is
@@ -36,7 +38,6 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
-import json
 import logging
 import os
 
@@ -50,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsss import io, layout, tblog
+from wsss.config import artifact_config, compare, flags
 from wsss.errors import DatasetError, StageError, WsssError
 from wsss.run import (
     environment,
@@ -77,18 +79,6 @@ def check_processes(batch_size: int) -> None:
         raise StageError(f"--batch-size {batch_size} does not split over {world} processes: run "
                          f"{', '.join(map(str, counts))} processes, or pass a --batch-size that {world} divides "
                          f"(with --lr scaled as the batch, for the same training)")
-
-
-def flags(args) -> dict:
-    """Every flag of a run, as it reads back from JSON."""
-    return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if not k.startswith("_")},
-                                 default=str))
-
-
-def artifact_config(args) -> dict:
-    """The flags that decide a stage's artifacts: all but those declared runtime or test-time."""
-    kinds = getattr(args, "_kinds", {})
-    return {k: v for k, v in flags(args).items() if k not in kinds}
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -147,16 +137,6 @@ def fingerprints(inputs: dict, legacy: bool = False) -> dict:
         return io.fingerprint(value)
 
     return {k: one(v) for k, v in sorted(inputs.items())}
-
-
-def same_value(old, new) -> bool:
-    """Config values agree: equal, or the same existing path spelled another way (./data/x, data/x/,
-    /abs/data/x), so that respelling a path is no config change."""
-    if old == new:
-        return True
-    if isinstance(old, str) and isinstance(new, str) and old and new and os.path.exists(new):
-        return os.path.abspath(old) == os.path.abspath(new)
-    return False
 
 
 def dataset_inputs(dataset, masks: bool = False, prefix: str = "") -> dict:
@@ -319,11 +299,6 @@ def _read(path: Path):
         raise StageError(f"{path}: unreadable ({e}); move it away or pass --force") from e
 
 
-def differences(old: dict, new: dict) -> list[str]:
-    return [f"  --{k.replace('_', '-')}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
-            for k in sorted(set(old) | set(new)) if not same_value(old.get(k), new.get(k))]
-
-
 def owned_entries(folder: Path, owned) -> list[Path]:
     """The entries of `folder` holding what the stage wrote: the top-level entries of its journal
     (io.journal), or for a folder written before journals, those its `owned` glob patterns match."""
@@ -357,12 +332,14 @@ def remove_temp_files(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage | None:
+def open_stage(args, name: str, inputs: dict, owned=(), *, done=None, sections=None) -> Stage | None:
     """Open OUTPUTS/RUN/name for a run with `args`; None when it is complete and `done()` agrees.
 
     `inputs` {name: path or [paths]} (see fingerprints); `owned`: glob patterns of what the stage
     writes (what --force removes); `done(manifest)`: for stage 3, whether this run's test-time
-    predictions are in the manifest too (a complete stage without them goes on, keeping its nets).
+    predictions are in the manifest too (a complete stage without them goes on, keeping its nets);
+    `sections`: the flag sections of this run (stage 3: its method's), whose flags alone, beside the
+    flags of no section, are its config (`wsss.config`).
     """
     for flag in ("run", "tag"):
         value = getattr(args, flag, "")
@@ -380,7 +357,7 @@ def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage |
         if args.force:
             held = lock_downstream(out, name)
         setup_logging(out, name)
-        opened = _compare(args, name, out, inputs, owned, done, main)
+        opened = _compare(args, name, out, inputs, owned, done, main, sections)
         if main:
             remove_temp_files(out)
     except BaseException:
@@ -408,8 +385,8 @@ def open_stage(args, name: str, inputs: dict, owned=(), *, done=None) -> Stage |
     return opened
 
 
-def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) -> Stage | None:
-    config, prints = artifact_config(args), fingerprints(inputs)
+def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool, sections=None) -> Stage | None:
+    config, prints = artifact_config(args, sections), fingerprints(inputs)
     stamp = _read(out / STAMP)
     manifest = _read(out / io.MANIFEST)
     ours = owned_entries(out, owned)
@@ -429,7 +406,7 @@ def _compare(args, name: str, out: Path, inputs: dict, owned, done, main: bool) 
         # a folder of a version before journals, about to be resumed or skipped: its files are recorded
         # as the stage's (by its `owned` patterns), so that a later --force leaves none of them behind
         io.record_existing(out, ours)
-    changed = differences(stamp.get("config", {}), config)
+    changed = compare(args, stamp.get("config", {}), sections)[1]
     old_inputs = stamp.get("inputs", {})
     older = stamp.get("version", 1) < STAMP_VERSION
     later = {k for k in prints if older and k not in old_inputs and k.endswith(LATER_INPUTS)}

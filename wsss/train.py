@@ -8,6 +8,10 @@ weights alone: `final_weights`) after the epoch's metrics line, and resume from 
 after a kill (an interrupted epoch is redone from the last finished one, with the same data order
 as an uninterrupted run).
 
+`fit(model, dataset, step_fn, out_dir, TrainConfig(...))` reads as torchvision's reference scripts:
+`make_optimizer`, `resume`, `prepare_loader`, then per epoch `train_one_epoch` (one `train_step` a
+batch) and `end_epoch` (val figures, health, metrics lines, checkpoint).
+
 Training never fails silently: a non-finite loss or gradient stops it at once, and after each
 epoch `health(record)` (the caller's test for a dead net, e.g. `wsss.segment`'s "every val pixel
 is one class while the loss sits at the constant predictor's level") may stop it with
@@ -17,7 +21,7 @@ is one class while the loss sits at the constant predictor's level") may stop it
 
 DDP runs without `find_unused_parameters` (a second autograd pass over the graph each step): every
 net here uses all its parameters in its loss (tests/test_train.py checks it); a net that does not
-passes `find_unused=True`.
+sets `TrainConfig.find_unused`.
 
 Under torchrun, `batch_size` stays the global batch: each of W processes takes batch_size / W
 images, and DistributedSampler deals out the same permutation (randperm seeded with seed + epoch)
@@ -35,6 +39,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -158,175 +163,279 @@ def cudnn_autotune(device: torch.device):
         torch.backends.cudnn.benchmark = saved
 
 
-def fit(model, dataset, step_fn, out_dir, *, epochs: int, batch_size: int, lr: float, device: str,
-        seed: int, workers: int = 0, param_groups=None, evaluate=None, desc: str = "train",
-        weight_decay: float = 5e-4, momentum: float = 0.9, warmup: int = 0, clip_grad: float = 0.0,
-        health=None, log_every: int = LOG_EVERY, amp: str = "off", find_unused: bool = False):
+@dataclass(frozen=True)
+class TrainConfig:
+    """The settings of one training (`fit`); the stages make it from their flags.
+
+    `seed`: the data order, the augmentation and the per-step torch seed; `workers`: loader
+    processes; `desc`: the name in the log, the progress bar and the error messages; `warmup`:
+    iterations of linear warm-up; `clip_grad`: max gradient norm (0: no clipping); `log_every`:
+    iterations between "iter" lines (and, on CUDA, between reads of the device); `amp`: a resolved
+    --amp (wsss.run.resolve_amp), which `evaluate` runs under too; `find_unused`: DDP's
+    find_unused_parameters, for a net whose loss leaves some parameters out."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    device: str
+    seed: int
+    workers: int = 0
+    desc: str = "train"
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup: int = 0
+    clip_grad: float = 0.0
+    log_every: int = LOG_EVERY
+    amp: str = "off"
+    find_unused: bool = False
+
+
+@dataclass
+class Loop:
+    """What the steps of one training share: the bare module and the one that runs (DDP under
+    torchrun), the optimizer, the fp16 scaler and the count of overflowing steps in a row."""
+
+    config: TrainConfig
+    model: torch.nn.Module
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    dev: torch.device
+    iters_per_epoch: int
+    skipped: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.iters_per_epoch * self.config.epochs
+
+    @property
+    def precision(self):
+        return autocast(self.config.amp, self.dev.type)
+
+    @property
+    def check_every(self) -> int:
+        """Reading a figure off the GPU waits for every queued kernel: there the loss and gradient
+        norm stay on the device and are checked and read every `log_every` iterations; a CPU has no
+        queue to drain, and fp16 reads the gradient norm every step to count its overflows."""
+        return 1 if self.dev.type != "cuda" or self.scaler is not None else self.config.log_every
+
+
+def fit(model, dataset, step_fn, out_dir, config: TrainConfig, *, param_groups=None, evaluate=None, health=None):
     """Train `model` on `dataset` (items from `dataset.item(index, rng)`); see the module docstring.
 
-    `step_fn(model, batch, epoch) -> (loss, {name: float})`; `evaluate(model) -> {name: float}`
-    runs on rank 0 after each epoch; `health(record) -> message or None` after it (rank 0).
-    `warmup`: iterations of linear warm-up; `clip_grad`: max gradient norm (0: no clipping);
-    `amp`: a resolved --amp (wsss.run.resolve_amp), which `evaluate` runs under too.
+    `step_fn(model, batch, epoch) -> (loss, {name: float})`; `param_groups(lr)`: the optimizer's
+    groups (default: every parameter at `config.lr`); `evaluate(model) -> {name: float}` runs on
+    rank 0 after each epoch; `health(record) -> message or None` after it (rank 0).
     Returns the bare trained module.
     """
-    with cudnn_autotune(torch_device(device)):
-        return _fit(model, dataset, step_fn, out_dir, epochs=epochs, batch_size=batch_size, lr=lr, device=device,
-                    seed=seed, workers=workers, param_groups=param_groups, evaluate=evaluate, desc=desc,
-                    weight_decay=weight_decay, momentum=momentum, warmup=warmup, clip_grad=clip_grad, health=health,
-                    log_every=log_every, amp=amp, find_unused=find_unused)
-
-
-def _fit(model, dataset, step_fn, out_dir, *, epochs, batch_size, lr, device, seed, workers, param_groups, evaluate,
-         desc, weight_decay, momentum, warmup, clip_grad, health, log_every, amp, find_unused):
     out_dir = Path(out_dir)
-    init_distributed(device)
-    dev = torch_device(device)
-    model = model.to(dev)
-    groups = param_groups(lr) if param_groups else [{"params": model.parameters(), "lr": lr}]
+    with cudnn_autotune(torch_device(config.device)):
+        init_distributed(config.device)
+        dev = torch_device(config.device)
+        model = model.to(dev)
+        optimizer = make_optimizer(model, config, param_groups)
+        # fp16's narrow range: the loss is scaled up for backward, the gradients unscaled before clipping
+        scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" and dev.type == "cuda" else None
+        start_epoch = resume(out_dir, config, model, optimizer, scaler, dev)
+        if start_epoch >= config.epochs:
+            return model
+        loader = prepare_loader(dataset, config, dev)
+        loop = Loop(config, model, wrap_distributed(model, dev, config.find_unused), optimizer, scaler, dev,
+                    iters_per_epoch=len(loader))
+        for epoch in range(start_epoch, config.epochs):
+            t0 = time.time()
+            sums, iterations = train_one_epoch(loop, loader, step_fn, epoch)
+            record = epoch_record(sums, epoch, loop.iters_per_epoch, t0)
+            if is_main_process():
+                end_epoch(loop, out_dir, iterations, record, evaluate, health)
+            if distributed():
+                dist.barrier()
+        if not is_main_process():
+            final_weights(model)  # rank 0 rounded its copy when it saved it
+        return model
+
+
+def make_optimizer(model, config: TrainConfig, param_groups=None) -> torch.optim.SGD:
+    """SGD over `param_groups(lr)` (or every parameter at lr); each group keeps its base rate in
+    "initial_lr" for the schedule."""
+    groups = param_groups(config.lr) if param_groups else [{"params": model.parameters(), "lr": config.lr}]
     for g in groups:
         g["initial_lr"] = g["lr"]
-    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
-    # fp16's narrow range: the loss is scaled up for backward, the gradients unscaled before clipping
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and dev.type == "cuda" else None
+
+def resume(out_dir: Path, config: TrainConfig, model, optimizer, scaler, dev: torch.device) -> int:
+    """Load out_dir's checkpoint into the model, optimizer and scaler; returns the epochs it holds
+    (0 without one). A finished training's checkpoint holds the weights alone: the model gets them
+    and the caller returns it. Metrics lines of epochs after the checkpoint's are dropped (they are redone)."""
     start_epoch = 0
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.is_file():
         state = io.load_checkpoint(ckpt_path, map_location=dev)
         model.load_state_dict(state["model"])
         start_epoch = state["epoch"]
-        if start_epoch >= epochs:
+        if start_epoch >= config.epochs:
             if is_main_process() and not any(r.get("epoch") == start_epoch for r in read_metrics(out_dir)):
                 raise StageError(f"{ckpt_path}: training finished at epoch {start_epoch} but "
                                  f"{out_dir / METRICS} has no line for it (a run killed between the two "
                                  f"writes by an older version); the epoch cannot be redone from the final "
                                  f"weights: pass --force to redo the stage")
-            return model
+            return start_epoch
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        log.info("%s: resuming from %s after epoch %d", desc, ckpt_path, start_epoch)
+        log.info("%s: resuming from %s after epoch %d", config.desc, ckpt_path, start_epoch)
     if is_main_process():  # lines of epochs after the checkpoint's (killed before its write) are redone
         _keep_metrics(out_dir / METRICS, start_epoch)
+    return start_epoch
 
+
+def prepare_loader(dataset, config: TrainConfig, dev: torch.device) -> DataLoader:
+    """The loader of this rank's share of each global batch: an `EpochSeeded` set walked in
+    `EpochOrder` (`loader.dataset`, `loader.sampler`), the incomplete last batch dropped."""
     world = rank_world()[1]
-    if batch_size % world:
-        raise ValueError(f"{desc}: batch size {batch_size} is not a multiple of the {world} processes")
-    rank_batch = batch_size // world
-    seeded = EpochSeeded(dataset, seed)
-    sampler = DistributedSampler(seeded, shuffle=True, seed=seed, drop_last=True) if distributed() else None
-    iters_per_epoch = (len(sampler) if sampler is not None else len(seeded)) // rank_batch
-    if iters_per_epoch == 0:
-        raise ValueError(f"{desc}: {len(dataset)} training images is fewer than one batch of {batch_size}")
-    total = iters_per_epoch * epochs
-    net = model
-    if distributed():
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=find_unused)
-    precision = autocast(amp, dev.type)
-    skipped = 0
-    # Reading a figure off the GPU waits for every queued kernel: there the loss and gradient norm stay
-    # on the device and are checked and read every `log_every` iterations; a CPU has no queue to drain.
-    check_every = 1 if dev.type != "cuda" or scaler is not None else log_every
-    order = EpochOrder(len(seeded), seed, sampler)
-    loader = DataLoader(seeded, batch_size=rank_batch, sampler=order, num_workers=workers, drop_last=True,
-                        pin_memory=dev.type == "cuda", worker_init_fn=_seed_worker, persistent_workers=workers > 0)
+    if config.batch_size % world:
+        raise ValueError(f"{config.desc}: batch size {config.batch_size} is not a multiple of the {world} processes")
+    rank_batch = config.batch_size // world
+    seeded = EpochSeeded(dataset, config.seed)
+    sampler = DistributedSampler(seeded, shuffle=True, seed=config.seed, drop_last=True) if distributed() else None
+    order = EpochOrder(len(seeded), config.seed, sampler)
+    if len(order) < rank_batch:
+        raise ValueError(f"{config.desc}: {len(dataset)} training images is fewer than one batch of "
+                         f"{config.batch_size}")
+    return DataLoader(seeded, batch_size=rank_batch, sampler=order, num_workers=config.workers, drop_last=True,
+                      pin_memory=dev.type == "cuda", worker_init_fn=_seed_worker,
+                      persistent_workers=config.workers > 0)
 
-    for epoch in range(start_epoch, epochs):
-        seeded.epoch = epoch
-        order.set_epoch(epoch)
-        net.train()
-        sums: dict[str, float | torch.Tensor] = {}
-        nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
-        t0 = time.time()
-        iterations: list[dict] = []
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not is_main_process(), leave=False)
-        with phase("train"):
-            for it, batch in enumerate(bar):
-                step = epoch * iters_per_epoch + it
-                torch.manual_seed(step_seed(seed, step))  # dropout / stochastic depth: the same after a resume
-                for g in optimizer.param_groups:
-                    g["lr"] = scheduled_lr(g["initial_lr"], step, total, warmup)
-                batch = to_device(batch, dev)
-                with precision:
-                    loss, logs = step_fn(net, batch, epoch)
-                where = f"epoch {epoch + 1}, iteration {it + 1} of {iters_per_epoch}"
-                if check_every == 1 and not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: the loss became {loss.item()} at {where}; "
-                                             f"lower --lr or raise --warmup")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                norm = torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], clip_grad if clip_grad > 0 else math.inf)
-                grad_norm = float(norm) if check_every == 1 else math.nan
-                if scaler is not None:  # an fp16 overflow skips the step and lowers the scale; only a run of them is fatal
-                    skipped = 0 if math.isfinite(grad_norm) else skipped + 1
-                    if skipped > MAX_SKIPPED:
-                        raise FloatingPointError(f"{desc}: the fp16 gradients overflowed {skipped} steps in a row at "
-                                                 f"{where}; lower --lr, raise --warmup or use --amp bf16/off")
-                    scaler.step(optimizer)
-                    scaler.update()
-                elif check_every == 1 and not math.isfinite(grad_norm):
-                    raise FloatingPointError(f"{desc}: the gradient norm became {grad_norm} at {where}; "
-                                             f"lower --lr or raise --warmup")
-                else:
-                    optimizer.step()
-                logs = {"loss": loss.detach(), **logs}
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else v)  # as float()
-                if check_every > 1:
-                    nonfinite |= ~(torch.isfinite(logs["loss"]) & torch.isfinite(norm))
-                if step % log_every == 0 or it + 1 == iters_per_epoch:
-                    if check_every > 1 and bool(nonfinite):  # the one read of the device in log_every steps
-                        raise FloatingPointError(f"{desc}: the loss or gradient norm became non-finite by {where} (checked "
-                                                 f"every {check_every} iterations); lower --lr or raise --warmup")
-                    if step % log_every == 0:
-                        iterations.append({"epoch": epoch + 1, "iter": step + 1, **{k: float(v) for k, v in logs.items()},
-                                           "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(norm)})
-                        if is_main_process():
-                            tblog.scalars(f"{desc}/iter", step + 1, iterations[-1])
-                    bar.set_postfix(loss=f"{float(sums['loss']) / (it + 1):.4f}")
-            sums = {k: float(v) for k, v in sums.items()}  # waits for the epoch's last kernels: the phase ends after
-            count_images(iters_per_epoch * batch_size)
-        if distributed():  # the epoch's figures over every rank's images, not rank 0's share
-            totals = torch.tensor(list(sums.values()), dtype=torch.float64)
-            dist.all_reduce(totals)
-            sums = dict(zip(sums, (totals / world).tolist(), strict=True))
-        record = {"epoch": epoch + 1, "steps": (epoch + 1) * iters_per_epoch,
-                  **{k: v / iters_per_epoch for k, v in sums.items()},
-                  "seconds": round(time.time() - t0, 1)}
-        if is_main_process():
-            if evaluate is not None:
-                net.eval()
-                with precision, phase("epoch-val"):
-                    record.update(evaluate(model))
-            problem = health(record) if health is not None else None
-            # the epoch's lines first, its checkpoint second: a kill between the two leaves lines the
-            # resumed run replaces when it redoes the epoch, never a checkpoint without its epoch's line
-            _append_metrics(out_dir / METRICS, iterations + [record])
-            if problem is None and epoch + 1 == epochs:
-                io.save_checkpoint(ckpt_path, {"model": final_weights(model), "epoch": epoch + 1})
-            elif problem is None:
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}
-                if scaler is not None:
-                    state["scaler"] = scaler.state_dict()
-                io.save_checkpoint(ckpt_path, state)
-            tblog.scalars(f"{desc}/epoch", epoch + 1, record)
-            log.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs,
-                     ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-            if problem is not None:
-                raise TrainingCollapsed(f"{desc}: {problem} (after epoch {epoch + 1}; the loss per iteration is "
-                                        f"in {out_dir / METRICS})")
-        if distributed():
-            dist.barrier()
-    if not is_main_process():
-        final_weights(model)  # rank 0 rounded its copy when it saved it
-    return model
+
+def wrap_distributed(model, dev: torch.device, find_unused: bool) -> torch.nn.Module:
+    """The module that trains: DistributedDataParallel under torchrun, the model itself otherwise."""
+    if not distributed():
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=find_unused)
+
+
+def train_one_epoch(loop: Loop, loader: DataLoader, step_fn, epoch: int) -> tuple[dict[str, float], list[dict]]:
+    """One pass over the loader; returns the epoch's summed logs and its "iter" lines."""
+    config, n = loop.config, loop.iters_per_epoch
+    loader.dataset.epoch = epoch
+    loader.sampler.set_epoch(epoch)
+    loop.net.train()
+    sums: dict[str, float | torch.Tensor] = {}
+    nonfinite = torch.zeros((), dtype=torch.bool, device=loop.dev)
+    iterations: list[dict] = []
+    bar = tqdm(loader, desc=f"{config.desc} {epoch + 1}/{config.epochs}", disable=not is_main_process(), leave=False)
+    with phase("train"):
+        for it, batch in enumerate(bar):
+            step = epoch * n + it
+            where = f"epoch {epoch + 1}, iteration {it + 1} of {n}"
+            logs, norm = train_step(loop, step_fn, batch, epoch, step, where)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else v)  # as float()
+            if loop.check_every > 1:
+                nonfinite |= ~(torch.isfinite(logs["loss"]) & torch.isfinite(norm))
+            if step % config.log_every == 0 or it + 1 == n:
+                if loop.check_every > 1 and bool(nonfinite):  # the one read of the device in log_every steps
+                    raise FloatingPointError(f"{config.desc}: the loss or gradient norm became non-finite by {where} "
+                                             f"(checked every {loop.check_every} iterations); lower --lr or raise "
+                                             f"--warmup")
+                if step % config.log_every == 0:
+                    iterations.append({"epoch": epoch + 1, "iter": step + 1, **{k: float(v) for k, v in logs.items()},
+                                       "lr": loop.optimizer.param_groups[0]["lr"], "grad_norm": float(norm)})
+                    if is_main_process():
+                        tblog.scalars(f"{config.desc}/iter", step + 1, iterations[-1])
+                bar.set_postfix(loss=f"{float(sums['loss']) / (it + 1):.4f}")
+        sums = {k: float(v) for k, v in sums.items()}  # waits for the epoch's last kernels: the phase ends after
+        count_images(n * config.batch_size)
+    return sums, iterations
+
+
+def train_step(loop: Loop, step_fn, batch: dict, epoch: int, step: int, where: str) -> tuple[dict, torch.Tensor]:
+    """One SGD step at global step `step`; returns its logs ("loss" first) and the gradient norm
+    before clipping (on the device: read only where `loop.check_every` says)."""
+    config, optimizer, scaler = loop.config, loop.optimizer, loop.scaler
+    torch.manual_seed(step_seed(config.seed, step))  # dropout / stochastic depth: the same after a resume
+    for g in optimizer.param_groups:
+        g["lr"] = scheduled_lr(g["initial_lr"], step, loop.total, config.warmup)
+    batch = to_device(batch, loop.dev)
+    with loop.precision:
+        loss, logs = step_fn(loop.net, batch, epoch)
+    if loop.check_every == 1 and not torch.isfinite(loss):
+        raise FloatingPointError(f"{config.desc}: the loss became {loss.item()} at {where}; "
+                                 f"lower --lr or raise --warmup")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(
+        [p for g in optimizer.param_groups for p in g["params"]],
+        config.clip_grad if config.clip_grad > 0 else math.inf)
+    _optimizer_step(loop, float(norm) if loop.check_every == 1 else math.nan, where)
+    return {"loss": loss.detach(), **logs}, norm
+
+
+def _optimizer_step(loop: Loop, grad_norm: float, where: str) -> None:
+    """Apply the step, or stop on a non-finite gradient norm (nan: not read this step)."""
+    desc = loop.config.desc
+    if loop.scaler is not None:  # an fp16 overflow skips the step and lowers the scale; only a run of them is fatal
+        loop.skipped = 0 if math.isfinite(grad_norm) else loop.skipped + 1
+        if loop.skipped > MAX_SKIPPED:
+            raise FloatingPointError(f"{desc}: the fp16 gradients overflowed {loop.skipped} steps in a row at "
+                                     f"{where}; lower --lr, raise --warmup or use --amp bf16/off")
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+    elif loop.check_every == 1 and not math.isfinite(grad_norm):
+        raise FloatingPointError(f"{desc}: the gradient norm became {grad_norm} at {where}; "
+                                 f"lower --lr or raise --warmup")
+    else:
+        loop.optimizer.step()
+
+
+def epoch_record(sums: dict[str, float], epoch: int, iters_per_epoch: int, t0: float) -> dict:
+    """The epoch's metrics line: its mean logs over every rank's images, not rank 0's share."""
+    if distributed():
+        totals = torch.tensor(list(sums.values()), dtype=torch.float64)
+        dist.all_reduce(totals)
+        sums = dict(zip(sums, (totals / rank_world()[1]).tolist(), strict=True))
+    return {"epoch": epoch + 1, "steps": (epoch + 1) * iters_per_epoch,
+            **{k: v / iters_per_epoch for k, v in sums.items()},
+            "seconds": round(time.time() - t0, 1)}
+
+
+def end_epoch(loop: Loop, out_dir: Path, iterations: list[dict], record: dict, evaluate, health) -> None:
+    """Rank 0 after an epoch: the val figures and the health check join the record, the epoch's
+    lines are written, then its checkpoint (none when the net is found dead: that raises)."""
+    config, epoch = loop.config, record["epoch"]
+    if evaluate is not None:
+        loop.net.eval()
+        with loop.precision, phase("epoch-val"):
+            record.update(evaluate(loop.model))
+    problem = health(record) if health is not None else None
+    # the epoch's lines first, its checkpoint second: a kill between the two leaves lines the
+    # resumed run replaces when it redoes the epoch, never a checkpoint without its epoch's line
+    _append_metrics(out_dir / METRICS, iterations + [record])
+    if problem is None:
+        save_checkpoint(loop, out_dir / CHECKPOINT, epoch)
+    tblog.scalars(f"{config.desc}/epoch", epoch, record)
+    log.info("%s epoch %d/%d: %s", config.desc, epoch, config.epochs,
+             ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    if problem is not None:
+        raise TrainingCollapsed(f"{config.desc}: {problem} (after epoch {epoch}; the loss per iteration is "
+                                f"in {out_dir / METRICS})")
+
+
+def save_checkpoint(loop: Loop, path: Path, epoch: int) -> None:
+    """After the last epoch the float16 weights alone (`final_weights`), else everything a resume needs."""
+    if epoch == loop.config.epochs:
+        io.save_checkpoint(path, {"model": final_weights(loop.model), "epoch": epoch})
+        return
+    state = {"model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(), "epoch": epoch}
+    if loop.scaler is not None:
+        state["scaler"] = loop.scaler.state_dict()
+    io.save_checkpoint(path, state)
 
 
 def final_weights(model: torch.nn.Module) -> dict:

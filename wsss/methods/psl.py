@@ -47,6 +47,7 @@ from wsss import io
 from wsss.crf import check_crf, crf_params_of
 from wsss.layout import Stage2Folder, Stage3Folder
 from wsss.losses import IGNORE, cross_entropy, multilabel_soft_margin
+from wsss.methods.registry import register
 from wsss.run import log
 from wsss.segtrain import SegmentationTrainSet, with_targets
 
@@ -156,6 +157,7 @@ def merge_folder(masks: Path, pseudo: Path, out: Path, ids, rule: str) -> Path:
     return out
 
 
+@register("psl", reads="pseudo", folders=("psl", "psl-plus"), args=add_args)
 def train(ctx) -> str:
     """Train PSL (and PSL+) in the stage folder; returns the final net's folder."""
     args = ctx.args
@@ -177,6 +179,3 @@ def train(ctx) -> str:
     trainset = SegmentationTrainSet(ctx.train, ids, args.crop, target_dir=masks)
     ctx.train_net("psl-plus", trainset, step, cls_branch=True, gate=gate, loss_key="seg_loss")
     return "psl-plus"
-
-
-methods = {"psl": {"train": train, "args": add_args, "reads": "pseudo", "folders": ("psl", "psl-plus")}}

@@ -51,6 +51,7 @@ from scipy import ndimage
 from wsss import io
 from wsss.layout import CHECKPOINT, PRED, Stage2Folder, item
 from wsss.losses import soft_cross_entropy
+from wsss.methods.registry import register
 from wsss.run import is_main_process, log, positive_int
 from wsss.segtrain import SegmentationTrainSet, ce_step, with_targets
 from wsss.stage import StageError
@@ -119,6 +120,7 @@ def epochs_for(iters: int, images: int, batch_size: int) -> int:
     return max(1, math.ceil(iters / max(1, images // batch_size)))
 
 
+@register("stc", reads="pseudo", folders=("stc",), args=add_args)
 def train(ctx) -> str:
     """Train I-, E- and P-DCNN (a prefix with --stc-steps); returns the final net's folder."""
     args, out = ctx.args, ctx.out / "stc"
@@ -136,6 +138,3 @@ def train(ctx) -> str:
         final = f"stc/{name}"
         model = ctx.train_net(final, trainset, ce_step, epochs=epochs_for(iters, len(ids), args.batch_size))
     return final
-
-
-methods = {"stc": {"train": train, "args": add_args, "reads": "pseudo", "folders": ("stc",)}}

