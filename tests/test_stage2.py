@@ -10,6 +10,7 @@ from scipy import ndimage as ndi
 
 from wsss import io
 from wsss.data.voc import VOCDataset
+from wsss.fusion import FUSION_RULES
 
 pytest.importorskip("pydensecrf.densecrf")
 pytestmark = pytest.mark.slow
@@ -196,7 +197,7 @@ def test_bench_fusion_scores_every_rule_and_reproduces_the_runs_own(setup, tmp_p
     printed = capsys.readouterr().out
     result = io.read_json(out)
     rows = {(r["rule"], r["crf"]): r for r in result["rows"]}
-    assert set(rows) == {(rule, crf) for rule in ("mined-first", "ae-psl", "saliency-first") for crf in (False, True)}
+    assert set(rows) == {(rule, crf) for rule in FUSION_RULES for crf in (False, True)}
     assert result["images"] == 4 and result["conflict"] == "score" and result["bg_threshold"] == 0.1
     # the run's own rule, before and after its CRF, scores what stage 2 measured
     assert rows["mined-first", False]["miou_labelled"] == manifest["fused"]["miou_labelled"]
