@@ -10,9 +10,10 @@ wsss.affinity, the net wsss.models.affinity).
    turned into seeds (`--rw-bg-threshold`), written in the seeds format (wsss.scoremaps) that stage 2
    reads: when stage 1 ran with `--rw`, stage 2 takes these seeds instead of the union's.
 
-Artifacts in outputs/RUN/stage1/rw/: labels/ID.png (0 background, a class, 255 unsure), checkpoint.pt and metrics.jsonl of the head, seeds/ID.npz +
-seeds/ID.png (class where seeded, 0 elsewhere), done.json (written last). A killed run resumes the
-head's training from its checkpoint and keeps the seed files already written.
+Artifacts in outputs/RUN/stage1/rw/: labels/ID.png (0 background, a class, 255 unsure),
+checkpoint.pt and metrics.jsonl of the head, seeds/ID.npz + seeds/ID.png (class where seeded, 0
+elsewhere), done.json (written last). A killed run resumes where it stopped: the labels and seed
+files already written are kept, the head's training resumes from its checkpoint.
 """
 from __future__ import annotations
 
