@@ -27,8 +27,9 @@ NUM_CLASSES = 21
 
 def build(kind: str, backbone: str):
     """The net with ImageNet weights when they can be had offline, else random ones."""
-    make = (lambda w: build_classifier(backbone, NUM_CLASSES - 1, output_stride=16, weights=w)) if kind == "classifier" \
-        else (lambda w: build_segnet(backbone, NUM_CLASSES, output_stride=8, cls_branch=True, weights=w))
+    make = ((lambda w: build_classifier(backbone, NUM_CLASSES - 1, output_stride=16, weights=w))
+            if kind == "classifier"
+            else (lambda w: build_segnet(backbone, NUM_CLASSES, output_stride=8, cls_branch=True, weights=w)))
     try:
         return make("imagenet"), "imagenet"
     except Exception:  # noqa: BLE001 - torchvision weights need a download this machine cannot make

@@ -244,8 +244,8 @@ def report(results: dict, spans, samples) -> list[str]:
     demo = results.get("demo")
     if demo and not demo["problems"]:
         per = ", ".join(f"{k} {v['seconds']} s" for k, v in demo["stages"].items())
-        lines.append(f"demo on {demo.get('device', 'cuda')}: {demo['seconds']} s ({per}; target <= {DEMO_TARGET_S} s); val mIoU "
-                     f"{demo.get('val_miou')} (CPU {CPU_DEMO_MIOU}, within 1 point wanted)")
+        lines.append(f"demo on {demo.get('device', 'cuda')}: {demo['seconds']} s ({per}; target <= {DEMO_TARGET_S} s); "
+                     f"val mIoU {demo.get('val_miou')} (CPU {CPU_DEMO_MIOU}, within 1 point wanted)")
     for name, r in results.items():
         if name == "demo" or r["problems"]:
             continue

@@ -158,7 +158,8 @@ def test_voc_annotations_folder(tmp_path):
 
 
 BAD = [
-    ("unknown class", csv_rows()[:-1] + ["walk.jpg,persn"], "cat,dog,person", r"t\.csv row 6 \(walk\.jpg\): unknown class 'persn'"),
+    ("unknown class", csv_rows()[:-1] + ["walk.jpg,persn"], "cat,dog,person",
+     r"t\.csv row 6 \(walk\.jpg\): unknown class 'persn'"),
     ("unknown id", csv_rows()[:-1] + ["walk.jpg,9"], "cat,dog,person", r"row 6 \(walk\.jpg\): unknown class id 9"),
     ("missing image", csv_rows() + ["nope.jpg,cat"], None, r"t\.csv row 7: image 'nope\.jpg' not found"),
     ("no label row", csv_rows()[:-1] + ["walk.jpg,"], None, r"walk\.jpg: image has no label"),

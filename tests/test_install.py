@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_an_installed_package_runs_a_preset_through_its_command(tmp_path):
     source = tmp_path / "source"  # a copy: building writes build/ and egg-info beside the sources
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "data", "build", "*.egg-info",
-                                                                ".gpu-deps", ".opencv-contrib", "__pycache__", ".*cache"))
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "data", "build",
+                                                                "*.egg-info", ".gpu-deps", ".opencv-contrib",
+                                                                "__pycache__", ".*cache"))
     site = tmp_path / "site"  # the package alone; its dependencies come from this environment (no network)
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
                            "--no-compile", "--target", str(site), str(source)], capture_output=True, text=True,
@@ -36,7 +37,8 @@ def test_an_installed_package_runs_a_preset_through_its_command(tmp_path):
                            capture_output=True, text=True, check=True).stdout.strip()
     assert Path(where).is_relative_to(site), where  # the installed copy, not the checkout
     assert "stage1" in wsss("--help").stdout
-    assert wsss("synthetic", "--out", "data", "--train", "8", "--val", "4", "--size", "64", "--workers", "1").returncode == 0
+    assert wsss("synthetic", "--out", "data", "--train", "8", "--val", "4", "--size", "64",
+                "--workers", "1").returncode == 0
     run = wsss("stage1", "--preset", "voc-vgg16", "--smoke", "--data", "data", "--train-split", "train",
                "--val-split", "val", "--device", "cpu", "--workers", "1")
     assert run.returncode == 0, run.stderr[-3000:]

@@ -86,9 +86,9 @@ LAYERS = {
 # modules that must import with torch absent (the evaluator, the report's readers and every algorithm
 # or artifact module that has no network in it)
 TORCH_FREE = ("wsss.affinity", "wsss.errors", "wsss.labels", "wsss.layout", "wsss.shapes", "wsss.fusion",
-              "wsss.mining", "wsss.metrics", "wsss.crf", "wsss.saliency", "wsss.data.transforms", "wsss.io", "wsss.scoremaps",
-              "wsss.data.voc", "wsss.viz", "wsss.stage", "wsss.run", "wsss.config", "wsss.scoring", "wsss.eval", "wsss.workers",
-              "wsss.saliency_maps")
+              "wsss.mining", "wsss.metrics", "wsss.crf", "wsss.saliency", "wsss.data.transforms", "wsss.io",
+              "wsss.scoremaps", "wsss.data.voc", "wsss.viz", "wsss.stage", "wsss.run", "wsss.config", "wsss.scoring",
+              "wsss.eval", "wsss.workers", "wsss.saliency_maps")
 
 # The run's folder names, which only wsss/layout.py joins into paths.
 FOLDER_NAMES = {layout.STAGE1, layout.STAGE2, layout.STAGE3, layout.CAMS, layout.REGIONS, layout.OVERLAY,

@@ -88,7 +88,8 @@ SINGLE = {  # one label (3): the object seen by both, by saliency only, backgrou
     "expected": {"mined-first": [3, 255, 0, 255], "ae-psl": [3, 255, 0, 255], "saliency-first": [3, 3, 0, 255],
                  "saliency-seeds": [3, 3, 0, 255], "seeds": [3, 0, 0, 0]},
 }
-TWO = {  # labels 3 and 7: mined for 3, mined for both (7 scores higher), salient and mined for neither, 7 on low saliency
+TWO = {  # labels 3 and 7: mined for 3, mined for both (7 scores higher), salient and mined for neither,
+    # 7 on low saliency
     "regions": ["xx..", ".x.x"], "scores": [[.9, .6, .2, 0], [.1, .8, .5, .9]], "saliency": [.9, .9, .8, .02],
     "keys": [3, 7],
     "expected": {"mined-first": [3, 7, 255, 7], "ae-psl": [3, 7, 255, 255], "saliency-first": [3, 7, 7, 0],

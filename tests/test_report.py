@@ -78,8 +78,9 @@ def fake_run(run: Path, data: Path, stages=layout.STAGES) -> Path:
         write_metrics(s3.path, [{"net": "psl", **r} for r in records])
         for id_ in val.ids:
             io.write_mask(item(s3.pred(), id_), val.mask(id_))
-        io.write_json(s3.path / layout.eval_file(layout.PRED), {"miou": 55.0, "pixel_acc": 90.0, "iou": [90.0, 60.0, None, 15.0],
-                                         "class_names": list(train.class_names), "num_images": 2})
+        io.write_json(s3.path / layout.eval_file(layout.PRED),
+                      {"miou": 55.0, "pixel_acc": 90.0, "iou": [90.0, 60.0, None, 15.0],
+                       "class_names": list(train.class_names), "num_images": 2})
         io.write_json(s3.path / layout.CONFIG, {**config, "method": "psl"})
         io.write_manifest(s3.path, {**config, "method": "psl"}, outputs={"val_miou": 55.0})
     return run

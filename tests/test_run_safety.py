@@ -47,7 +47,8 @@ def s2(tmp_path, tiny_voc_factory):
 
 
 def stamps(folder: Path) -> dict:
-    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.suffix != ".log" and p.name != ".lock"}
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*")
+            if p.is_file() and p.suffix != ".log" and p.name != ".lock"}
 
 
 # ---------------------------------------------------------------- 1. a changed flag never deletes silently
@@ -252,7 +253,8 @@ def test_test_time_crf_failure_is_an_error(tiny_voc, tmp_path, monkeypatch):
 
     monkeypatch.setattr(crf, "dense_crf", crash)
     with pytest.raises(StageError, match="dense CRF failed on tiny_004.*CRF broke"):
-        predict.predict_split(model, ds, ds.ids, tmp_path / "pred", device="cpu", options=predict.PredictOptions(crf=True))
+        predict.predict_split(model, ds, ds.ids, tmp_path / "pred", device="cpu",
+                              options=predict.PredictOptions(crf=True))
     assert not list((tmp_path / "pred").glob("*.png"))
 
 
@@ -490,7 +492,8 @@ def test_labels_read_from_masks_or_annotations_are_inputs_of_stage1(tmp_path, ti
     else:
         (data / "Annotations" / f"{first}.xml").write_text(
             "<annotation><object><name>disc</name></object><object><name>bar</name></object></annotation>")
-    with pytest.raises(SystemExit, match=rf"(?s)Inputs changed.*{'label masks' if source == 'masks' else 'annotations'}"):
+    with pytest.raises(SystemExit,
+                       match=rf"(?s)Inputs changed.*{'label masks' if source == 'masks' else 'annotations'}"):
         run_stage1(data, tmp_path / "out", "--ae-steps", "1")
     assert stamps(stage) == before
 

@@ -1,4 +1,5 @@
-"""Runtime: worker pools (one compute thread a worker, all started up front, none outliving its parent), process counts."""
+"""Runtime: worker pools (one compute thread a worker, all started up front, none outliving its parent),
+process counts."""
 import os
 import signal
 import subprocess

@@ -87,7 +87,8 @@ def test_end_to_end_artifacts_skip_force_and_same_seed_same_regions(tmp_path, ti
     for id_ in ids:
         after = read_regions(stage, id_)
         assert np.array_equal(before[id_]["keys"], after["keys"])
-        np.testing.assert_allclose(before[id_]["score"].astype(np.float32), after["score"].astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(before[id_]["score"].astype(np.float32), after["score"].astype(np.float32),
+                                   atol=2e-3)
         assert (before[id_]["masks"] == after["masks"]).mean() > 0.995
 
 

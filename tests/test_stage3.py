@@ -220,19 +220,22 @@ def test_predict_split_restricts_skips_and_redoes(tiny_voc, tmp_path):
     model = build_segnet("efficientnet-lite0", 4, cls_branch=True, weights=None).eval()
     train = VOCDataset(tiny_voc, "train")
     out = tmp_path / "pred"
-    predict.predict_split(model, train, train.ids, out, device="cpu", options=predict.PredictOptions(restrict=True, gate=True))
+    predict.predict_split(model, train, train.ids, out, device="cpu",
+                          options=predict.PredictOptions(restrict=True, gate=True))
     check_predictions(out, train)
     for id_ in train.ids:
         assert set(np.unique(io.read_mask(out / f"{id_}.png"))) <= {0, *train.label_ids(id_).tolist()}
     first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
-    predict.predict_split(model, train, train.ids, out, device="cpu", options=predict.PredictOptions(restrict=True, gate=True))
+    predict.predict_split(model, train, train.ids, out, device="cpu",
+                          options=predict.PredictOptions(restrict=True, gate=True))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == first  # same settings: skipped
     predict.predict_split(model, train, train.ids, out, device="cpu",
                           options=predict.PredictOptions(restrict=True, gate=True, flip=True))
     assert all((out / n).stat().st_mtime_ns != t for n, t in first.items())  # other settings: redone
     plain = build_segnet("efficientnet-lite0", 4, weights=None).eval()
     with pytest.raises(ValueError, match="classification branch"):
-        predict.predict_split(plain, train, train.ids[:1], tmp_path / "p2", device="cpu", options=predict.PredictOptions(gate=True))
+        predict.predict_split(plain, train, train.ids[:1], tmp_path / "p2", device="cpu",
+                              options=predict.PredictOptions(gate=True))
 
 
 def test_images_without_a_pseudo_mask_are_skipped(run, tiny_voc):
@@ -276,8 +279,8 @@ def test_a_registered_method_runs(run, tiny_voc):
 
 
 def test_self_training_targets_ignore_unsure_pixels_and_crf_changes(tiny_voc, tmp_path):
-    """predict_split with PredictOptions(ignore_below=t): 255 where the net's largest probability over the image's classes
-    is below t, and with the CRF where the CRF changed the net's label; elsewhere the net's label."""
+    """predict_split with PredictOptions(ignore_below=t): 255 where the net's largest probability over the image's
+    classes is below t, and with the CRF where the CRF changed the net's label; elsewhere the net's label."""
     from wsss.models.segnet import build_segnet
 
     torch.manual_seed(0)

@@ -152,7 +152,8 @@ def test_kill_between_checkpoint_and_metrics_line_resumes_to_the_same_result(tmp
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
     assert (tmp_path / "run" / CHECKPOINT).read_bytes() == (tmp_path / "ref" / CHECKPOINT).read_bytes()
     strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "run", iterations=True)) == strip(read_metrics(tmp_path / "ref", iterations=True))
+    assert (strip(read_metrics(tmp_path / "run", iterations=True))
+            == strip(read_metrics(tmp_path / "ref", iterations=True)))
     assert epoch_metrics(tmp_path / "run", epochs)["loss"] == read_metrics(tmp_path / "ref")[-1]["loss"]
 
 

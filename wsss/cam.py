@@ -82,8 +82,8 @@ def multiscale_cams_batch(model, images, keys_list, scales=SCALES, flip: bool = 
     (`wsss.shapes.bucket`; divisor 1: images of one size); `keys_list`: for each image the mask
     ids (1..C-1) of its labelled classes; `amp`: a resolved --amp (the net runs under it, the
     sums and normalisation in float32). A padded view's map is cropped to the view
-    (`crop_to_view`) before it is resized to the image, so the padding never reaches a CAM. Returns for each image float32
-    (n, H, W) in [0, 1].
+    (`crop_to_view`) before it is resized to the image, so the padding never reaches a CAM. Returns for each image
+    float32 (n, H, W) in [0, 1].
     """
     if len(images) == 0:
         return []

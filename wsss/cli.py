@@ -42,7 +42,8 @@ def stage2_parser():
 
 
 def stage2(argv=None):
-    """Stage 2: mined regions + saliency -> fused pseudo-masks -> dense CRF -> outputs/RUN/stage2/ (see wsss/pseudo.py)."""
+    """Stage 2: mined regions + saliency -> fused pseudo-masks -> dense CRF -> outputs/RUN/stage2/
+    (see wsss/pseudo.py)."""
     from wsss import pseudo
     from wsss.stage import main as run_stage
 
@@ -50,7 +51,8 @@ def stage2(argv=None):
 
 
 def stage3(argv=None):
-    """Stage 3: segmentation net (--method: PSL, STC or any registered in wsss.methods) on stage 2's pseudo-masks -> outputs/RUN/stage3/ (see wsss/segment.py)."""
+    """Stage 3: segmentation net (--method: PSL, STC or any registered in wsss.methods) on stage 2's pseudo-masks
+    -> outputs/RUN/stage3/ (see wsss/segment.py)."""
     from wsss import segment
     from wsss.run import common_parser
     from wsss.stage import main as run_stage

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = Parser(prog="python -m wsss.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.preset_section = "eval"
-    p.add_argument("--preset", metavar="NAME|FILE", help=f"the eval section of a preset as defaults: {preset.describe()}")
+    p.add_argument("--preset", metavar="NAME|FILE",
+                   help=f"the eval section of a preset as defaults: {preset.describe()}")
     p.add_argument("--smoke", action="store_true", help="the smoke overrides of the eval section (wsss.preset)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--pred", type=Path, help="folder of ID.png predictions (palette or grey PNGs)")

@@ -49,7 +49,8 @@ from wsss.viz import colorize, heatmap, resize, to_rgb
 log = logging.getLogger("wsss")
 PAGE = layout.REPORT_PAGE
 THUMB_HEIGHT = 128  # panels are written at this height: small files, a row of 9 panels fits a screen
-NOT_CURVES = {"epoch", "seconds", "net", "steps", "val_classes", "val_class"}  # metrics.jsonl keys that are not training curves
+# metrics.jsonl keys that are not training curves
+NOT_CURVES = {"epoch", "seconds", "net", "steps", "val_classes", "val_class"}
 
 
 # ---------------------------------------------------------------- the run on disk

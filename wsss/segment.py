@@ -111,7 +111,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="backbone learning rate (the head gets 10x); see the module docstring for why")
     p.add_argument("--crop", type=positive_int, default=160, help="training crop size")
     p.add_argument("--warmup", type=int, default=WARMUP,
-                   help="iterations of linear learning-rate warm-up (see the module docstring of wsss/segment.py for why)")
+                   help="iterations of linear learning-rate warm-up "
+                        "(see the module docstring of wsss/segment.py for why)")
     p.add_argument("--clip-grad", type=float, default=CLIP_GRAD, help="max gradient norm (0: no clipping)")
     runtime(p.add_argument("--collapse-check", action=argparse.BooleanOptionalAction, default=True,
                            help="stop a training whose net has collapsed (wsss.segtrain.collapse_check); off only "

@@ -344,7 +344,8 @@ def caterpillar(rng, avoid):
             Layer(flat_paint(rng, (0.97, 0.97, 0.95)),
                   polys=[ellipse(hx + 0.45 * r, hy + side * 0.4 * r, 0.3 * r, 0.3 * r) for side in (-1, 1)], head=True),
             Layer(flat_paint(rng, (0.03, 0.03, 0.03)),
-                  polys=[ellipse(hx + 0.55 * r, hy + side * 0.4 * r, 0.14 * r, 0.14 * r) for side in (-1, 1)], head=True)]
+                  polys=[ellipse(hx + 0.55 * r, hy + side * 0.4 * r, 0.14 * r, 0.14 * r) for side in (-1, 1)],
+                  head=True)]
 
 
 def fish(rng, avoid):

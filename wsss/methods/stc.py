@@ -127,7 +127,8 @@ def train(ctx) -> str:
     simple = simple_ids(ctx)
     log.info("STC: %d of %d training images are simple", len(simple), len(ctx.train.ids))
     iters = args.stc_iters or args.epochs * (len(ctx.train.ids) // args.batch_size)
-    trainset = SegmentationTrainSet(ctx.train, simple, args.crop, target_dir=Stage2Folder(ctx.stage2).saliency, soft=True)
+    trainset = SegmentationTrainSet(ctx.train, simple, args.crop, target_dir=Stage2Folder(ctx.stage2).saliency,
+                                    soft=True)
     model = ctx.train_net("stc/i", trainset, soft_step, epochs=epochs_for(iters, len(simple), args.batch_size))
     final = "stc/i"
     for name, previous, ids in [("e", "i", simple), ("p", "e", ctx.train.ids)][: args.stc_steps - 1]:
