@@ -104,9 +104,10 @@ def val_predictions(run: Path, tag: str, net: str, workers: int) -> Path:
     stage = stage_dir(run, tag)
     final, _ = trained_nets(stage)
     if net == final:
-        return Stage3Folder(stage).pred()
-    folder = stage / predict.pred_folder([1.0], False, False, "on", net=net)
-    argv = ["--run", run.name, "--outputs", str(run.parent), "--net", net, "--workers", str(workers)]
+        return Stage3Folder(stage).pred(ev.stage3_predictions(stage))
+    folder = stage / predict.pred_folder([1.0], False, False, predict.GATE_DEFAULT, net=net)
+    argv = ["--run", run.name, "--outputs", str(run.parent), "--net", net, "--workers", str(workers),
+            "--gate", predict.GATE_DEFAULT]
     if predict.main(argv + (["--tag", tag] if tag else [])) != 0:
         raise SystemExit(f"bench_methods: predicting {net} of {stage} failed")
     return folder

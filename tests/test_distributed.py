@@ -80,6 +80,6 @@ def test_stage3_trains_with_ddp_and_predicts_every_val_image(tiny_voc_factory, t
     stage = outputs / "r" / "stage3-ddp"
     manifest = io.read_json(stage / "manifest.json")
     assert manifest["complete"] and manifest["outputs"]["final_net"] == "psl-plus"
-    assert sorted(p.stem for p in (stage / "pred").glob("*.png")) == \
+    assert sorted(p.stem for p in (stage / "pred-nogate").glob("*.png")) == \
         sorted((data / "ImageSets/Segmentation/val.txt").read_text().split())
     assert len(list((stage / "psl" / "train-crf").glob("*.png"))) == 8  # PSL+'s CRF, shared by the ranks

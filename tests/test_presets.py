@@ -90,5 +90,5 @@ def test_every_preset_runs_end_to_end_in_smoke_size(name, tiny_voc, tmp_path):
         assert manifest["environment"]["device"] == "cpu" and manifest["environment"]["amp"] == "off"
     config = json.loads((outputs / "r" / "stage3" / "manifest.json").read_text())["config"]
     assert config["epochs"] == 1 and config["backbone"] == stage3_config.get("backbone", "efficientnet-lite0")
-    pred = "pred-crf" if stage3_config.get("crf") else "pred"
+    pred = "pred-crf-nogate" if stage3_config.get("crf") else "pred-nogate"
     assert len(list((outputs / "r" / "stage3" / pred).glob("*.png"))) == 2

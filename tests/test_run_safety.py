@@ -106,15 +106,15 @@ def test_stage3_test_time_flags_keep_the_nets_byte_for_byte(tiny_voc, tmp_path):
     stage = outputs / "r" / "stage3"
     (stage / "my_notes.txt").write_text("a user's file")
     checkpoint = (stage / "psl" / "checkpoint.pt").read_bytes()
-    pred = stamps(stage / "pred")
-    go("--scales", "1.0", "0.5", "--flip", "--gate", "off")
+    pred = stamps(stage / "pred-nogate")
+    go("--scales", "1.0", "0.5", "--flip", "--gate", "on")
     go("--crf")
     assert (stage / "psl" / "checkpoint.pt").read_bytes() == checkpoint
-    assert stamps(stage / "pred") == pred and (stage / "my_notes.txt").is_file()
+    assert stamps(stage / "pred-nogate") == pred and (stage / "my_notes.txt").is_file()
     manifest = io.read_json(stage / "manifest.json")
-    assert set(manifest["outputs"]["predictions"]) == {"pred", "pred-s1_0.5-flip-nogate", "pred-crf"}
-    assert (stage / "eval-crf.json").is_file()
-    assert len(list((stage / "pred-s1_0.5-flip-nogate").glob("*.png"))) == 2
+    assert set(manifest["outputs"]["predictions"]) == {"pred-nogate", "pred-s1_0.5-flip", "pred-crf-nogate"}
+    assert (stage / "eval-crf-nogate.json").is_file()
+    assert len(list((stage / "pred-s1_0.5-flip").glob("*.png"))) == 2
     assert go("--crf") is None  # that prediction done too: skipped
 
 
@@ -408,7 +408,7 @@ def test_predict_out_never_points_into_a_stage_folder(tmp_path, capsys, where, f
     assert stamps(tmp_path / "o") == before
 
 
-@pytest.mark.parametrize("where, flags", [(None, ()), ("stage3/pred-flip", ("--flip",)), ("mine", ())])
+@pytest.mark.parametrize("where, flags", [(None, ()), ("stage3/pred-flip-nogate", ("--flip",)), ("mine", ())])
 def test_predict_out_in_its_own_folder_is_accepted(tmp_path, capsys, where, flags):
     run = tmp_path / "o" / "r"
     io.write_json(run / "stage3" / "config.json", {"val_split": "val", "data": str(tmp_path)})
@@ -462,7 +462,7 @@ def test_force_keeps_a_users_prediction_folder_in_stage3(tiny_voc, tmp_path):
     mine = users_files(stage, ["pred-by-hand/", "eval-mine.json", "psl/notes.txt"])
     go("--force", "--lr", "0.005")
     assert all(p.read_text() == text for p, text in mine.items())
-    assert len(list((stage / "pred").glob("*.png"))) == 2
+    assert len(list((stage / "pred-nogate").glob("*.png"))) == 2
 
 
 # ---------------------------------------------------------------- stale results

@@ -71,12 +71,12 @@ def test_psl_and_psl_plus_end_to_end(run, tiny_voc):
     result = go("--psl-plus")
     stage = run_dir / "stage3"
     assert 0 <= result["miou"] <= 100
-    assert io.read_json(stage / "eval.json")["miou"] == result["miou"]
+    assert io.read_json(stage / "eval-nogate.json")["miou"] == result["miou"]
     manifest = io.read_json(stage / "manifest.json")
     assert manifest["complete"] and manifest["outputs"]["final_net"] == "psl-plus"
     assert metrics_by_net(stage) == {"psl": [1, 2], "psl-plus": [1, 2]}
     val, train = VOCDataset(tiny_voc, "val"), VOCDataset(tiny_voc, "train")
-    check_predictions(stage / "pred", val)
+    check_predictions(stage / "pred-nogate", val)
     for id_ in train.ids:  # PSL+ targets: only the image's own classes (and background, and ignore)
         mask = io.read_mask(stage / "psl" / "train-crf" / f"{id_}.png")
         assert set(np.unique(mask)) <= {0, 255, *train.label_ids(id_).tolist()}
@@ -93,12 +93,12 @@ def test_psl_and_psl_plus_end_to_end(run, tiny_voc):
     assert go("--psl-plus") is None  # complete: skipped
 
     # python -m wsss.predict on the finished run, other settings: another folder, named by them
-    before = {p.name: p.stat().st_mtime_ns for p in (stage / "pred").glob("*.png")}
+    before = {p.name: p.stat().st_mtime_ns for p in (stage / "pred-nogate").glob("*.png")}
     assert predict.main(["--run", "r", "--outputs", str(run_dir.parent), "--device", "cpu", "--workers", "0",
                          "--scales", "0.75", "1", "--flip", "--crf"]) == 0
-    check_predictions(stage / "pred-s0.75_1-flip-crf", val)
-    assert {p.name: p.stat().st_mtime_ns for p in (stage / "pred").glob("*.png")} == before
-    assert io.read_json(stage / "pred-s0.75_1-flip-crf" / "settings.json")["flip"] is True
+    check_predictions(stage / "pred-s0.75_1-flip-crf-nogate", val)
+    assert {p.name: p.stat().st_mtime_ns for p in (stage / "pred-nogate").glob("*.png")} == before
+    assert io.read_json(stage / "pred-s0.75_1-flip-crf-nogate" / "settings.json")["flip"] is True
 
 
 def test_stc_end_to_end_and_gt_upper_bound(run, tiny_voc):
@@ -119,17 +119,17 @@ def test_stc_end_to_end_and_gt_upper_bound(run, tiny_voc):
     assert metrics_by_net(stage) == {"stc/i": [1, 2], "stc/e": [1, 2], "stc/p": [1]}
     assert {net: read_metrics(stage / net)[-1]["steps"] for net in ("stc/i", "stc/e", "stc/p")} == \
         {"stc/i": 2, "stc/e": 2, "stc/p": 2}
-    check_predictions(stage / "pred", val)
+    check_predictions(stage / "pred-nogate", val)
     assert not (run_dir / "stage3").exists()  # a tagged variant leaves the default folder alone
     # every step can be scored: python -m wsss.predict --net names a net the stage trained
     argv = ["--run", "r", "--outputs", str(run_dir.parent), "--tag", "stc", "--device", "cpu", "--workers", "0"]
     assert predict.main(argv + ["--net", "stc/i"]) == 0
-    check_predictions(stage / "pred-stc-i", val)
-    made_by = io.read_json(stage / "pred-stc-i" / "settings.json")["checkpoint"]
+    check_predictions(stage / "pred-stc-i-nogate", val)
+    made_by = io.read_json(stage / "pred-stc-i-nogate" / "settings.json")["checkpoint"]
     assert made_by == io.fingerprint(stage / "stc" / "i" / "checkpoint.pt") != \
-        io.read_json(stage / "pred" / "settings.json")["checkpoint"]
+        io.read_json(stage / "pred-nogate" / "settings.json")["checkpoint"]
     assert predict.main(argv + ["--net", "stc/x"]) == 1
-    assert not (stage / "pred-stc-x").exists()
+    assert not (stage / "pred-stc-x-nogate").exists()
     # the table of issue 13: each step's targets over the images it trains on, and its val mIoU
     from bench import bench_methods
 
@@ -138,12 +138,12 @@ def test_stc_end_to_end_and_gt_upper_bound(run, tiny_voc):
     rows = {r["folder"]: r["runs"][0] for r in result["rows"]}
     assert {net: r["targets"]["images"] for net, r in rows.items()} == \
         {"stc/i": len(simple), "stc/e": len(simple), "stc/p": len(train.ids)}
-    check_predictions(stage / "pred-stc-e", val)
-    assert rows["stc/p"]["val_miou"] == io.read_json(stage / "eval.json")["miou"]
+    check_predictions(stage / "pred-stc-e-nogate", val)
+    assert rows["stc/p"]["val_miou"] == io.read_json(stage / "eval-nogate.json")["miou"]
 
     go("--masks", "gt", "--tag", "gt", "--epochs", "1")
     assert metrics_by_net(run_dir / "stage3-gt") == {"gt": [1]}
-    assert "miou" in io.read_json(run_dir / "stage3-gt" / "eval.json")
+    assert "miou" in io.read_json(run_dir / "stage3-gt" / "eval-nogate.json")
 
 
 def test_resume_after_a_kill_redoes_only_what_was_unfinished(run, monkeypatch):
@@ -269,8 +269,8 @@ def test_a_registered_method_runs(run, tiny_voc):
         stage = run_dir / "stage3-mine"
         assert metrics_by_net(stage) == {"mine/net": [1]}  # its own budget, not --epochs 2
         assert io.read_json(stage / "manifest.json")["outputs"]["final_net"] == "mine/net"
-        assert io.read_json(stage / "eval.json")["miou"] == result["miou"]
-        check_predictions(stage / "pred", VOCDataset(tiny_voc, "val"))
+        assert io.read_json(stage / "eval-nogate.json")["miou"] == result["miou"]
+        check_predictions(stage / "pred-nogate", VOCDataset(tiny_voc, "val"))
         with pytest.raises(SystemExit):  # without the entry, --method mine is not a choice
             del METHODS["mine"]
             go("--method", "mine")
@@ -314,4 +314,4 @@ def test_predict_refuses_a_dataset_whose_classes_changed_since_stage3(run, tiny_
     (tiny_voc / "class_names.txt").write_text("\n".join([names[0], *reversed(names[1:])]) + "\n")
     assert predict.main(argv) == 1
     assert "class names differ" in capsys.readouterr().err
-    assert not (run_dir / "stage3" / "pred-flip").exists()
+    assert not (run_dir / "stage3" / "pred-flip-nogate").exists()

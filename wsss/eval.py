@@ -54,6 +54,7 @@ from wsss.io import read_manifest, write_json
 from wsss.layout import (
     CONFIG,
     PRED,
+    PRED_DEFAULT,
     STAGE2,
     STAGE3,
     STAGES,
@@ -138,10 +139,12 @@ def _list_path(root: Path, split: str) -> Path:
 
 
 def stage3_predictions(stage_dir: Path) -> str:
-    """The prediction folder of a stage-3 run to score: `pred` (the default test-time flags) when
-    there, else the one its manifest lists last (e.g. `pred-crf` of a preset with test-time CRF)."""
-    if Stage3Folder(stage_dir).pred().is_dir():
-        return PRED
+    """The prediction folder of a stage-3 run to score: that of the default test-time flags when there
+    (`pred-nogate`, or `pred` of a run made before the gate's default was off), else the one its
+    manifest lists last (e.g. `pred-crf-nogate` of a preset with test-time CRF)."""
+    for name in (PRED_DEFAULT, PRED):
+        if Stage3Folder(stage_dir).pred(name).is_dir():
+            return name
     try:
         listed = list(read_manifest(stage_dir)["outputs"]["predictions"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 
 from wsss import io
-from wsss.layout import MODEL, PRED, Stage3Folder
+from wsss.layout import MODEL, PRED, PRED_DEFAULT, Stage3Folder
 from wsss.shapes import MAX_SIDE
 
 FORMAT, FORMAT_VERSION = "wsss-model", 1
@@ -143,7 +143,7 @@ def best_prediction(predictions: dict) -> dict:
     scored = [p for p in predictions.values() if p.get("val_miou") is not None]
     if scored:
         return max(scored, key=lambda p: p["val_miou"])
-    return predictions.get(PRED) or next(iter(predictions.values()))
+    return predictions.get(PRED_DEFAULT) or predictions.get(PRED) or next(iter(predictions.values()))
 
 
 def from_run(stage: Path, config: dict, classes, net: str | None = None) -> dict:

@@ -626,7 +626,9 @@ def _build(run: Path, sample: int, worst: int) -> Path:
     for s in stages.values():
         if not layout.is_stage3(s.name):
             continue
-        result = _read_json(s.path / layout.eval_file(layout.PRED))
+        # the default test-time flags' scores: gate off, or gate on in a run made before that default
+        result = _read_json(s.path / layout.eval_file(layout.PRED_DEFAULT)) or _read_json(
+            s.path / layout.eval_file(layout.PRED))
         if result and isinstance(result.get("iou"), list):
             evals[s.name] = result
             src = pictures.figure(f"iou-{s.name}.png", iou_figure(result, f"{run.name} {s.name}: per-class IoU (val)"))
