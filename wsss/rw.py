@@ -68,9 +68,12 @@ RW_SEED_OFFSET = 7000  # the head's training seed: --seed + this, apart from the
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("stage 1: random-walk seeds (affinity net, PSA / IRN)")
-    g.add_argument("--rw", action=argparse.BooleanOptionalAction, default=False,
+    # On by default: on the VOC-like data (20 classes, VOC's small objects) the walked seeds scored 16 points
+    # above the union's CAMs and the PSL net 9.5 above the union's; on the demo's 6 classes the net was no
+    # better (-0.6), for about 2 more minutes of CPU (docs/results.md, "Random-walk seeds").
+    g.add_argument("--rw", action=argparse.BooleanOptionalAction, default=True,
                    help="after erasing, train an affinity head and walk the union's CAMs over its affinities: "
-                        "stage 2 then takes the walked seeds (wsss/rw.py)")
+                        "stage 2 then takes the walked seeds (wsss/rw.py); --no-rw: the union's")
     g.add_argument("--rw-epochs", type=positive_int, default=3, help="epochs of the affinity head (IRN: 3)")
     g.add_argument("--rw-lr", type=positive_float, default=0.1, help="learning rate of the affinity head (IRN: 0.1)")
     g.add_argument("--rw-beta", type=positive_float, default=BETA, help="power of the affinities (IRN: 10)")
