@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 
 from wsss import io
 from wsss.data.voc import VOCDataset
-from wsss.fusion import FUSION_RULES
+from wsss.fusion import FUSION_DEFAULT, FUSION_RULES
 
 pytest.importorskip("pydensecrf.densecrf")
 pytestmark = pytest.mark.slow
@@ -168,9 +168,9 @@ def test_fusion_rule_is_an_option_named_in_the_manifest(setup):
     run("--no-crf", "--fusion", "mined-first")
     mined = io.read_json(stage / "manifest.json")["outputs"]
     assert mined["fusion"] == "mined-first" and mined["crf"] is False
-    with pytest.raises(SystemExit, match="--fusion: mined-first -> saliency-first"):
+    with pytest.raises(SystemExit, match=f"--fusion: mined-first -> {FUSION_DEFAULT}"):
         run("--no-crf")  # the default rule
-    run("--no-crf", "--force")
+    run("--no-crf", "--force", "--fusion", "saliency-first")
     salient = io.read_json(stage / "manifest.json")["outputs"]
     assert salient["fusion"] == "saliency-first"
     # the hand-made saliency covers whole objects while the mined regions are the objects shrunk by 2 px:
