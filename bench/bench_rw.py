@@ -22,7 +22,7 @@ import torch
 from bench.common import publish
 from wsss import eval as ev
 from wsss import io
-from wsss.affinity import BETA, WALK_BG_THRESHOLD, WALK_STEPS
+from wsss.affinity import BETA, WALK_BG_THRESHOLD, WALK_STEPS, walk_labels
 from wsss.data.voc import VOCDataset
 from wsss.layout import CHECKPOINT, CONFIG, RunLayout, item
 from wsss.metrics import confusion_matrix, scores
@@ -39,11 +39,6 @@ def label_map(score: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarr
         return np.zeros(score.shape[1:], np.uint8)
     top = np.argmax(score, axis=0)
     return np.where(score.max(axis=0) >= threshold, keys[top], 0).astype(np.uint8)
-
-
-def normalised(walked: np.ndarray) -> np.ndarray:
-    peak = walked.reshape(len(walked), -1).max(axis=1) if len(walked) else np.zeros(0)
-    return walked / np.maximum(peak, 1e-12)[:, None, None]
 
 
 def measure(args) -> dict:
@@ -65,7 +60,7 @@ def measure(args) -> dict:
         maps = {("union", 0): score}
         features = grid_features(model, image, torch.device("cpu"))
         for beta, steps in settings:
-            maps[(beta, steps)] = normalised(walk(features, score, beta=beta, steps=steps))
+            maps[(beta, steps)] = walk_labels(walk(features, score, beta=beta, steps=steps))[1]  # per-class max
         for k, m in maps.items():
             for t in args.thresholds:
                 conf[k][t] += confusion_matrix(gt, label_map(m, keys, t), c)
