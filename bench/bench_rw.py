@@ -34,11 +34,13 @@ THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
 
 def label_map(score: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
-    """Background where every class's score is below `threshold`, else the highest class."""
+    """Background where no class's score exceeds `threshold`, else the highest class: the rule of
+    `python -m wsss.eval`'s threshold sweep (a tie goes to background), so the union's row here
+    reproduces its sweep."""
     if len(keys) == 0:
         return np.zeros(score.shape[1:], np.uint8)
     top = np.argmax(score, axis=0)
-    return np.where(score.max(axis=0) >= threshold, keys[top], 0).astype(np.uint8)
+    return np.where(score.max(axis=0) > threshold, keys[top], 0).astype(np.uint8)
 
 
 def measure(args) -> dict:
