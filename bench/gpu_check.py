@@ -216,8 +216,8 @@ def check_preset(preset: str, tmp: Path, images: int, size: int, amp: str, devic
     generate(data, 0, images, max(16, images // 4), size)
     argv = ["--preset", preset, "--data", str(data), "--outputs", str(outputs), "--run", preset, "--device", device,
             "--amp", amp, "--train-split", "train", "--val-split", "val", *(["--smoke"] if smoke else [])]
-    short = {"stage1": ["--weights", "none", "--epochs", "1", "--ae-steps", "2", "--ae-stop-loss", "1000",
-                        "--ae-init", "previous"],
+    short = {"stage1": ["--weights", "none", "--epochs", "1", "--iterations", "0", "--ae-steps", "2",
+                        "--ae-stop-loss", "1000", "--ae-init", "previous"],
              "stage3": ["--weights", "none", "--epochs", "1", "--no-collapse-check"]}
     result = run_stages(argv, short, outputs, preset)
     if result["problems"]:

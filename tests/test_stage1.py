@@ -28,7 +28,8 @@ def stage1_main():
 def run_stage1(data, outputs, *extra, run="r"):
     stage1_main()(["--data", str(data), "--outputs", str(outputs), "--run", run, "--device", "cpu",
                    "--workers", "0", "--weights", "none", "--crop", "32", "--batch-size", "2", "--epochs", "1",
-                   "--cam-scales", "1.0,1.5", "--ae-steps", "2", "--ae-stop-loss", "100", "--overlays", "1", *extra])
+                   "--iterations", "0", "--cam-scales", "1.0,1.5", "--ae-steps", "2", "--ae-stop-loss", "100",
+                   "--overlays", "1", *extra])
     return Path(outputs) / run / "stage1"
 
 

@@ -36,8 +36,8 @@ STAGES = ("stage1", "stage2", "stage3")  # the sections the `common` object appl
 # Applied over the preset (explicit flags still win). Sizes: a 32-px crop is the least that still
 # leaves a 2x2 map at output stride 16; --max-side bounds the CAM forward of a 500-px photo.
 SMOKE = {
-    "stage1": {"limit": 8, "epochs": 1, "batch-size": 2, "crop": 48, "weights": "none", "cam-scales": "1.0",
-               "ae-steps": 2, "max-side": 128, "overlays": 2},
+    "stage1": {"limit": 8, "epochs": 1, "iterations": 0, "batch-size": 2, "crop": 48, "weights": "none",
+               "cam-scales": "1.0", "ae-steps": 2, "max-side": 128, "overlays": 2},
     "stage2": {"limit": 8, "sample": 2},
     "stage3": {"limit": 8, "epochs": 1, "batch-size": 2, "crop": 48, "weights": "none", "scales": [1.0],
                "flip": False, "warmup": 1, "collapse-check": False},
