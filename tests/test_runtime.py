@@ -123,6 +123,19 @@ def test_scales_flags_take_both_spellings_and_record_one_value():
         stage3.parse_args(["--scales", "0,1"])
 
 
+def test_stage1_budget_has_a_floor_in_steps_that_the_dataset_size_does_not_shrink():
+    from wsss import erasing
+    from wsss.run import common_parser
+
+    assert erasing.add_args(common_parser("test", "stage1")).parse_args([]).iterations == erasing.ITERATIONS
+    # 600 images at batch 16 are 37 full batches an epoch: 9 epochs reach 300 steps; 400 images need 12
+    assert erasing.step_epochs(3, 300, 600, 16) == 9
+    assert erasing.step_epochs(3, 300, 400, 16) == 12
+    assert erasing.step_epochs(3, 300, 10582, 16) == 3  # VOC's train_aug: the floor never binds
+    assert erasing.step_epochs(3, 0, 600, 16) == 3  # --iterations 0: the epochs alone
+    assert erasing.step_epochs(1, 300, 8, 16) == 300  # fewer images than a batch: one step an epoch
+
+
 def test_every_flag_shows_its_default_in_help():
     from wsss import erasing
     from wsss.run import common_parser
