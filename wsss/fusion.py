@@ -87,7 +87,9 @@ def regions_label_map(regions: np.ndarray, keys, score: np.ndarray, conflict: st
 # saliency misses (objects at the border), and ignoring those pixels instead of calling them background gave
 # the best PSL net on the VOC-like data (50.1 gate off; ae-psl's pseudo-masks scored higher, 60.0 vs 57.6,
 # and its net lower, 48.8), the same net as saliency-first's on the demo (docs/results.md, "Random-walk
-# seeds"). Seeds without the walk (--no-rw) were measured with saliency-first, above.
+# seeds"). Seeds without the walk (--no-rw) were measured with saliency-first, above. With stage 1's 300-step
+# floor the seeds rule (IRN's) gives the best VOC-like pseudo-masks and saliency-seeds still the better net
+# (docs/results.md, "Stage 1's budget").
 FUSION_DEFAULT = "saliency-seeds"
 BG_THRESHOLD = 0.1
 FG_THRESHOLD = 0.5
