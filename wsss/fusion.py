@@ -83,14 +83,15 @@ def regions_label_map(regions: np.ndarray, keys, score: np.ndarray, conflict: st
 # set mined-first's net was better: saliency that misses object parts makes them background, where
 # mined-first leaves them ignored; the results document has both.
 #
-# With the random-walk seeds (stage 1's default since), saliency-seeds: the walked seeds cover much of what
-# saliency misses (objects at the border), and ignoring those pixels instead of calling them background gave
-# the best PSL net on the VOC-like data (50.1 gate off; ae-psl's pseudo-masks scored higher, 60.0 vs 57.6,
-# and its net lower, 48.8), the same net as saliency-first's on the demo (docs/results.md, "Random-walk
-# seeds"). Seeds without the walk (--no-rw) were measured with saliency-first, above. With stage 1's 300-step
-# floor the seeds rule (IRN's) gives the best VOC-like pseudo-masks and saliency-seeds still the better net
-# (docs/results.md, "Stage 1's budget").
-FUSION_DEFAULT = "saliency-seeds"
+# With the random-walk seeds (stage 1's default since), saliency-seeds was the default for a while: the walked
+# seeds cover much of what saliency misses (objects at the border), and ignoring those pixels instead of
+# calling them background gave the best PSL net on the VOC-like data while stage 1 was undertrained.
+# With stage 1's 300-step floor the seeds are good enough to supply the objects themselves: ae-psl (the
+# AE-PSL paper's own rule: objects from the mined/walked seeds, background from saliency, a pixel both claim
+# ignored) gives the best pseudo-masks on both datasets, 7 and 5 points above saliency-seeds, and the better
+# PSL net on both over stage 3's seeds (docs/results.md, "Stage 1's budget"). Saliency no longer names the
+# objects: an object it misses (at the image border) is ignored where the walked seeds cover it, not background.
+FUSION_DEFAULT = "ae-psl"
 BG_THRESHOLD = 0.1
 FG_THRESHOLD = 0.5
 FUSION_BEFORE_OPTIONS = "mined-first"  # the rule of runs made before --fusion existed (no "fusion" in config)

@@ -111,9 +111,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a folder of ID.npz seeds (keys, masks, score: the format of stage 1's regions, in the "
                         "module docstring of wsss/pseudo.py) to use instead of stage 1's; stage 1 is then not needed")
     g.add_argument("--fusion", choices=sorted(FUSION_RULES), default=FUSION_DEFAULT,
-                   help="how mined regions and saliency make the pseudo-masks (wsss/pseudo.py): mined-first (a "
-                        "mined pixel keeps its class, saliency only decides the background), ae-psl (as "
-                        "mined-first, but a mined pixel of low saliency is ignored), saliency-first (high "
+                   help="how mined regions and saliency make the pseudo-masks (wsss/pseudo.py): ae-psl (the "
+                        "default: the seeds give the objects, low saliency the background, a seeded pixel of low "
+                        "saliency is ignored), mined-first (a mined pixel keeps its class, saliency only decides "
+                        "the background), saliency-first (high "
                         "saliency is foreground, classed by the highest CAM score among the image's labels), "
                         "saliency-seeds (as saliency-first, but a seeded pixel of low saliency is ignored), "
                         "seeds (the seeds alone, the rest background: no saliency, as IRN)")
