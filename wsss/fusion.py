@@ -88,8 +88,9 @@ def regions_label_map(regions: np.ndarray, keys, score: np.ndarray, conflict: st
 # calling them background gave the best PSL net on the VOC-like data while stage 1 was undertrained.
 # With stage 1's 300-step floor the seeds are good enough to supply the objects themselves: ae-psl (the
 # AE-PSL paper's own rule: objects from the mined/walked seeds, background from saliency, a pixel both claim
-# ignored) gives the best pseudo-masks on both datasets, 7 and 5 points above saliency-seeds, and the better
-# PSL net on both over stage 3's seeds (docs/results.md, "Stage 1's budget"). Saliency no longer names the
+# ignored) gives the best pseudo-masks on both datasets, 7 and 5 points above saliency-seeds, the better PSL
+# net on the VOC-like data over three stage-3 seeds and one as good on the embedded set (docs/results.md,
+# "Stage 1's budget"). Saliency no longer names the
 # objects: an object it misses (at the image border) is ignored where the walked seeds cover it, not background.
 FUSION_DEFAULT = "ae-psl"
 BG_THRESHOLD = 0.1
