@@ -90,8 +90,8 @@ def regions_label_map(regions: np.ndarray, keys, score: np.ndarray, conflict: st
 # AE-PSL paper's own rule: objects from the mined/walked seeds, background from saliency, a pixel both claim
 # ignored) gives the best pseudo-masks on both datasets, 7 and 5 points above saliency-seeds, the better PSL
 # net on the VOC-like data over three stage-3 seeds and one as good on the embedded set (docs/results.md,
-# "Stage 1's budget"). Saliency no longer names the
-# objects: an object it misses (at the image border) is ignored where the walked seeds cover it, not background.
+# "Stage 1's budget"). Saliency no longer names the objects: an object it misses (at the image border) is
+# ignored where the walked seeds cover it, not background.
 FUSION_DEFAULT = "ae-psl"
 BG_THRESHOLD = 0.1
 FG_THRESHOLD = 0.5

@@ -114,8 +114,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="how mined regions and saliency make the pseudo-masks (wsss/pseudo.py): ae-psl (the "
                         "default: the seeds give the objects, low saliency the background, a seeded pixel of low "
                         "saliency is ignored), mined-first (a mined pixel keeps its class, saliency only decides "
-                        "the background), saliency-first (high "
-                        "saliency is foreground, classed by the highest CAM score among the image's labels), "
+                        "the background), saliency-first (high saliency is foreground, classed by the highest "
+                        "CAM score among the image's labels), "
                         "saliency-seeds (as saliency-first, but a seeded pixel of low saliency is ignored), "
                         "seeds (the seeds alone, the rest background: no saliency, as IRN)")
     g.add_argument("--bg-threshold", type=float, default=BG_THRESHOLD,
